@@ -1,0 +1,87 @@
+"""OpenAI-shaped objects on the wire. Records carry more (tenant, version, lease);
+only what is built here reaches a client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from overnight.store.records import BatchRecord, FileRecord
+
+__all__ = ["BatchCreateBody", "batch_object", "file_object", "list_object"]
+
+
+class BatchCreateBody(BaseModel):
+    """``POST /v1/batches``. Unknown top-level fields are ignored, as newer SDKs may
+    send fields this server does not know; unknown extension fields are an error."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Any] | None = None
+    output_expires_after: dict[str, Any] | None = None
+    overnight: Any = None
+    aibrix: Any = None
+
+
+def file_object(rec: FileRecord) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "id": rec.id,
+        "object": "file",
+        "bytes": rec.bytes,
+        "created_at": rec.created_at,
+        "filename": rec.filename,
+        "purpose": rec.purpose,
+        "status": rec.status,
+        "status_details": None,
+    }
+    if rec.expires_at is not None:
+        obj["expires_at"] = rec.expires_at
+    return obj
+
+
+def batch_object(rec: BatchRecord) -> dict[str, Any]:
+    usage = rec.usage or {}
+    return {
+        "id": rec.id,
+        "object": "batch",
+        "endpoint": rec.endpoint,
+        "model": rec.model,
+        "errors": {"object": "list", "data": rec.errors} if rec.errors else None,
+        "input_file_id": rec.input_file_id,
+        "completion_window": rec.completion_window,
+        "status": rec.status,
+        "output_file_id": rec.output_file_id,
+        "error_file_id": rec.error_file_id,
+        "created_at": rec.created_at,
+        "in_progress_at": rec.in_progress_at,
+        "expires_at": rec.expires_at,
+        "finalizing_at": rec.finalizing_at,
+        "completed_at": rec.completed_at,
+        "failed_at": rec.failed_at,
+        "expired_at": rec.expired_at,
+        "cancelling_at": rec.cancelling_at,
+        "cancelled_at": rec.cancelled_at,
+        "request_counts": {"total": rec.total, "completed": rec.completed, "failed": rec.failed},
+        "usage": {
+            "input_tokens": usage.get("input_tokens", 0),
+            "output_tokens": usage.get("output_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+            "input_tokens_details": usage.get("input_tokens_details", {"cached_tokens": 0}),
+            "output_tokens_details": usage.get("output_tokens_details", {"reasoning_tokens": 0}),
+        },
+        "metadata": rec.metadata,
+    }
+
+
+def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }

@@ -1,0 +1,1 @@
+"""The batch lifecycle: one state machine, one place that changes status."""

@@ -1,0 +1,316 @@
+"""Batch operations behind ``/v1/batches`` and the one function that changes status."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from overnight import defaults
+from overnight.batches.states import TERMINAL, TIMESTAMP_FIELD, BatchStatus, can_transition
+from overnight.batches.validation import ValidationLimits, validate_input
+from overnight.errors import (
+    ConflictError,
+    InputError,
+    InvalidRequestError,
+    NotFoundError,
+    TransitionError,
+    VersionConflict,
+)
+from overnight.files.service import get_file, parse_expires_after
+from overnight.ids import new_id
+from overnight.storage.base import Storage
+from overnight.store.base import Store
+from overnight.store.records import BatchRecord
+
+__all__ = [
+    "SUPPORTED_ENDPOINTS",
+    "BatchCreate",
+    "LeaseLost",
+    "cancel_batch",
+    "create_batch",
+    "get_batch",
+    "list_batches",
+    "parse_completion_window",
+    "parse_extension",
+    "transition",
+    "update_batch",
+]
+
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+EXTENSION_KEYS = ("overnight", "aibrix")
+EXTENSION_FIELDS = frozenset({"runtime", "max_concurrency", "priority", "job_id"})
+RUNTIME_FIELDS = frozenset({"endpoint", "api_key", "type"})
+_WINDOW_RE = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: A batch window between one second and thirty days.
+MAX_WINDOW_S = 30 * 86400
+
+
+class LeaseLost(ConflictError):
+    """The caller no longer holds the batch's lease (its fencing token is stale)."""
+
+
+@dataclass(kw_only=True)
+class BatchCreate:
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Any] | None = None
+    output_expires_after: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
+
+
+def parse_completion_window(window: str) -> int:
+    """``24h``, ``90s``, ``10m``, ``2d`` -> seconds."""
+    m = _WINDOW_RE.match(window) if isinstance(window, str) else None
+    if not m:
+        raise InvalidRequestError(
+            f"Invalid completion_window {window!r}: use a duration such as '24h', '90s', '10m' or '2d'.",
+            param="completion_window",
+        )
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)]
+    if not 1 <= seconds <= MAX_WINDOW_S:
+        raise InvalidRequestError(
+            f"completion_window must be between 1s and {MAX_WINDOW_S // 86400}d, got {window!r}.",
+            param="completion_window",
+        )
+    return seconds
+
+
+def _check_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidRequestError("metadata must be an object of string keys and values.", param="metadata")
+    if len(metadata) > defaults.METADATA_MAX_PAIRS:
+        raise InvalidRequestError(
+            f"metadata may have at most {defaults.METADATA_MAX_PAIRS} pairs, got {len(metadata)}.", param="metadata"
+        )
+    for k, v in metadata.items():
+        if not isinstance(v, str):
+            raise InvalidRequestError(f"metadata value for {k!r} must be a string.", param=f"metadata.{k}")
+        if len(k) > defaults.METADATA_MAX_KEY_CHARS:
+            raise InvalidRequestError(
+                f"metadata key {k[:20]!r}... is longer than {defaults.METADATA_MAX_KEY_CHARS} characters.",
+                param="metadata",
+            )
+        if len(v) > defaults.METADATA_MAX_VALUE_CHARS:
+            raise InvalidRequestError(
+                f"metadata value for {k!r} is longer than {defaults.METADATA_MAX_VALUE_CHARS} characters.",
+                param=f"metadata.{k}",
+            )
+    return dict(metadata)
+
+
+def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
+    """Check the ``extra_body={"overnight": {...}}`` extension; unknown fields are a 400."""
+    if ext is None:
+        return {}
+    if not isinstance(ext, dict):
+        raise InvalidRequestError(f"'{key}' must be an object.", param=key)
+    unknown = sorted(set(ext) - EXTENSION_FIELDS)
+    if unknown:
+        raise InvalidRequestError(
+            f"Unknown field '{key}.{unknown[0]}'; supported: {', '.join(sorted(EXTENSION_FIELDS))}.",
+            param=f"{key}.{unknown[0]}",
+        )
+    out: dict[str, Any] = {}
+    if "runtime" in ext and ext["runtime"] is not None:
+        rt = ext["runtime"]
+        if not isinstance(rt, dict):
+            raise InvalidRequestError(f"'{key}.runtime' must be an object.", param=f"{key}.runtime")
+        bad = sorted(set(rt) - RUNTIME_FIELDS)
+        if bad:
+            raise InvalidRequestError(f"Unknown field '{key}.runtime.{bad[0]}'.", param=f"{key}.runtime.{bad[0]}")
+        rtype = rt.get("type", "endpoint")
+        if rtype != "endpoint":
+            raise InvalidRequestError(
+                f"Unsupported runtime type {rtype!r}; supported: 'endpoint'.", param=f"{key}.runtime.type"
+            )
+        endpoint = rt.get("endpoint")
+        if not isinstance(endpoint, str) or not re.match(r"^https?://", endpoint):
+            raise InvalidRequestError(
+                f"'{key}.runtime.endpoint' must be an http(s) URL.", param=f"{key}.runtime.endpoint"
+            )
+        api_key = rt.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise InvalidRequestError(f"'{key}.runtime.api_key' must be a string.", param=f"{key}.runtime.api_key")
+        out["runtime"] = {"type": "endpoint", "endpoint": endpoint.rstrip("/"), "api_key": api_key}
+    if ext.get("max_concurrency") is not None:
+        mc = ext["max_concurrency"]
+        if not isinstance(mc, int) or isinstance(mc, bool) or mc < 1:
+            raise InvalidRequestError(
+                f"'{key}.max_concurrency' must be a positive integer.", param=f"{key}.max_concurrency"
+            )
+        out["max_concurrency"] = mc
+    if ext.get("priority") is not None:
+        pr = ext["priority"]
+        if not isinstance(pr, int) or isinstance(pr, bool) or not 0 <= pr <= 100:
+            raise InvalidRequestError(
+                f"'{key}.priority' must be an integer from 0 to 100.", param=f"{key}.priority"
+            )
+        out["priority"] = pr
+    if ext.get("job_id") is not None:
+        jid = ext["job_id"]
+        if not isinstance(jid, str) or len(jid) > 256:
+            raise InvalidRequestError(f"'{key}.job_id' must be a string (at most 256 characters).", param=f"{key}.job_id")
+        out["job_id"] = jid
+    return out
+
+
+async def create_batch(
+    *,
+    store: Store,
+    storage: Storage,
+    tenant: str,
+    body: BatchCreate,
+    limits: ValidationLimits,
+    validate_now: bool = False,
+) -> BatchRecord:
+    """Create a batch in ``validating``. With ``validate_now`` the input is checked
+    before anything is recorded and a bad line is an ``InputError`` (HTTP 400)."""
+    if body.endpoint not in SUPPORTED_ENDPOINTS:
+        raise InvalidRequestError(
+            f"Unsupported endpoint {body.endpoint!r}; supported: {', '.join(SUPPORTED_ENDPOINTS)}.",
+            param="endpoint",
+        )
+    window_s = parse_completion_window(body.completion_window)
+    metadata = _check_metadata(body.metadata)
+    options = parse_extension(body.extension)
+    out_exp = body.output_expires_after or {}
+    if not isinstance(out_exp, dict):
+        raise InvalidRequestError("output_expires_after must be an object.", param="output_expires_after")
+    output_expires_s = parse_expires_after(
+        out_exp.get("anchor"), out_exp.get("seconds"), param="output_expires_after"
+    )
+    try:
+        f = await get_file(store=store, tenant=tenant, file_id=body.input_file_id)
+    except NotFoundError:
+        raise NotFoundError(f"No such File object: {body.input_file_id}", code="file_not_found") from None
+    if f.purpose != "batch":
+        raise InvalidRequestError(
+            f"File {f.id} has purpose {f.purpose!r}; a batch input file must be uploaded with purpose 'batch'.",
+            param="input_file_id",
+        )
+    total, model = 0, None
+    if validate_now:
+        result = await validate_input(storage, f.storage_key, endpoint=body.endpoint, limits=limits)
+        if not result.ok:
+            e = result.errors[0]
+            raise InputError(e["message"], line=e.get("line"), param=e.get("param"), code=e["code"])
+        total, model = result.total, result.model
+    now = int(time.time())
+    rec = BatchRecord(
+        id=new_id("batch"),
+        tenant=tenant,
+        endpoint=body.endpoint,
+        input_file_id=f.id,
+        completion_window=body.completion_window,
+        completion_window_s=window_s,
+        status=BatchStatus.VALIDATING.value,
+        created_at=now,
+        expires_at=now + window_s,
+        metadata=metadata,
+        model=model,
+        total=total,
+        options=options,
+        output_expires_after_s=output_expires_s,
+    )
+    await store.insert_batch(rec)
+    return rec
+
+
+async def get_batch(*, store: Store, tenant: str, batch_id: str) -> BatchRecord:
+    rec = await store.get_batch(batch_id)
+    if rec is None or rec.tenant != tenant:
+        raise NotFoundError(f"No such Batch object: {batch_id}")
+    return rec
+
+
+async def list_batches(
+    *, store: Store, tenant: str, after: str | None, limit: int
+) -> tuple[list[BatchRecord], bool]:
+    recs = await store.list_batches(tenant=tenant, after=after, limit=limit + 1)
+    return recs[:limit], len(recs) > limit
+
+
+async def update_batch(
+    store: Store,
+    batch_id: str,
+    mutate: Callable[[BatchRecord], BatchRecord | None],
+    *,
+    fence: int | None = None,
+    checkpoint: bytes | None = None,
+) -> BatchRecord:
+    """Read-modify-write with compare-and-set, retried on conflict.
+
+    ``mutate`` gets the current record and returns the new one (or None to write
+    nothing). With ``fence``, the write only happens while the caller's lease token
+    is still the batch's current one; otherwise ``LeaseLost``.
+    """
+    for _ in range(100):
+        cur = await store.get_batch(batch_id)
+        if cur is None:
+            raise NotFoundError(f"No such Batch object: {batch_id}")
+        if fence is not None and cur.lease_token != fence:
+            raise LeaseLost(f"lease on {batch_id} lost (token {fence}, current {cur.lease_token})")
+        new = mutate(dataclasses.replace(cur))
+        if new is None:
+            return cur
+        try:
+            return await store.update_batch(new, checkpoint=checkpoint)
+        except VersionConflict:
+            continue
+    raise ConflictError(f"batch {batch_id} is changing too fast to update")
+
+
+async def transition(
+    store: Store,
+    batch_id: str,
+    to: BatchStatus,
+    *,
+    fence: int | None = None,
+    checkpoint: bytes | None = None,
+    now: int | None = None,
+    **changes: Any,
+) -> BatchRecord:
+    """The one place a batch changes status: checks the transition table, stamps the
+    status timestamp and writes atomically (CAS on version). Raises
+    ``TransitionError`` when the current status does not allow ``to``."""
+
+    def mutate(rec: BatchRecord) -> BatchRecord:
+        if not can_transition(rec.status, to):
+            raise TransitionError(
+                f"Batch {rec.id} is {rec.status}; it cannot become {to.value}.", code="invalid_state"
+            )
+        rec.status = to.value
+        ts = TIMESTAMP_FIELD.get(to)
+        if ts:
+            setattr(rec, ts, now if now is not None else int(time.time()))
+        for k, v in changes.items():
+            setattr(rec, k, v)
+        return rec
+
+    return await update_batch(store, batch_id, mutate, fence=fence, checkpoint=checkpoint)
+
+
+async def cancel_batch(*, store: Store, tenant: str, batch_id: str) -> BatchRecord:
+    """Ask a batch to stop. Idempotent while cancelling; 409 once terminal."""
+    rec = await get_batch(store=store, tenant=tenant, batch_id=batch_id)
+    if rec.status == BatchStatus.CANCELLING.value:
+        return rec
+    if BatchStatus(rec.status) in TERMINAL or rec.status == BatchStatus.FINALIZING.value:
+        raise ConflictError(
+            f"Cannot cancel batch {batch_id}: it is already {rec.status}.", code="batch_not_cancellable"
+        )
+    try:
+        return await transition(store, batch_id, BatchStatus.CANCELLING)
+    except TransitionError as exc:
+        latest = await store.get_batch(batch_id)
+        if latest is not None and latest.status == BatchStatus.CANCELLING.value:
+            return latest
+        raise ConflictError(f"Cannot cancel batch {batch_id}: {exc.message}", code="batch_not_cancellable") from exc

@@ -1,0 +1,80 @@
+"""Service settings: built once (by the CLI or a test) and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from overnight import defaults
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Everything ``overnight serve`` can be told. Environment variables use the
+    ``OVERNIGHT_`` prefix (``OVERNIGHT_DATA_DIR``, ``OVERNIGHT_ENGINE_URL`` ...)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./overnight-data")
+    #: Default engine for batches that name none; ``mock`` starts the built-in mock engine.
+    engine_url: str | None = None
+    engine_api_key: str | None = None
+    #: Record store URL; default ``sqlite:///<data_dir>/overnight.db``.
+    store_url: str | None = None
+    #: File storage URL; default ``file://<data_dir>/files``.
+    storage_url: str | None = None
+    #: ``key:tenant,key2:tenant2``. Empty: open mode, each API key is its own tenant.
+    api_keys: str = ""
+
+    max_requests_per_file: int = defaults.MAX_REQUESTS_PER_FILE
+    max_input_bytes: int = defaults.MAX_INPUT_BYTES
+    #: Validate the input while creating the batch and answer 400 instead of a
+    #: ``failed`` batch.
+    validate_on_create: bool = False
+
+    initial_concurrency: int = defaults.INITIAL_CONCURRENCY
+    max_concurrency_per_batch: int = defaults.MAX_CONCURRENCY_PER_BATCH
+    max_concurrency_global: int = defaults.MAX_CONCURRENCY_GLOBAL
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    backoff_base_s: float = defaults.BACKOFF_BASE_S
+    backoff_max_s: float = defaults.BACKOFF_MAX_S
+    request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
+    lease_s: float = defaults.LEASE_S
+    heartbeat_s: float = defaults.HEARTBEAT_S
+    checkpoint_interval_s: float = defaults.CHECKPOINT_INTERVAL_S
+    scheduler_poll_s: float = defaults.SCHEDULER_POLL_S
+    max_running_batches: int = defaults.MAX_RUNNING_BATCHES
+    #: Default lifetime of batch output/error files (seconds); None keeps them.
+    output_expires_after_s: int | None = None
+    #: Options for the in-process mock engine (``--engine-url mock``).
+    mock_latency_ms: float = 50.0
+    #: Replica name used as lease owner; default host:pid.
+    replica_id: str | None = None
+
+    model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
+
+    @field_validator("engine_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        return v.rstrip("/")
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{(self.data_dir / 'overnight.db').resolve()}"
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'files').resolve()}"
+
+    def spool_dir(self) -> Path:
+        return (self.data_dir / "spool").resolve()
+
+    def tenant_for_key(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            key, _, tenant = item.partition(":")
+            out[key] = tenant or key
+        return out

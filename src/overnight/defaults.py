@@ -1,0 +1,47 @@
+"""Default limits, timings and retry counts, each with the reason it has its value."""
+
+from __future__ import annotations
+
+#: OpenAI's own per-file limits for batch input; configurable because self-hosted
+#: users often run larger files.
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_INPUT_BYTES = 200 * 1024 * 1024
+
+#: OpenAI's metadata limits.
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_KEY_CHARS = 64
+METADATA_MAX_VALUE_CHARS = 512
+
+#: Concurrency: start where a single GPU engine is comfortably busy, let the adaptive
+#: limiter find the rest. The global cap bounds sockets and memory of one replica.
+INITIAL_CONCURRENCY = 32
+MIN_CONCURRENCY = 1
+MAX_CONCURRENCY_PER_BATCH = 1024
+MAX_CONCURRENCY_GLOBAL = 4096
+
+#: Retries: five attempts with exponential backoff covers an engine restart of
+#: tens of seconds; overload (429) and unreachable engines are retried until the
+#: batch deadline instead, since giving up on them would turn an outage into
+#: lost requests.
+MAX_ATTEMPTS = 5
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+REQUEST_TIMEOUT_S = 600.0
+
+#: A lease must outlive a few missed heartbeats (GC pauses, slow store) but be short
+#: enough that a dead replica's batches move within seconds.
+LEASE_S = 15.0
+HEARTBEAT_S = 2.0
+
+#: Checkpoint at most this often: the spool already holds every finished line, so
+#: the checkpoint only bounds how much of the spool a restart has to re-scan.
+CHECKPOINT_INTERVAL_S = 1.0
+
+#: How often the scheduler looks for claimable batches when nothing wakes it.
+SCHEDULER_POLL_S = 0.5
+
+#: How many batches one replica executes at once.
+MAX_RUNNING_BATCHES = 16
+
+#: Read chunk for streaming files from storage.
+READ_CHUNK_BYTES = 1024 * 1024

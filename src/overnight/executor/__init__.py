@@ -1,0 +1,1 @@
+"""The hot path: read input -> dispatch -> write output, with checkpoints."""

@@ -1,0 +1,52 @@
+"""Retry policy and the one function that decides retry-or-fail."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import Enum
+
+from overnight import defaults
+
+__all__ = ["Decision", "RetryPolicy", "classify_status", "classify_no_answer"]
+
+
+class Decision(Enum):
+    SUCCESS = "success"  #: 2xx: write to the output file
+    RETRY = "retry"  #: worth another attempt; counts against max_attempts
+    RETRY_UNTIL_DEADLINE = "retry_until_deadline"  #: overload/outage: retry until the batch deadline
+    FAIL = "fail"  #: the engine's answer is final: write it to the error file
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    max_attempts: int = defaults.MAX_ATTEMPTS
+    base_delay_s: float = defaults.BACKOFF_BASE_S
+    max_delay_s: float = defaults.BACKOFF_MAX_S
+
+    def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Backoff before attempt ``attempt + 1``: exponential with full jitter, never
+        shorter than the engine's ``Retry-After``."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1)))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.max_delay_s * 4))
+        return delay
+
+
+def classify_status(status: int) -> Decision:
+    if 200 <= status < 300:
+        return Decision.SUCCESS
+    if status in (429, 503):
+        # Overload: the engine is healthy but full. Giving up would lose work the
+        # engine will happily do a moment later.
+        return Decision.RETRY_UNTIL_DEADLINE
+    if status in (408, 409) or status >= 500:
+        return Decision.RETRY
+    return Decision.FAIL
+
+
+def classify_no_answer(code: str | None) -> Decision:
+    """No HTTP answer: an unreachable engine is an outage (wait for it); a timeout
+    may be a poison request, so it counts against the attempts."""
+    return Decision.RETRY_UNTIL_DEADLINE if code == "engine_unreachable" else Decision.RETRY

@@ -1,0 +1,250 @@
+"""``execute()``: input -> dispatch -> spool -> checkpoints, until done or stopped.
+
+The executor never changes a batch's status; it returns an ``Outcome`` and the
+scheduler moves the state machine. It only catches overnight's own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import orjson
+
+from overnight.errors import RetryableEngineError
+from overnight.executor.engine import EngineClient, EngineReply
+from overnight.executor.limiter import AdaptiveLimiter
+from overnight.executor.retry import Decision, RetryPolicy, classify_no_answer, classify_status
+from overnight.executor.writer import Spool
+from overnight.storage.base import Storage
+
+__all__ = ["Outcome", "StopSignal", "execute", "ExecuteParams"]
+
+log = logging.getLogger("overnight.executor")
+
+
+class Outcome(str, Enum):
+    DONE = "done"  #: every request has a line
+    CANCELLED = "cancelled"  #: stopped by cancel; undone requests written as batch_cancelled
+    EXPIRED = "expired"  #: deadline passed; undone requests written as batch_expired
+    LEASE_LOST = "lease_lost"  #: another owner took over; nothing more was written
+    SHUTDOWN = "shutdown"  #: this process is stopping; the last checkpoint is stored
+
+
+class StopSignal:
+    """Set by whoever watches the batch (cancel seen, lease lost, shutdown)."""
+
+    def __init__(self) -> None:
+        self.reason: Outcome | None = None
+        self.event = asyncio.Event()
+
+    def set(self, reason: Outcome) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.event.set()
+
+
+@dataclass(kw_only=True)
+class ExecuteParams:
+    endpoint: str
+    input_key: str
+    batch_suffix: str
+    deadline: float
+    checkpoint_interval_s: float
+    #: Store the checkpoint (raises LeaseLost if this replica no longer owns the batch).
+    persist: Callable[[bytes], Awaitable[None]]
+
+
+def _error_body(raw: bytes, status: int) -> bytes:
+    """The engine's error body as JSON (a proxy's HTML 502 becomes an error object)."""
+    try:
+        orjson.loads(raw)
+        if b"\n" not in raw:
+            return raw
+        return orjson.dumps(orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        text = raw.decode("utf-8", "replace")[:2000]
+        return orjson.dumps({"error": {"message": text or f"HTTP {status}", "type": "engine_error"}})
+
+
+class _Dispatcher:
+    def __init__(
+        self, *, storage: Storage, spool: Spool, engine: EngineClient, limiter: AdaptiveLimiter,
+        policy: RetryPolicy, params: ExecuteParams, stop: StopSignal,
+    ) -> None:
+        self.storage, self.spool, self.engine = storage, spool, engine
+        self.limiter, self.policy, self.p, self.stop = limiter, policy, params, stop
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.sent = 0
+        self._prefix = f"batch_req_{params.batch_suffix}".encode()
+
+    def _line_id(self, index: int) -> bytes:
+        return self._prefix + b"%08x" % index
+
+    def _write_reply(self, index: int, cid_json: bytes, reply: EngineReply, ok: bool) -> None:
+        rid = orjson.dumps(reply.request_id or f"req_{self.p.batch_suffix}{index:08x}")
+        usage = None
+        if ok:
+            try:
+                parsed = orjson.loads(reply.body)
+            except orjson.JSONDecodeError:
+                body = orjson.dumps(reply.body.decode("utf-8", "replace"))
+            else:
+                usage = parsed.get("usage") if isinstance(parsed, dict) else None
+                body = reply.body if b"\n" not in reply.body else orjson.dumps(parsed)
+        else:
+            body = _error_body(reply.body, reply.status)
+        line = b'{"id":"%b","custom_id":%b,"response":{"status_code":%d,"request_id":%b,"body":%b},"error":null}' % (
+            self._line_id(index), cid_json, reply.status, rid, body,
+        )
+        self.spool.write(index, line, error=not ok, usage=usage)
+
+    def write_no_answer(self, index: int, cid_json: bytes, code: str, message: str) -> None:
+        err = orjson.dumps({"code": code, "message": message})
+        line = b'{"id":"%b","custom_id":%b,"response":null,"error":%b}' % (self._line_id(index), cid_json, err)
+        self.spool.write(index, line, error=True)
+
+    async def send_one(self, index: int, cid_json: bytes, body: bytes) -> None:
+        """Own one request from first attempt to its line; holds a limiter slot
+        while a request is on the wire (not while backing off)."""
+        attempt = 0
+        holding = True  # the dispatch loop acquired the first slot for us
+        try:
+            while True:
+                attempt += 1
+                if not holding:
+                    await self.limiter.acquire()
+                    holding = True
+                started = time.monotonic()
+                self.sent += 1
+                try:
+                    reply = await self.engine.send(self.p.endpoint, body)
+                except RetryableEngineError as exc:
+                    decision, reply, code, message = classify_no_answer(exc.code), None, exc.code, exc.message
+                    retry_after = None
+                else:
+                    decision, code, message = classify_status(reply.status), None, ""
+                    retry_after = reply.retry_after_s
+                if decision is Decision.SUCCESS:
+                    self.limiter.on_success(time.monotonic() - started)
+                    assert reply is not None
+                    self._write_reply(index, cid_json, reply, True)
+                    return
+                if decision is Decision.FAIL or (decision is Decision.RETRY and attempt >= self.policy.max_attempts):
+                    if reply is not None:
+                        self._write_reply(index, cid_json, reply, False)
+                    else:
+                        self.write_no_answer(
+                            index, cid_json, "request_timeout" if code == "request_timeout" else (code or "engine_error"),
+                            f"{message} (after {attempt} attempts)",
+                        )
+                    return
+                if decision is Decision.RETRY_UNTIL_DEADLINE or (reply is not None and reply.status >= 500) or code:
+                    self.limiter.on_overload()
+                self.limiter.release()
+                holding = False
+                delay = self.policy.delay_s(attempt, retry_after)
+                await asyncio.sleep(max(0.0, min(delay, self.p.deadline - time.time())))
+        finally:
+            if holding:
+                self.limiter.release()
+
+    async def dispatch(self) -> None:
+        done = self.spool.cp.done
+        async for lineno, raw in self.storage.read_lines(self.p.input_key):
+            index = lineno - 1
+            if index in done:
+                continue
+            obj = orjson.loads(raw)
+            cid_json = orjson.dumps(obj["custom_id"])
+            body = orjson.dumps(obj["body"])
+            await self.limiter.acquire()
+            task = asyncio.create_task(self.send_one(index, cid_json, body))
+            self.tasks.add(task)
+            task.add_done_callback(self._task_done)
+        while self.tasks:
+            await asyncio.wait(list(self.tasks))
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request task failed", exc_info=task.exception())
+
+    async def abort_inflight(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def write_undone(self, code: str, message: str) -> None:
+        done = self.spool.cp.done
+        if done.missing() == 0:
+            return
+        async for lineno, raw in self.storage.read_lines(self.p.input_key):
+            index = lineno - 1
+            if index not in done:
+                cid = orjson.loads(raw)["custom_id"]
+                self.write_no_answer(index, orjson.dumps(cid), code, message)
+
+
+async def execute(
+    *,
+    storage: Storage,
+    spool: Spool,
+    engine: EngineClient,
+    limiter: AdaptiveLimiter,
+    policy: RetryPolicy,
+    params: ExecuteParams,
+    stop: StopSignal,
+) -> Outcome:
+    """Run every undone request of the batch. Returns why it stopped."""
+    d = _Dispatcher(storage=storage, spool=spool, engine=engine, limiter=limiter, policy=policy, params=params, stop=stop)
+
+    async def checkpoints() -> None:
+        while True:
+            await asyncio.sleep(params.checkpoint_interval_s)
+            await _checkpoint(spool, params, stop)
+
+    dispatch = asyncio.create_task(d.dispatch())
+    ticker = asyncio.create_task(checkpoints())
+    stop_wait = asyncio.create_task(stop.event.wait())
+    try:
+        timeout = max(0.0, params.deadline - time.time())
+        done, _ = await asyncio.wait({dispatch, stop_wait, ticker}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if dispatch in done:
+            dispatch.result()  # surface a crash of the dispatch loop
+            outcome = Outcome.DONE
+        elif ticker in done:
+            ticker.result()  # a failed checkpoint stops the run with its error
+            outcome = stop.reason or Outcome.LEASE_LOST
+        elif stop_wait in done:
+            outcome = stop.reason or Outcome.SHUTDOWN
+        else:
+            outcome = Outcome.EXPIRED
+    finally:
+        for t in (dispatch, ticker, stop_wait):
+            t.cancel()
+        await asyncio.gather(dispatch, ticker, stop_wait, return_exceptions=True)
+        await d.abort_inflight()
+    if outcome in (Outcome.LEASE_LOST, Outcome.SHUTDOWN):
+        if outcome is Outcome.SHUTDOWN:
+            with contextlib.suppress(Exception):
+                await _checkpoint(spool, params, stop)
+        return outcome
+    if outcome is Outcome.CANCELLED:
+        await d.write_undone("batch_cancelled", "The batch was cancelled before this request was sent.")
+    elif outcome is Outcome.EXPIRED:
+        await d.write_undone("batch_expired", "The batch's completion window ended before this request finished.")
+    await _checkpoint(spool, params, stop)
+    return outcome
+
+
+async def _checkpoint(spool: Spool, params: ExecuteParams, stop: StopSignal) -> None:
+    sealed = await spool.seal()
+    await params.persist(sealed.checkpoint)
+    spool.discard(sealed.sealed_paths)

@@ -1,0 +1,205 @@
+"""The spool: output and error lines, written once per request index.
+
+Every finished request is appended at once (one ``write(2)``) to a local spool
+file as ``<index>\\t<json line>\\n`` and marked in the done bitmap in the same
+synchronous step, so a line is either both written and marked or neither. A
+SIGKILL loses nothing the kernel has accepted: on restart ``recover()`` scans the
+local spool files and keeps every complete line whose index is not yet done.
+
+At each checkpoint ``seal()`` closes the current spool files, uploads them to
+storage as segments and returns the checkpoint naming them; another replica can
+resume from that alone. ``assemble()`` concatenates the segments into the final
+output and error files, dropping the index prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from overnight._concurrency import to_thread
+from overnight.executor.checkpoint import Checkpoint, Segment
+from overnight.executor.usage import Usage
+from overnight.storage.base import Storage
+
+__all__ = ["Spool", "SealResult", "AssembleResult"]
+
+_KINDS = ("out", "err")
+#: Flush the assembled output to storage in pieces of about this size.
+_ASSEMBLE_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+@dataclass
+class SealResult:
+    checkpoint: bytes
+    #: Local files now durable in storage; delete them once the checkpoint is stored.
+    sealed_paths: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class AssembleResult:
+    out_bytes: int = 0
+    out_lines: int = 0
+    err_bytes: int = 0
+    err_lines: int = 0
+
+
+class Spool:
+    def __init__(
+        self, *, spool_dir: Path, storage: Storage, batch_id: str, token: int, checkpoint: Checkpoint
+    ) -> None:
+        self.dir = spool_dir / batch_id
+        self.storage = storage
+        self.batch_id = batch_id
+        self.token = token
+        self.cp = checkpoint
+        self.usage = Usage.from_dict(checkpoint.usage)
+        self._fds: dict[str, int] = {}
+        self._paths: dict[str, Path] = {}
+        self._bytes = dict.fromkeys(_KINDS, 0)
+        self._lines = dict.fromkeys(_KINDS, 0)
+
+    # -- lifecycle -----------------------------------------------------------
+    def open(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._open_current()
+
+    def _open_current(self) -> None:
+        seq = self.cp.next_seq
+        self.cp.next_seq += 1
+        for kind in _KINDS:
+            path = self.dir / f"{self.token}-{seq:06d}.{kind}"
+            self._paths[kind] = path
+            self._fds[kind] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._bytes[kind] = self._lines[kind] = 0
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- hot path ------------------------------------------------------------
+    def write(self, index: int, line: bytes, *, error: bool, usage: object = None) -> bool:
+        """Record request ``index``'s line; False (and nothing written) if it is done already."""
+        if not self.cp.done.add(index):
+            return False
+        kind = "err" if error else "out"
+        data = b"%d\t%b\n" % (index, line)
+        _write_all(self._fds[kind], data)
+        self._bytes[kind] += len(data)
+        self._lines[kind] += 1
+        if error:
+            self.cp.failed += 1
+        else:
+            self.cp.completed += 1
+            if usage is not None:
+                self.usage.add(usage)
+        return True
+
+    # -- recovery ------------------------------------------------------------
+    async def recover(self) -> int:
+        """Fold complete lines left in local spool files (by this or an earlier owner
+        on this host) into the current files; returns how many were recovered."""
+        current = set(self._paths.values())
+        old = sorted(p for p in self.dir.glob("*-*.*") if p not in current and p.suffix[1:] in _KINDS)
+        recovered = 0
+        for path in old:
+            data = await to_thread(path.read_bytes)
+            end = data.rfind(b"\n") + 1  # a torn last line was never marked done
+            for raw in data[:end].splitlines():
+                tab = raw.find(b"\t")
+                if tab <= 0:
+                    continue
+                index = int(raw[:tab])
+                if index >= self.cp.total or index in self.cp.done:
+                    continue
+                line = raw[tab + 1 :]
+                error = path.suffix == ".err"
+                usage = None
+                if not error:
+                    body = (orjson.loads(line).get("response") or {}).get("body")
+                    usage = body.get("usage") if isinstance(body, dict) else None
+                self.write(index, line, error=error, usage=usage)
+                recovered += 1
+        for path in old:
+            path.unlink(missing_ok=True)
+        return recovered
+
+    # -- checkpoints ---------------------------------------------------------
+    def snapshot(self) -> bytes:
+        self.cp.usage = self.usage.to_dict()
+        return self.cp.encode()
+
+    async def seal(self) -> SealResult:
+        """Rotate the spool files; upload the closed ones; return the checkpoint."""
+        if not any(self._lines.values()):
+            return SealResult(self.snapshot())
+        closed = [(k, self._paths[k], self._bytes[k], self._lines[k]) for k in _KINDS]
+        self.close()
+        self._open_current()
+        new_segments = [
+            Segment(kind, f"spool/{self.batch_id}/{path.name}", nbytes, lines)
+            for kind, path, nbytes, lines in closed
+            if lines
+        ]
+        # Snapshot before any await: exactly the lines in the closed files are done.
+        self.cp.segments.extend(new_segments)
+        encoded = self.snapshot()
+        for seg, (_, path, _, _) in zip(new_segments, [c for c in closed if c[3]], strict=True):
+            async with self.storage.writer(seg.key) as w:
+                await w.write(await to_thread(path.read_bytes))
+        return SealResult(encoded, [c[1] for c in closed])
+
+    @staticmethod
+    def discard(paths: list[Path]) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+    # -- final files ----------------------------------------------------------
+    async def assemble(self, *, out_key: str, err_key: str) -> AssembleResult:
+        """Write the final output/error objects from the sealed segments."""
+        result = AssembleResult()
+        for kind, key in (("out", out_key), ("err", err_key)):
+            segs = [s for s in self.cp.segments if s.kind == kind]
+            if not segs:
+                continue
+            total = lines = 0
+            async with self.storage.writer(key) as w:
+                buf: list[bytes] = []
+                size = 0
+                for seg in segs:
+                    async for _, raw in self.storage.read_lines(seg.key):
+                        piece = raw[raw.index(b"\t") + 1 :] + b"\n"
+                        buf.append(piece)
+                        size += len(piece)
+                        lines += 1
+                        if size >= _ASSEMBLE_BUFFER_BYTES:
+                            await w.write(b"".join(buf))
+                            total += size
+                            buf, size = [], 0
+                if buf:
+                    await w.write(b"".join(buf))
+                    total += size
+            if kind == "out":
+                result.out_bytes, result.out_lines = total, lines
+            else:
+                result.err_bytes, result.err_lines = total, lines
+        return result
+
+    async def cleanup(self) -> None:
+        """Drop segments and the local spool directory once the final files exist."""
+        self.close()
+        for seg in self.cp.segments:
+            await self.storage.delete(seg.key)
+        await to_thread(shutil.rmtree, self.dir, True)

@@ -1,0 +1,1 @@
+"""Files: upload, list, retrieve, delete and content, scoped by tenant."""

@@ -1,0 +1,144 @@
+"""File operations behind ``/v1/files``. Routes call these; no rules live in routes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from overnight.errors import ConflictError, InvalidRequestError, NotFoundError
+from overnight.ids import new_id
+from overnight.storage.base import Storage
+from overnight.store.base import Store
+from overnight.store.records import FileRecord
+
+__all__ = [
+    "UPLOAD_PURPOSES",
+    "create_file",
+    "delete_file",
+    "get_file",
+    "list_files",
+    "parse_expires_after",
+    "read_content",
+    "storage_key_for",
+]
+
+#: Purposes a client may upload with (OpenAI's list); ``batch_output`` is ours to set.
+UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
+ALL_PURPOSES = UPLOAD_PURPOSES | {"batch_output", "assistants_output", "fine-tune-results"}
+
+#: OpenAI bounds for ``expires_after.seconds``: one hour to thirty days.
+MIN_EXPIRES_S = 3600
+MAX_EXPIRES_S = 30 * 24 * 3600
+
+
+def storage_key_for(file_id: str) -> str:
+    return f"files/{file_id}"
+
+
+def parse_expires_after(anchor: object, seconds: object, *, param: str = "expires_after") -> int | None:
+    """Check OpenAI's ``{"anchor": "created_at", "seconds": N}``; returns seconds or None."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequestError(f"'{param}.anchor' must be \"created_at\", got {anchor!r}.", param=f"{param}.anchor")
+    try:
+        secs = int(str(seconds))
+    except ValueError:
+        raise InvalidRequestError(f"'{param}.seconds' must be an integer.", param=f"{param}.seconds") from None
+    if not MIN_EXPIRES_S <= secs <= MAX_EXPIRES_S:
+        raise InvalidRequestError(
+            f"'{param}.seconds' must be between {MIN_EXPIRES_S} and {MAX_EXPIRES_S}, got {secs}.",
+            param=f"{param}.seconds",
+        )
+    return secs
+
+
+async def create_file(
+    *,
+    store: Store,
+    storage: Storage,
+    tenant: str,
+    filename: str,
+    purpose: str,
+    chunks: AsyncIterator[bytes],
+    expires_after_s: int | None = None,
+    max_bytes: int | None = None,
+) -> FileRecord:
+    """Stream ``chunks`` into storage and record the file. Nothing is recorded (and
+    no object is left) if the stream fails or breaks a limit."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequestError(
+            f"Invalid purpose {purpose!r}; expected one of {', '.join(sorted(UPLOAD_PURPOSES))}.",
+            param="purpose",
+        )
+    file_id = new_id("file", "-")
+    key = storage_key_for(file_id)
+    size = 0
+    async with storage.writer(key) as w:
+        async for chunk in chunks:
+            size += len(chunk)
+            if max_bytes is not None and size > max_bytes:
+                raise InvalidRequestError(
+                    f"File is larger than the {max_bytes}-byte limit for purpose {purpose!r}.", param="file"
+                )
+            await w.write(chunk)
+    now = int(time.time())
+    rec = FileRecord(
+        id=file_id,
+        tenant=tenant,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        created_at=now,
+        storage_key=key,
+        expires_at=now + expires_after_s if expires_after_s else None,
+    )
+    try:
+        await store.insert_file(rec)
+    except BaseException:
+        await storage.delete(key)
+        raise
+    return rec
+
+
+async def get_file(*, store: Store, tenant: str, file_id: str) -> FileRecord:
+    rec = await store.get_file(file_id)
+    if rec is None or rec.tenant != tenant:
+        raise NotFoundError(f"No such File object: {file_id}")
+    return rec
+
+
+async def list_files(
+    *,
+    store: Store,
+    tenant: str,
+    purpose: str | None,
+    after: str | None,
+    limit: int,
+    order: Literal["asc", "desc"],
+) -> tuple[list[FileRecord], bool]:
+    """One page and whether more follow."""
+    recs = await store.list_files(tenant=tenant, purpose=purpose, after=after, limit=limit + 1, order=order)
+    return recs[:limit], len(recs) > limit
+
+
+async def delete_file(*, store: Store, storage: Storage, tenant: str, file_id: str) -> FileRecord:
+    rec = await get_file(store=store, tenant=tenant, file_id=file_id)
+    readers = await store.batches_reading_file(file_id)
+    if readers:
+        raise ConflictError(
+            f"File {file_id} is the input of batch {readers[0].id}, which is still {readers[0].status}; "
+            "cancel the batch or wait for it to finish before deleting the file.",
+            code="file_in_use",
+        )
+    await store.delete_file(file_id)
+    # The record goes first: a crash between the two leaves unreachable bytes, never
+    # a record pointing at nothing.
+    await storage.delete(rec.storage_key)
+    return rec
+
+
+async def read_content(*, store: Store, storage: Storage, tenant: str, file_id: str) -> tuple[FileRecord, AsyncIterator[bytes]]:
+    rec = await get_file(store=store, tenant=tenant, file_id=file_id)
+    return rec, storage.read(rec.storage_key)

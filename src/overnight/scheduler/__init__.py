@@ -1,0 +1,1 @@
+"""Which batch runs next, where, and by which replica."""

@@ -1,0 +1,236 @@
+"""One claimed batch, driven from where its record says it is to a terminal status."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from overnight.batches.service import LeaseLost, transition, update_batch
+from overnight.batches.states import BatchStatus
+from overnight.batches.validation import ValidationLimits, validate_input
+from overnight.errors import NotFoundError, OvernightError, TransitionError
+from overnight.executor.checkpoint import Checkpoint
+from overnight.executor.engine import EngineClient
+from overnight.executor.limiter import AdaptiveLimiter, ConcurrencyLimits, Gate
+from overnight.executor.retry import RetryPolicy
+from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
+from overnight.executor.writer import Spool
+from overnight.files.service import storage_key_for
+from overnight.scheduler.leases import release_lease, renew_lease
+from overnight.storage.base import Storage
+from overnight.store.base import Store
+from overnight.store.records import BatchRecord, FileRecord
+
+__all__ = ["RunnerConfig", "BatchRunner"]
+
+log = logging.getLogger("overnight.scheduler")
+
+S = BatchStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    spool_dir: Path
+    lease_s: float
+    heartbeat_s: float
+    checkpoint_interval_s: float
+    limits: ValidationLimits
+    concurrency: ConcurrencyLimits
+    policy: RetryPolicy
+    output_expires_after_s: int | None
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        *,
+        batch: BatchRecord,
+        store: Store,
+        storage: Storage,
+        engine: EngineClient,
+        gates: tuple[Gate, ...],
+        config: RunnerConfig,
+    ) -> None:
+        self.batch = batch
+        self.token = batch.lease_token
+        self.store, self.storage, self.engine, self.gates, self.cfg = store, storage, engine, gates, config
+        self.stop = StopSignal()
+        self.limiter: AdaptiveLimiter | None = None
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        lost = False
+        try:
+            await self._advance()
+        except LeaseLost:
+            lost = True
+            log.warning("batch %s: lease lost; another replica continues it", self.batch.id)
+        except NotFoundError:
+            lost = True
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heartbeat
+            if not lost:
+                with contextlib.suppress(OvernightError):
+                    await release_lease(self.store, self.batch.id, token=self.token)
+
+    def shutdown(self) -> None:
+        self.stop.set(Outcome.SHUTDOWN)
+
+    async def _heartbeat(self) -> None:
+        """Renew the lease and watch for a cancel made on any replica."""
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            try:
+                rec = await renew_lease(self.store, self.batch.id, token=self.token, lease_s=self.cfg.lease_s)
+            except LeaseLost:
+                self.stop.set(Outcome.LEASE_LOST)
+                return
+            except OvernightError as exc:  # store hiccup: keep trying until the lease runs out
+                log.warning("batch %s: heartbeat failed: %s", self.batch.id, exc)
+                continue
+            if rec.status == S.CANCELLING.value:
+                self.stop.set(Outcome.CANCELLED)
+
+    def notify_cancel(self) -> None:
+        """Fast path when the cancel arrived on this replica."""
+        self.stop.set(Outcome.CANCELLED)
+
+    async def _advance(self) -> None:
+        b = self.batch
+        if b.status == S.VALIDATING.value:
+            b = await self._validate(b)
+            if b is None:
+                return
+        if b.status == S.CANCELLING.value and b.in_progress_at is None:
+            await transition(self.store, b.id, S.CANCELLED, fence=self.token)
+            return
+        await self._execute(b)
+
+    async def _validate(self, b: BatchRecord) -> BatchRecord | None:
+        f = await self.store.get_file(b.input_file_id)
+        if f is None:
+            await transition(
+                self.store, b.id, S.FAILED, fence=self.token,
+                errors=[{"code": "file_not_found", "message": f"Input file {b.input_file_id} no longer exists.",
+                         "line": None, "param": "input_file_id"}],
+            )
+            return None
+        result = await validate_input(self.storage, f.storage_key, endpoint=b.endpoint, limits=self.cfg.limits)
+        if self.stop.reason is Outcome.CANCELLED:
+            return await self._refresh(b)
+        try:
+            if not result.ok:
+                await transition(self.store, b.id, S.FAILED, fence=self.token, errors=result.errors, total=result.total)
+                return None
+            return await transition(
+                self.store, b.id, S.IN_PROGRESS, fence=self.token, total=result.total, model=result.model
+            )
+        except TransitionError:
+            return await self._refresh(b)  # cancelled while validating
+
+    async def _refresh(self, b: BatchRecord) -> BatchRecord:
+        cur = await self.store.get_batch(b.id)
+        if cur is None:
+            raise NotFoundError(b.id)
+        return cur
+
+    async def _execute(self, b: BatchRecord) -> None:
+        raw = await self.store.get_checkpoint(b.id)
+        cp = Checkpoint.decode(raw) if raw else Checkpoint.empty(b.total)
+        spool = Spool(spool_dir=self.cfg.spool_dir, storage=self.storage, batch_id=b.id, token=self.token, checkpoint=cp)
+        spool.open()
+        try:
+            recovered = await spool.recover()
+            if recovered:
+                log.info("batch %s: recovered %d finished requests from the local spool", b.id, recovered)
+            if b.status == S.CANCELLING.value:
+                self.stop.set(Outcome.CANCELLED)
+            outcome = Outcome.DONE
+            if b.status != S.FINALIZING.value:
+                outcome = await self._dispatch(b, spool)
+            if outcome in (Outcome.LEASE_LOST, Outcome.SHUTDOWN):
+                if outcome is Outcome.LEASE_LOST:
+                    raise LeaseLost(b.id)
+                return
+            await self._finish(b, spool, outcome)
+        finally:
+            spool.close()
+
+    async def _dispatch(self, b: BatchRecord, spool: Spool) -> Outcome:
+        cap = self.cfg.concurrency.max
+        if b.options.get("max_concurrency"):
+            cap = min(cap, int(b.options["max_concurrency"]))
+        limits = ConcurrencyLimits(
+            initial=min(self.cfg.concurrency.initial, cap), min=self.cfg.concurrency.min, max=cap,
+            backoff_ratio=self.cfg.concurrency.backoff_ratio,
+        )
+        self.limiter = AdaptiveLimiter(limits, gates=self.gates)
+
+        async def persist(encoded: bytes) -> None:
+            usage = spool.usage.to_dict()
+
+            def mutate(rec: BatchRecord) -> BatchRecord:
+                rec.completed, rec.failed, rec.usage = spool.cp.completed, spool.cp.failed, usage
+                rec.lease_expires_at = time.time() + self.cfg.lease_s
+                return rec
+
+            rec = await update_batch(self.store, b.id, mutate, fence=self.token, checkpoint=encoded)
+            if rec.status == S.CANCELLING.value:
+                self.stop.set(Outcome.CANCELLED)
+
+        params = ExecuteParams(
+            endpoint=b.endpoint,
+            input_key=storage_key_for(b.input_file_id),
+            batch_suffix=b.id.split("_", 1)[1],
+            deadline=float(b.expires_at),
+            checkpoint_interval_s=self.cfg.checkpoint_interval_s,
+            persist=persist,
+        )
+        return await execute(
+            storage=self.storage, spool=spool, engine=self.engine, limiter=self.limiter,
+            policy=self.cfg.policy, params=params, stop=self.stop,
+        )
+
+    async def _finish(self, b: BatchRecord, spool: Spool, outcome: Outcome) -> None:
+        """Publish output/error files, then move to the terminal status."""
+        cur = await self._refresh(b)
+        if outcome is Outcome.DONE and cur.status == S.IN_PROGRESS.value:
+            cur = await transition(self.store, b.id, S.FINALIZING, fence=self.token)
+        if cur.status == S.CANCELLING.value:
+            final = S.CANCELLED
+        elif outcome is Outcome.EXPIRED:
+            final = S.EXPIRED
+        else:
+            final = S.COMPLETED
+        suffix = b.id.split("_", 1)[1]
+        out_id, err_id = f"file-{suffix}out", f"file-{suffix}err"
+        assembled = await spool.assemble(out_key=storage_key_for(out_id), err_key=storage_key_for(err_id))
+        now = int(time.time())
+        expires_s = b.output_expires_after_s or self.cfg.output_expires_after_s
+        ids: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
+        for fid, nbytes, lines, name, field in (
+            (out_id, assembled.out_bytes, assembled.out_lines, "output", "output_file_id"),
+            (err_id, assembled.err_bytes, assembled.err_lines, "error", "error_file_id"),
+        ):
+            if not lines:
+                continue
+            ids[field] = fid
+            if await self.store.get_file(fid) is None:
+                await self.store.insert_file(
+                    FileRecord(
+                        id=fid, tenant=b.tenant, filename=f"{b.id}_{name}.jsonl", purpose="batch_output",
+                        bytes=nbytes, created_at=now, storage_key=storage_key_for(fid),
+                        expires_at=now + expires_s if expires_s else None, batch_id=b.id,
+                    )
+                )
+        await transition(
+            self.store, b.id, final, fence=self.token,
+            completed=spool.cp.completed, failed=spool.cp.failed, usage=spool.usage.to_dict(), **ids,
+        )
+        await spool.cleanup()

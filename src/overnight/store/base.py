@@ -1,0 +1,73 @@
+"""The record store interface.
+
+A store keeps file metadata, batch records and batch checkpoints. Every batch
+write is a compare-and-set on ``version``: two replicas or a racing cancel cannot
+both win. Backends store each record as a document plus the few indexed fields
+lists need (tenant, purpose, status, id), so adding a field never needs a migration.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+from overnight.store.records import BatchRecord, FileRecord
+
+__all__ = ["Store", "ACTIVE_STATUSES"]
+
+#: Statuses a scheduler still has work for.
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Records behind one interface. Methods that take more than two parameters are
+    keyword-only. Lists are ordered by id (ids are time-ordered)."""
+
+    async def open(self) -> None:
+        """Connect and make sure the schema/indexes exist."""
+
+    async def aclose(self) -> None: ...
+
+    # -- files -------------------------------------------------------------
+    async def insert_file(self, rec: FileRecord) -> None: ...
+
+    async def get_file(self, file_id: str) -> FileRecord | None: ...
+
+    async def list_files(
+        self,
+        *,
+        tenant: str,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> list[FileRecord]: ...
+
+    async def delete_file(self, file_id: str) -> bool:
+        """Delete the record; True if it existed."""
+
+    async def list_expired_files(self, *, now: int, limit: int = 100) -> list[FileRecord]: ...
+
+    # -- batches -----------------------------------------------------------
+    async def insert_batch(self, rec: BatchRecord) -> None: ...
+
+    async def get_batch(self, batch_id: str) -> BatchRecord | None: ...
+
+    async def list_batches(
+        self, *, tenant: str, after: str | None = None, limit: int = 20
+    ) -> list[BatchRecord]:
+        """Newest first."""
+
+    async def list_active_batches(self, *, limit: int = 1000) -> list[BatchRecord]:
+        """Batches in ``ACTIVE_STATUSES``, oldest first."""
+
+    async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
+        """Active batches whose input is ``file_id``."""
+
+    async def update_batch(self, rec: BatchRecord, *, checkpoint: bytes | None = None) -> BatchRecord:
+        """Write ``rec`` if the stored version still equals ``rec.version``; return the
+        record with the bumped version. With ``checkpoint``, store it in the same
+        atomic write. Raises ``VersionConflict`` when another writer got there first,
+        ``NotFoundError`` when the batch is gone."""
+
+    async def get_checkpoint(self, batch_id: str) -> bytes | None: ...

@@ -1,0 +1,97 @@
+"""In-memory record store for tests and throwaway runs (``memory://``)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Literal
+
+from overnight.errors import NotFoundError, VersionConflict
+from overnight.store.base import ACTIVE_STATUSES
+from overnight.store.records import BatchRecord, FileRecord
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._files: dict[str, FileRecord] = {}
+        self._batches: dict[str, BatchRecord] = {}
+        self._checkpoints: dict[str, bytes] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def insert_file(self, rec: FileRecord) -> None:
+        self._files[rec.id] = copy.deepcopy(rec)
+
+    async def get_file(self, file_id: str) -> FileRecord | None:
+        rec = self._files.get(file_id)
+        return copy.deepcopy(rec) if rec else None
+
+    async def list_files(
+        self,
+        *,
+        tenant: str,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> list[FileRecord]:
+        desc = order == "desc"
+        recs = sorted((r for r in self._files.values() if r.tenant == tenant), key=lambda r: r.id, reverse=desc)
+        if purpose:
+            recs = [r for r in recs if r.purpose == purpose]
+        if after:
+            recs = [r for r in recs if (r.id < after if desc else r.id > after)]
+        return copy.deepcopy(recs[:limit])
+
+    async def delete_file(self, file_id: str) -> bool:
+        return self._files.pop(file_id, None) is not None
+
+    async def list_expired_files(self, *, now: int, limit: int = 100) -> list[FileRecord]:
+        out = [r for r in self._files.values() if r.expires_at is not None and r.expires_at <= now]
+        return copy.deepcopy(out[:limit])
+
+    async def insert_batch(self, rec: BatchRecord) -> None:
+        self._batches[rec.id] = copy.deepcopy(rec)
+
+    async def get_batch(self, batch_id: str) -> BatchRecord | None:
+        rec = self._batches.get(batch_id)
+        return copy.deepcopy(rec) if rec else None
+
+    async def list_batches(self, *, tenant: str, after: str | None = None, limit: int = 20) -> list[BatchRecord]:
+        recs = sorted((r for r in self._batches.values() if r.tenant == tenant), key=lambda r: r.id, reverse=True)
+        if after:
+            recs = [r for r in recs if r.id < after]
+        return copy.deepcopy(recs[:limit])
+
+    async def list_active_batches(self, *, limit: int = 1000) -> list[BatchRecord]:
+        recs = sorted((r for r in self._batches.values() if r.status in ACTIVE_STATUSES), key=lambda r: r.id)
+        return copy.deepcopy(recs[:limit])
+
+    async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
+        return [
+            copy.deepcopy(r)
+            for r in self._batches.values()
+            if r.input_file_id == file_id and r.status in ACTIVE_STATUSES
+        ]
+
+    async def update_batch(self, rec: BatchRecord, *, checkpoint: bytes | None = None) -> BatchRecord:
+        cur = self._batches.get(rec.id)
+        if cur is None:
+            raise NotFoundError(f"batch {rec.id} not found")
+        if cur.version != rec.version:
+            raise VersionConflict(f"batch {rec.id} changed (version {cur.version} != {rec.version})")
+        new = dataclasses.replace(copy.deepcopy(rec), version=rec.version + 1)
+        self._batches[rec.id] = new
+        if checkpoint is not None:
+            self._checkpoints[rec.id] = checkpoint
+        return copy.deepcopy(new)
+
+    async def get_checkpoint(self, batch_id: str) -> bytes | None:
+        return self._checkpoints.get(batch_id)

@@ -1,0 +1,86 @@
+"""Records kept by a store, as plain dataclasses.
+
+Fields that never reach the wire (tenant, version, lease, storage key) live here and
+not in the API schemas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FileRecord", "BatchRecord", "record_to_doc", "file_from_doc", "batch_from_doc"]
+
+
+@dataclass(kw_only=True)
+class FileRecord:
+    id: str
+    tenant: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    storage_key: str
+    expires_at: int | None = None
+    status: str = "processed"
+    #: Batch that produced this file (output/error files), for cleanup and retention.
+    batch_id: str | None = None
+    version: int = 0
+
+
+@dataclass(kw_only=True)
+class BatchRecord:
+    id: str
+    tenant: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    completion_window_s: int
+    status: str
+    created_at: int
+    expires_at: int
+    metadata: dict[str, str] | None = None
+    model: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    #: OpenAI's ``errors.data`` entries: {code, message, line, param}.
+    errors: list[dict[str, Any]] | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: dict[str, Any] = field(default_factory=dict)
+    #: The ``overnight`` extension (runtime, max_concurrency, priority, job_id).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: OpenAI's ``output_expires_after`` in seconds after the batch completes.
+    output_expires_after_s: int | None = None
+    #: Compare-and-set version; every write bumps it.
+    version: int = 0
+    #: Lease: which replica executes the batch, until when, and the fencing token
+    #: (bumped on every claim) that stale owners' writes are checked against.
+    lease_owner: str | None = None
+    lease_expires_at: float = 0.0
+    lease_token: int = 0
+
+
+def record_to_doc(rec: FileRecord | BatchRecord) -> dict[str, Any]:
+    return dataclasses.asdict(rec)
+
+
+_FILE_FIELDS = {f.name for f in dataclasses.fields(FileRecord)}
+_BATCH_FIELDS = {f.name for f in dataclasses.fields(BatchRecord)}
+
+
+def file_from_doc(doc: dict[str, Any]) -> FileRecord:
+    return FileRecord(**{k: v for k, v in doc.items() if k in _FILE_FIELDS})
+
+
+def batch_from_doc(doc: dict[str, Any]) -> BatchRecord:
+    return BatchRecord(**{k: v for k, v in doc.items() if k in _BATCH_FIELDS})

@@ -1,0 +1,222 @@
+"""SQL record store on SQLAlchemy's async engine: shared by SQLite and PostgreSQL.
+
+Each record is a JSON document plus the columns lists and compare-and-set need.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from overnight.errors import NotFoundError, StoreError, VersionConflict
+from overnight.store.base import ACTIVE_STATUSES
+from overnight.store.records import BatchRecord, FileRecord, batch_from_doc, file_from_doc, record_to_doc
+
+__all__ = ["SQLStore", "metadata", "files_table", "batches_table", "checkpoints_table"]
+
+metadata = sa.MetaData()
+
+files_table = sa.Table(
+    "overnight_files",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("doc", sa.Text, nullable=False),
+    sa.Index("ix_overnight_files_tenant_id", "tenant", "id"),
+    sa.Index("ix_overnight_files_expires_at", "expires_at"),
+)
+
+batches_table = sa.Table(
+    "overnight_batches",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("input_file_id", sa.String(64), nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("doc", sa.Text, nullable=False),
+    sa.Index("ix_overnight_batches_tenant_id", "tenant", "id"),
+    sa.Index("ix_overnight_batches_status", "status"),
+    sa.Index("ix_overnight_batches_input_file_id", "input_file_id"),
+)
+
+checkpoints_table = sa.Table(
+    "overnight_checkpoints",
+    metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+
+def _dumps(rec: FileRecord | BatchRecord) -> str:
+    return orjson.dumps(record_to_doc(rec)).decode()
+
+
+class SQLStore:
+    """Store on any SQLAlchemy async URL (``sqlite+aiosqlite://``, ``postgresql+asyncpg://``)."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = url
+        self._engine_kwargs = engine_kwargs
+        self._engine: AsyncEngine | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise StoreError("store is not open")
+        return self._engine
+
+    async def open(self) -> None:
+        self._engine = create_async_engine(self.url, **self._engine_kwargs)
+        self._configure_engine(self._engine)
+        await self._prepare_schema()
+
+    def _configure_engine(self, engine: AsyncEngine) -> None:
+        """Hook for backends that set per-connection options."""
+
+    async def _prepare_schema(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def aclose(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    def _upsert_checkpoint(self, batch_id: str, data: bytes) -> sa.Executable:
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:  # pragma: no cover - only the two dialects above are registered
+            raise StoreError(f"unsupported SQL dialect {dialect}")
+        stmt = insert(checkpoints_table).values(batch_id=batch_id, data=data)
+        return stmt.on_conflict_do_update(index_elements=["batch_id"], set_={"data": data})
+
+    async def _run(self, stmt: sa.Executable) -> sa.CursorResult[Any]:
+        try:
+            async with self.engine.begin() as conn:
+                return await conn.execute(stmt)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+
+    async def _rows(self, stmt: sa.Executable) -> list[Any]:
+        try:
+            async with self.engine.connect() as conn:
+                return list((await conn.execute(stmt)).all())
+        except SQLAlchemyError as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+
+    # -- files -------------------------------------------------------------
+    async def insert_file(self, rec: FileRecord) -> None:
+        await self._run(
+            sa.insert(files_table).values(
+                id=rec.id, tenant=rec.tenant, purpose=rec.purpose, expires_at=rec.expires_at, doc=_dumps(rec)
+            )
+        )
+
+    async def get_file(self, file_id: str) -> FileRecord | None:
+        rows = await self._rows(sa.select(files_table.c.doc).where(files_table.c.id == file_id))
+        return file_from_doc(orjson.loads(rows[0][0])) if rows else None
+
+    async def list_files(
+        self,
+        *,
+        tenant: str,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> list[FileRecord]:
+        c = files_table.c
+        stmt = sa.select(c.doc).where(c.tenant == tenant)
+        if purpose:
+            stmt = stmt.where(c.purpose == purpose)
+        if after:
+            stmt = stmt.where(c.id < after if order == "desc" else c.id > after)
+        stmt = stmt.order_by(c.id.desc() if order == "desc" else c.id.asc()).limit(limit)
+        return [file_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    async def delete_file(self, file_id: str) -> bool:
+        res = await self._run(sa.delete(files_table).where(files_table.c.id == file_id))
+        return res.rowcount > 0
+
+    async def list_expired_files(self, *, now: int, limit: int = 100) -> list[FileRecord]:
+        c = files_table.c
+        stmt = sa.select(c.doc).where(c.expires_at.is_not(None), c.expires_at <= now).limit(limit)
+        return [file_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    # -- batches -----------------------------------------------------------
+    async def insert_batch(self, rec: BatchRecord) -> None:
+        await self._run(
+            sa.insert(batches_table).values(
+                id=rec.id,
+                tenant=rec.tenant,
+                status=rec.status,
+                input_file_id=rec.input_file_id,
+                version=rec.version,
+                doc=_dumps(rec),
+            )
+        )
+
+    async def get_batch(self, batch_id: str) -> BatchRecord | None:
+        rows = await self._rows(sa.select(batches_table.c.doc).where(batches_table.c.id == batch_id))
+        return batch_from_doc(orjson.loads(rows[0][0])) if rows else None
+
+    async def list_batches(self, *, tenant: str, after: str | None = None, limit: int = 20) -> list[BatchRecord]:
+        c = batches_table.c
+        stmt = sa.select(c.doc).where(c.tenant == tenant)
+        if after:
+            stmt = stmt.where(c.id < after)
+        stmt = stmt.order_by(c.id.desc()).limit(limit)
+        return [batch_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    async def list_active_batches(self, *, limit: int = 1000) -> list[BatchRecord]:
+        c = batches_table.c
+        stmt = sa.select(c.doc).where(c.status.in_(ACTIVE_STATUSES)).order_by(c.id.asc()).limit(limit)
+        return [batch_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
+        c = batches_table.c
+        stmt = sa.select(c.doc).where(c.input_file_id == file_id, c.status.in_(ACTIVE_STATUSES))
+        return [batch_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    async def update_batch(self, rec: BatchRecord, *, checkpoint: bytes | None = None) -> BatchRecord:
+        c = batches_table.c
+        new = _bumped(rec)
+        try:
+            async with self.engine.begin() as conn:
+                res = await conn.execute(
+                    sa.update(batches_table)
+                    .where(c.id == rec.id, c.version == rec.version)
+                    .values(status=new.status, version=new.version, doc=_dumps(new))
+                )
+                if res.rowcount == 0:
+                    exists = (await conn.execute(sa.select(c.version).where(c.id == rec.id))).first()
+                    if exists is None:
+                        raise NotFoundError(f"batch {rec.id} not found")
+                    raise VersionConflict(f"batch {rec.id} changed (version {exists[0]} != {rec.version})")
+                if checkpoint is not None:
+                    await conn.execute(self._upsert_checkpoint(rec.id, checkpoint))
+        except SQLAlchemyError as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+        return new
+
+    async def get_checkpoint(self, batch_id: str) -> bytes | None:
+        rows = await self._rows(
+            sa.select(checkpoints_table.c.data).where(checkpoints_table.c.batch_id == batch_id)
+        )
+        return bytes(rows[0][0]) if rows else None
+
+
+def _bumped(rec: BatchRecord) -> BatchRecord:
+    import dataclasses
+
+    return dataclasses.replace(rec, version=rec.version + 1)
