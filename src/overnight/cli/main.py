@@ -58,6 +58,13 @@ def serve(
         "replica_id": replica_id,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if settings.engine_url is None:
+        # One command must work on a fresh machine: with no engine named, run the
+        # built-in mock engine and say so loudly.
+        logging.getLogger("overnight").warning(
+            "no --engine-url / OVERNIGHT_ENGINE_URL given: using the built-in mock engine"
+        )
+        settings = settings.model_copy(update={"engine_url": "mock"})
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -111,6 +118,10 @@ def mock_engine(
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+from overnight.cli.db import db_app
+app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
 
 
 def main() -> None:
