@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_running_batches: int = defaults.MAX_RUNNING_BATCHES
     #: Default lifetime of batch output/error files (seconds); None keeps them.
     output_expires_after_s: int | None = None
+    #: How often expired files are deleted.
+    sweep_interval_s: float = 60.0
     #: Options for the in-process mock engine (``--engine-url mock``).
     mock_latency_ms: float = 50.0
     #: Replica name used as lease owner; default host:pid.

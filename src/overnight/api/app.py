@@ -21,6 +21,7 @@ from overnight.api.routes import batches, files, health, models
 from overnight.batches.validation import ValidationLimits
 from overnight.config import Settings
 from overnight.executor.limiter import ConcurrencyLimits
+from overnight.files.retention import run_sweeper
 from overnight.executor.retry import RetryPolicy
 from overnight.replica import ReplicaIdentity
 from overnight.scheduler.loop import EnginePool, Scheduler
@@ -111,9 +112,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.store, app.state.storage, app.state.scheduler = store, storage, scheduler
             app.state.api_keys = settings.tenant_for_key()
             await scheduler.start()
+            sweeper = asyncio.create_task(
+                run_sweeper(store=store, storage=storage, interval_s=settings.sweep_interval_s)
+            )
             try:
                 yield
             finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
                 await scheduler.stop()
                 await scheduler.engines.aclose()
         await storage.aclose()
