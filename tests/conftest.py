@@ -90,8 +90,8 @@ class Cluster:
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def mock_engine(self, *args: str) -> Proc:
-        port = free_port()
+    def mock_engine(self, *args: str, port: int | None = None) -> Proc:
+        port = port or free_port()
         p = Proc(
             [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(port), *args],
             port, dict(os.environ), self.tmp / f"mock-{port}.log",
