@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from overnight.errors import NotFoundError
+from overnight.errors import NotFoundError, StorageError
 from overnight.storage import Storage
 
 
@@ -20,7 +20,29 @@ async def _lines(storage: Storage, key: str) -> list[tuple[int, bytes]]:
     return [item async for item in storage.read_lines(key)]
 
 
-class StorageContract:
+class WriterStateContract:
+    """Mixed into the backend test classes that provide a ``storage`` fixture."""
+
+    async def test_commit_after_abort_raises_and_publishes_nothing(self, storage):
+        w = storage.writer("state/a")
+        await w.write(b"data")
+        await w.abort()
+        await w.abort()  # idempotent
+        with pytest.raises(StorageError):
+            await w.commit()
+        with pytest.raises(NotFoundError):
+            await storage.size("state/a")
+
+    async def test_write_after_commit_raises(self, storage):
+        w = storage.writer("state/b")
+        await w.write(b"data")
+        await w.commit()
+        with pytest.raises(StorageError):
+            await w.write(b"more")
+        assert await storage.get_bytes("state/b") == b"data"
+
+
+class StorageContract(WriterStateContract):
     """Subclass as ``TestXStorage`` with a ``storage`` fixture."""
 
     async def test_round_trip_through_writer(self, storage: Storage) -> None:
@@ -137,3 +159,4 @@ class StorageContract:
         assert await storage.get_bytes("files/file_2") == b"three"
         assert await storage.delete("files/file_1/input.jsonl") is True
         assert await storage.get_bytes("files/file_1/output.jsonl") == b"two"
+

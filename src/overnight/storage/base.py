@@ -14,7 +14,8 @@ __all__ = ["Storage", "StorageWriter"]
 class StorageWriter(abc.ABC):
     """Receives an object's bytes in order. The object becomes visible only when
     ``commit()`` succeeds; ``abort()`` (or an exception in ``async with``) leaves
-    nothing behind."""
+    nothing behind. ``abort()`` is idempotent and safe after a failed commit;
+    writing or committing after commit/abort raises ``StorageError``."""
 
     @abc.abstractmethod
     async def write(self, data: bytes) -> None: ...
@@ -32,15 +33,20 @@ class StorageWriter(abc.ABC):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            await self.commit()
-        else:
+        if exc_type is not None:
             await self.abort()
+            return
+        try:
+            await self.commit()
+        except BaseException:
+            await self.abort()
+            raise
 
 
 class Storage(abc.ABC):
     """Objects addressed by a key such as ``files/file_0123``."""
 
+    #: Safe to log: backends mask credentials in it.
     url: str
 
     async def open(self) -> None:
@@ -51,7 +57,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def read(self, key: str, *, chunk_bytes: int = READ_CHUNK_BYTES) -> AsyncIterator[bytes]:
-        """Stream an object's bytes in chunks. Raises ``NotFoundError`` if absent."""
+        """Stream an object's bytes in chunks. Raises ``NotFoundError`` if absent
+        (on the first iteration, not when called)."""
 
     @abc.abstractmethod
     def writer(self, key: str) -> StorageWriter:
@@ -96,9 +103,13 @@ class Storage(abc.ABC):
             yield lineno, b"".join(parts)
 
     async def put_bytes(self, key: str, data: bytes) -> int:
-        async with self.writer(key) as w:
+        w = self.writer(key)
+        try:
             await w.write(data)
-        return len(data)
+            return await w.commit()
+        except BaseException:
+            await w.abort()
+            raise
 
     async def get_bytes(self, key: str) -> bytes:
         return b"".join([c async for c in self.read(key)])

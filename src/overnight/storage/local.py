@@ -24,11 +24,17 @@ class _LocalWriter(StorageWriter):
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.part")
         self._fh: BinaryIO | None = None
         self._size = 0
+        self._closed = False
+
+    def _open(self) -> BinaryIO:
+        self._final.parent.mkdir(parents=True, exist_ok=True)
+        return open(self._tmp, "wb")
 
     async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise StorageError(f"writer for {self._final.name} is already committed or aborted")
         if self._fh is None:
-            self._final.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = await to_thread(open, self._tmp, "wb")
+            self._fh = await to_thread(self._open)
         await to_thread(self._fh.write, data)
         self._size += len(data)
 
@@ -37,6 +43,7 @@ class _LocalWriter(StorageWriter):
             await self.write(b"")
         assert self._fh is not None
         fh, self._fh = self._fh, None
+        self._closed = True
 
         def _finish() -> None:
             fh.flush()
@@ -48,6 +55,7 @@ class _LocalWriter(StorageWriter):
         return self._size
 
     async def abort(self) -> None:
+        self._closed = True
         fh, self._fh = self._fh, None
         if fh is not None:
             await to_thread(fh.close)

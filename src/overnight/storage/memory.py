@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from overnight.defaults import READ_CHUNK_BYTES
-from overnight.errors import NotFoundError
+from overnight.errors import NotFoundError, StorageError
 from overnight.storage.base import Storage, StorageWriter
 
 __all__ = ["MemoryStorage"]
@@ -14,15 +14,24 @@ __all__ = ["MemoryStorage"]
 class _MemoryWriter(StorageWriter):
     def __init__(self, objects: dict[str, bytes], key: str) -> None:
         self._objects, self._key, self._parts = objects, key, list[bytes]()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"writer for {self._key} is already committed or aborted")
 
     async def write(self, data: bytes) -> None:
+        self._check_open()
         self._parts.append(bytes(data))
 
     async def commit(self) -> int:
+        self._check_open()
+        self._closed = True
         self._objects[self._key] = b"".join(self._parts)
         return len(self._objects[self._key])
 
     async def abort(self) -> None:
+        self._closed = True
         self._parts.clear()
 
 
