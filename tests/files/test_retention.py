@@ -12,12 +12,11 @@ async def _chunks(data: bytes):
 
 async def test_sweeper_deletes_expired_but_not_files_in_use():
     store, storage = MemoryStore(), MemoryStorage()
-    mk = lambda: create_file(store=store, storage=storage, tenant="t", filename="a", purpose="batch",  # noqa: E731
-                             chunks=_chunks(b"x"), expires_after_s=3600)
-    expired, in_use, fresh = await mk(), await mk(), await mk()
-    fresh_rec = await store.get_file(fresh.id)
-    fresh_rec.expires_at = None
-    await store.insert_file(fresh_rec)
+    def mk(expires_after_s):
+        return create_file(store=store, storage=storage, tenant="t", filename="a", purpose="batch",
+                           chunks=_chunks(b"x"), expires_after_s=expires_after_s)
+
+    expired, in_use, fresh = await mk(3600), await mk(3600), await mk(None)
     await create_batch(store=store, storage=storage, tenant="t",
                        body=BatchCreate(input_file_id=in_use.id, endpoint="/v1/chat/completions", completion_window="1h"),
                        limits=ValidationLimits(max_requests=10, max_bytes=100))

@@ -1,9 +1,8 @@
 """``overnight db``: schema migrations for the record store.
 
 Only stores whose class offers ``upgrade_schema`` / ``schema_revision`` /
-``schema_head`` (PostgreSQL)
-have migrations; SQLite creates its tables on open, and Redis and MongoDB need no
-schema at all.
+``schema_head`` (PostgreSQL) have migrations; SQLite creates its tables on open,
+and Redis and MongoDB need no schema at all.
 """
 
 from __future__ import annotations

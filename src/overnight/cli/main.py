@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from overnight import __version__
+from overnight.cli.db import db_app
 
 app = typer.Typer(
     name="overnight",
@@ -16,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
 
 
 def _logging(level: str) -> None:
@@ -119,9 +121,6 @@ def version() -> None:
     """Print the version."""
     typer.echo(__version__)
 
-
-from overnight.cli.db import db_app
-app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 from typing import Literal
 
-from overnight.errors import NotFoundError, VersionConflict
+from overnight.errors import NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
 from overnight.store.records import BatchRecord, FileRecord
 
@@ -27,6 +27,8 @@ class MemoryStore:
         return None
 
     async def insert_file(self, rec: FileRecord) -> None:
+        if rec.id in self._files:
+            raise StoreError(f"file {rec.id} already exists")
         self._files[rec.id] = copy.deepcopy(rec)
 
     async def get_file(self, file_id: str) -> FileRecord | None:
@@ -54,10 +56,15 @@ class MemoryStore:
         return self._files.pop(file_id, None) is not None
 
     async def list_expired_files(self, *, now: int, limit: int = 100) -> list[FileRecord]:
-        out = [r for r in self._files.values() if r.expires_at is not None and r.expires_at <= now]
+        out = sorted(
+            (r for r in self._files.values() if r.expires_at is not None and r.expires_at <= now),
+            key=lambda r: (r.expires_at, r.id),
+        )
         return copy.deepcopy(out[:limit])
 
     async def insert_batch(self, rec: BatchRecord) -> None:
+        if rec.id in self._batches:
+            raise StoreError(f"batch {rec.id} already exists")
         self._batches[rec.id] = copy.deepcopy(rec)
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:

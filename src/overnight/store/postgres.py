@@ -36,7 +36,7 @@ def _parse(url: str) -> tuple[URL, str | None]:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise StoreError(f"bad PostgreSQL URL {url!r}: {exc}") from exc
+        raise StoreError(f"bad PostgreSQL URL: {exc}") from exc
     if parsed.drivername not in _ACCEPTED_SCHEMES:
         raise StoreError(
             f"bad PostgreSQL URL scheme {parsed.drivername!r}: use postgresql://, postgres:// "
@@ -49,23 +49,26 @@ def _parse(url: str) -> tuple[URL, str | None]:
     return parsed, schema or None
 
 
+def _quoted_ident(name: str) -> str:
+    return name.replace('"', '""')
+
+
 def _engine_kwargs(schema: str | None) -> dict[str, Any]:
     # pre_ping: a replica outlives database restarts and failovers without serving
     # one failed request per pooled connection.
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if schema:
-        kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+        kwargs["connect_args"] = {"server_settings": {"search_path": f'"{_quoted_ident(schema)}"'}}
     return kwargs
 
 
-def _alembic_config(url: URL | None = None) -> Any:
+def _alembic_config() -> Any:
+    """Alembic's configuration, in code: the scripts ship inside the package, so no
+    ``alembic.ini`` is needed (or read)."""
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS_DIR))
-    if url is not None:
-        # Only used by offline (SQL script) mode; '%' is ConfigParser's escape char.
-        cfg.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
 
 
@@ -77,6 +80,16 @@ def head_revision() -> str:
     if head is None:  # pragma: no cover - the package always ships revisions
         raise StoreError("overnight's migration scripts are missing from the installation")
     return head
+
+
+def _is_known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory.from_config(_alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def _current_revision_sync(conn: Connection) -> str | None:
@@ -104,16 +117,17 @@ def _upgrade_sync(conn: Connection, schema: str | None) -> None:
         command.upgrade(cfg, "head")
         conn.commit()
     finally:
-        conn.rollback()
-        conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
-        conn.commit()
-
-
-def _quoted_ident(name: str) -> str:
-    return name.replace('"', '""')
+        try:
+            conn.rollback()
+            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            conn.commit()
+        except SQLAlchemyError:
+            pass  # the connection is gone, and the session-level lock went with it
 
 
 async def _with_connection(url: str, fn: Any, *args: Any) -> Any:
+    from alembic.util import CommandError
+
     parsed, schema = _parse(url)
     engine = create_async_engine(parsed, **_engine_kwargs(schema))
     try:
@@ -123,6 +137,8 @@ async def _with_connection(url: str, fn: Any, *args: Any) -> Any:
             return result
     except (SQLAlchemyError, OSError) as exc:
         raise StoreError(f"PostgreSQL at {parsed.render_as_string()} failed: {exc}") from exc
+    except CommandError as exc:  # e.g. the database is at a revision these scripts do not know
+        raise StoreError(f"migrating PostgreSQL at {parsed.render_as_string()} failed: {exc}") from exc
     finally:
         await engine.dispose()
 
@@ -169,6 +185,12 @@ class PostgresStore(SQLStore):
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot reach PostgreSQL at {self._safe_url()}: {exc}") from exc
         needed = head_revision()
+        if current is not None and current != needed and not _is_known_revision(current):
+            raise StoreError(
+                f"the PostgreSQL store at {self._safe_url()}: schema is at revision {current}, "
+                f"which this version of overnight does not know (it needs {needed}): the database was "
+                "migrated by a newer overnight; run that version or a later one"
+            )
         if current != needed:
             raise StoreError(
                 f"the PostgreSQL store at {self._safe_url()}: schema is at revision "

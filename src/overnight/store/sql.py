@@ -54,6 +54,11 @@ checkpoints_table = sa.Table(
 )
 
 
+#: What a query can raise besides overnight's own errors. Drivers let some connection
+#: failures (refused, reset, timed out) through as plain OSError, unwrapped by SQLAlchemy.
+_DRIVER_ERRORS = (SQLAlchemyError, OSError)
+
+
 def _dumps(rec: FileRecord | BatchRecord) -> str:
     return orjson.dumps(record_to_doc(rec)).decode()
 
@@ -75,7 +80,14 @@ class SQLStore:
     async def open(self) -> None:
         self._engine = create_async_engine(self.url, **self._engine_kwargs)
         self._configure_engine(self._engine)
-        await self._prepare_schema()
+        try:
+            await self._prepare_schema()
+        except (SQLAlchemyError, OSError) as exc:
+            await self.aclose()
+            raise StoreError(f"cannot open the store: {exc}") from exc
+        except BaseException:
+            await self.aclose()
+            raise
 
     def _configure_engine(self, engine: AsyncEngine) -> None:
         """Hook for backends that set per-connection options."""
@@ -104,14 +116,14 @@ class SQLStore:
         try:
             async with self.engine.begin() as conn:
                 return await conn.execute(stmt)
-        except SQLAlchemyError as exc:
+        except _DRIVER_ERRORS as exc:
             raise StoreError(f"store query failed: {exc}") from exc
 
     async def _rows(self, stmt: sa.Executable) -> list[Any]:
         try:
             async with self.engine.connect() as conn:
                 return list((await conn.execute(stmt)).all())
-        except SQLAlchemyError as exc:
+        except _DRIVER_ERRORS as exc:
             raise StoreError(f"store query failed: {exc}") from exc
 
     # -- files -------------------------------------------------------------
@@ -150,7 +162,12 @@ class SQLStore:
 
     async def list_expired_files(self, *, now: int, limit: int = 100) -> list[FileRecord]:
         c = files_table.c
-        stmt = sa.select(c.doc).where(c.expires_at.is_not(None), c.expires_at <= now).limit(limit)
+        stmt = (
+            sa.select(c.doc)
+            .where(c.expires_at.is_not(None), c.expires_at <= now)
+            .order_by(c.expires_at.asc(), c.id.asc())
+            .limit(limit)
+        )
         return [file_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
 
     # -- batches -----------------------------------------------------------
@@ -205,7 +222,7 @@ class SQLStore:
                     raise VersionConflict(f"batch {rec.id} changed (version {exists[0]} != {rec.version})")
                 if checkpoint is not None:
                     await conn.execute(self._upsert_checkpoint(rec.id, checkpoint))
-        except SQLAlchemyError as exc:
+        except _DRIVER_ERRORS as exc:
             raise StoreError(f"store query failed: {exc}") from exc
         return new
 

@@ -15,19 +15,9 @@ from overnight.store.sql import metadata
 config = context.config
 
 
-def _run_offline() -> None:
-    # ``alembic upgrade --sql``-style script generation: no connection, just SQL text.
-    context.configure(
-        url=config.get_main_option("sqlalchemy.url"),
-        target_metadata=metadata,
-        literal_binds=True,
-        dialect_opts={"paramstyle": "named"},
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-def _run_online() -> None:
+def _run() -> None:
+    if context.is_offline_mode():
+        raise RuntimeError("overnight's migrations run against a live database only (no --sql mode)")
     connection = config.attributes.get("connection")
     if connection is None:
         raise RuntimeError(
@@ -39,7 +29,4 @@ def _run_online() -> None:
         context.run_migrations()
 
 
-if context.is_offline_mode():
-    _run_offline()
-else:
-    _run_online()
+_run()

@@ -1,0 +1,269 @@
+"""MongoDB record store (``mongodb://host:27017/overnight``), on pymongo's asyncio API.
+
+The database is the URL's path (default ``overnight``), with three collections:
+
+- ``files``: ``{_id, tenant, purpose, expires_at, doc}``
+- ``batches``: ``{_id, tenant, status, input_file_id, version, doc}``
+- ``checkpoints``: ``{_id: batch_id, version, data}``
+
+``doc`` is the record as a JSON string rather than a sub-document, as in the SQL
+store: user-supplied ``metadata`` keys may contain ``.`` or start with ``$``, which
+MongoDB treats specially, and a string round-trips every record exactly.
+
+Atomicity without a replica set: the batch compare-and-set is one single-document
+``update_one`` filtered on ``version``, so of two racing writers exactly one wins.
+The checkpoint lives in another document and is written *after* that CAS, and only
+when it won. That ordering is what makes it safe:
+
+- a writer that lost the CAS never touches the checkpoint;
+- the checkpoint is only read by the batch's lease owner when it resumes, and
+  every lease owner writes through this CAS, fenced by the batch's lease token,
+  so a replica that lost its lease cannot get a checkpoint in;
+- each checkpoint carries the batch version it was written with and only replaces
+  an older one, so a slow winner cannot overwrite a newer owner's checkpoint;
+- if the process dies between the two writes, the stored checkpoint is simply an
+  older, consistent one: the resuming owner redoes the requests it does not list,
+  and the output segments only the lost checkpoint named are never used, so no
+  line is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import orjson
+from bson import Binary
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from overnight.errors import NotFoundError, StoreError, VersionConflict
+from overnight.store.base import ACTIVE_STATUSES
+from overnight.store.records import BatchRecord, FileRecord, batch_from_doc, file_from_doc, record_to_doc
+
+__all__ = ["MongoStore", "DEFAULT_DATABASE"]
+
+DEFAULT_DATABASE = "overnight"
+
+#: collection -> [(index name, keys)], created (idempotently) by ``open()``.
+_INDEXES: dict[str, list[tuple[str, list[tuple[str, int]]]]] = {
+    "files": [
+        ("tenant_id", [("tenant", ASCENDING), ("_id", ASCENDING)]),
+        ("tenant_purpose_id", [("tenant", ASCENDING), ("purpose", ASCENDING), ("_id", ASCENDING)]),
+        ("expires_at", [("expires_at", ASCENDING)]),
+    ],
+    "batches": [
+        ("tenant_id", [("tenant", ASCENDING), ("_id", ASCENDING)]),
+        ("status_id", [("status", ASCENDING), ("_id", ASCENDING)]),
+        ("input_file_id_status", [("input_file_id", ASCENDING), ("status", ASCENDING)]),
+    ],
+}
+
+_DOC_ONLY = {"doc": 1, "_id": 0}
+
+
+def _dumps(rec: FileRecord | BatchRecord) -> str:
+    return orjson.dumps(record_to_doc(rec)).decode()
+
+
+@asynccontextmanager
+async def _translated(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except DuplicateKeyError as exc:
+        raise StoreError(f"mongodb store: {what}: record already exists") from exc
+    except PyMongoError as exc:
+        raise StoreError(f"mongodb store: {what} failed: {exc}") from exc
+
+
+class MongoStore:
+    """Records in MongoDB; works on a standalone server (no transactions needed).
+    Extra keyword arguments go to ``pymongo.AsyncMongoClient``."""
+
+    def __init__(self, url: str, **client_kwargs: Any) -> None:
+        self.url = url
+        self._client_kwargs = client_kwargs
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._db: Any = None
+
+    # -- lifecycle ---------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(self.url, **self._client_kwargs)
+        except (PyMongoError, ValueError) as exc:
+            raise StoreError(f"bad MongoDB URL: {exc}") from exc
+        try:
+            db = client.get_default_database(default=DEFAULT_DATABASE)
+            async with _translated("connecting"):
+                await db.command("ping")
+                for collection, indexes in _INDEXES.items():
+                    for name, keys in indexes:
+                        await db[collection].create_index(keys, name=name)
+        except BaseException:
+            await client.close()
+            raise
+        self._client, self._db = client, db
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client, self._db = self._client, None, None
+            await client.close()
+
+    @property
+    def database_name(self) -> str:
+        return self._require().name
+
+    def _require(self) -> Any:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    @property
+    def _files(self) -> Any:
+        return self._require()["files"]
+
+    @property
+    def _batches(self) -> Any:
+        return self._require()["batches"]
+
+    @property
+    def _checkpoints(self) -> Any:
+        return self._require()["checkpoints"]
+
+    @staticmethod
+    async def _docs(cursor: Any) -> list[dict[str, Any]]:
+        return [orjson.loads(row["doc"]) async for row in cursor]
+
+    # -- files -------------------------------------------------------------
+    async def insert_file(self, rec: FileRecord) -> None:
+        async with _translated(f"insert_file {rec.id}"):
+            await self._files.insert_one(
+                {
+                    "_id": rec.id,
+                    "tenant": rec.tenant,
+                    "purpose": rec.purpose,
+                    "expires_at": rec.expires_at,
+                    "doc": _dumps(rec),
+                }
+            )
+
+    async def get_file(self, file_id: str) -> FileRecord | None:
+        async with _translated("get_file"):
+            row = await self._files.find_one({"_id": file_id}, _DOC_ONLY)
+        return file_from_doc(orjson.loads(row["doc"])) if row else None
+
+    async def list_files(
+        self,
+        *,
+        tenant: str,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> list[FileRecord]:
+        if limit <= 0:
+            return []
+        query: dict[str, Any] = {"tenant": tenant}
+        if purpose:
+            query["purpose"] = purpose
+        if after:
+            query["_id"] = {"$lt" if order == "desc" else "$gt": after}
+        direction = DESCENDING if order == "desc" else ASCENDING
+        async with _translated("list_files"):
+            docs = await self._docs(self._files.find(query, _DOC_ONLY).sort("_id", direction).limit(limit))
+        return [file_from_doc(d) for d in docs]
+
+    async def delete_file(self, file_id: str) -> bool:
+        async with _translated("delete_file"):
+            res = await self._files.delete_one({"_id": file_id})
+        return res.deleted_count > 0
+
+    async def list_expired_files(self, *, now: int, limit: int = 100) -> list[FileRecord]:
+        if limit <= 0:
+            return []
+        query = {"expires_at": {"$ne": None, "$lte": now}}
+        async with _translated("list_expired_files"):
+            cursor = self._files.find(query, _DOC_ONLY).sort([("expires_at", ASCENDING), ("_id", ASCENDING)])
+            docs = await self._docs(cursor.limit(limit))
+        return [file_from_doc(d) for d in docs]
+
+    # -- batches -----------------------------------------------------------
+    async def insert_batch(self, rec: BatchRecord) -> None:
+        async with _translated(f"insert_batch {rec.id}"):
+            await self._batches.insert_one(
+                {
+                    "_id": rec.id,
+                    "tenant": rec.tenant,
+                    "status": rec.status,
+                    "input_file_id": rec.input_file_id,
+                    "version": rec.version,
+                    "doc": _dumps(rec),
+                }
+            )
+
+    async def get_batch(self, batch_id: str) -> BatchRecord | None:
+        async with _translated("get_batch"):
+            row = await self._batches.find_one({"_id": batch_id}, _DOC_ONLY)
+        return batch_from_doc(orjson.loads(row["doc"])) if row else None
+
+    async def list_batches(self, *, tenant: str, after: str | None = None, limit: int = 20) -> list[BatchRecord]:
+        if limit <= 0:
+            return []
+        query: dict[str, Any] = {"tenant": tenant}
+        if after:
+            query["_id"] = {"$lt": after}
+        async with _translated("list_batches"):
+            docs = await self._docs(self._batches.find(query, _DOC_ONLY).sort("_id", DESCENDING).limit(limit))
+        return [batch_from_doc(d) for d in docs]
+
+    async def list_active_batches(self, *, limit: int = 1000) -> list[BatchRecord]:
+        if limit <= 0:
+            return []
+        query = {"status": {"$in": list(ACTIVE_STATUSES)}}
+        async with _translated("list_active_batches"):
+            docs = await self._docs(self._batches.find(query, _DOC_ONLY).sort("_id", ASCENDING).limit(limit))
+        return [batch_from_doc(d) for d in docs]
+
+    async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
+        query = {"input_file_id": file_id, "status": {"$in": list(ACTIVE_STATUSES)}}
+        async with _translated("batches_reading_file"):
+            docs = await self._docs(self._batches.find(query, _DOC_ONLY).sort("_id", ASCENDING))
+        return [batch_from_doc(d) for d in docs]
+
+    async def update_batch(self, rec: BatchRecord, *, checkpoint: bytes | None = None) -> BatchRecord:
+        new = dataclasses.replace(rec, version=rec.version + 1)
+        async with _translated("update_batch"):
+            res = await self._batches.update_one(
+                {"_id": rec.id, "version": rec.version},
+                {"$set": {"status": new.status, "version": new.version, "doc": _dumps(new)}},
+            )
+            if res.matched_count == 0:
+                stored = await self._batches.find_one({"_id": rec.id}, {"version": 1})
+                if stored is None:
+                    raise NotFoundError(f"batch {rec.id} not found")
+                raise VersionConflict(f"batch {rec.id} changed (version {stored['version']} != {rec.version})")
+        if checkpoint is not None:
+            await self._store_checkpoint(rec.id, new.version, checkpoint)
+        return new
+
+    async def _store_checkpoint(self, batch_id: str, version: int, data: bytes) -> None:
+        """Write the checkpoint of batch ``version`` unless a later one is already stored."""
+        try:
+            await self._checkpoints.update_one(
+                {"_id": batch_id, "version": {"$lt": version}},
+                {"$set": {"version": version, "data": Binary(data)}},
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            # The filter missed because a newer version's checkpoint is there (so the
+            # upsert tried to insert a second document): keep the newer one.
+            return
+        except PyMongoError as exc:
+            raise StoreError(f"mongodb store: storing the checkpoint of {batch_id} failed: {exc}") from exc
+
+    async def get_checkpoint(self, batch_id: str) -> bytes | None:
+        async with _translated("get_checkpoint"):
+            row = await self._checkpoints.find_one({"_id": batch_id}, {"data": 1})
+        return bytes(row["data"]) if row else None

@@ -1,0 +1,96 @@
+"""The MongoDB record store: the store contract, plus its collections and indexes.
+
+Runs the real ``MongoStore`` over the real ``pymongo.AsyncMongoClient`` against the
+server from ``conftest.mongo_server_url`` (SecantusDB unless
+``OVERNIGHT_TEST_MONGO_URL`` names a real one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from overnight.errors import StoreError, VersionConflict
+from overnight.store import connect_store
+from tests.store.contract import StoreContract, make_batch, make_file
+
+mongo_store = pytest.importorskip("overnight.store.mongo")
+MongoStore = mongo_store.MongoStore
+
+
+@pytest.fixture
+async def store(mongo_url: str) -> AsyncIterator[MongoStore]:
+    s = connect_store(mongo_url)
+    assert isinstance(s, MongoStore)
+    await s.open()
+    yield s
+    await s.aclose()
+
+
+class TestMongoStore(StoreContract):
+    pass
+
+
+async def test_database_comes_from_the_url_path(store: MongoStore, mongo_url: str) -> None:
+    assert store.database_name == mongo_url.split("?")[0].rsplit("/", 1)[1]
+
+
+async def test_open_creates_the_list_indexes(store: MongoStore) -> None:
+    db = store._require()
+    files = {ix["name"] async for ix in await db["files"].list_indexes()}
+    batches = {ix["name"] async for ix in await db["batches"].list_indexes()}
+    assert {"tenant_id", "tenant_purpose_id", "expires_at"} <= files
+    assert {"tenant_id", "status_id", "input_file_id_status"} <= batches
+
+
+async def test_open_twice_on_one_database_is_fine(store: MongoStore, mongo_url: str) -> None:
+    again = MongoStore(mongo_url)
+    await again.open()
+    try:
+        rec = make_file()
+        await store.insert_file(rec)
+        assert await again.get_file(rec.id) == rec
+    finally:
+        await again.aclose()
+
+
+async def test_records_are_json_documents_beside_their_indexed_fields(store: MongoStore) -> None:
+    rec = make_batch(metadata={"a.b": "1", "$where": "2"})
+    await store.insert_batch(rec)
+    raw = await store._require()["batches"].find_one({"_id": rec.id})
+    assert raw["tenant"] == "acme" and raw["status"] == "validating" and raw["version"] == 0
+    assert isinstance(raw["doc"], str)
+
+
+async def test_an_older_writers_late_checkpoint_never_replaces_a_newer_one(store: MongoStore) -> None:
+    rec = make_batch()
+    await store.insert_batch(rec)
+    v1 = await store.update_batch(rec, checkpoint=b"from v1")
+    await store.update_batch(v1, checkpoint=b"from v2")
+    # The v1 writer's checkpoint write arriving late (after the v2 writer's) is dropped.
+    await store._store_checkpoint(rec.id, v1.version, b"from v1, late")
+    assert await store.get_checkpoint(rec.id) == b"from v2"
+    with pytest.raises(VersionConflict):
+        await store.update_batch(v1, checkpoint=b"loser")
+    assert await store.get_checkpoint(rec.id) == b"from v2"
+
+
+async def test_inserting_an_existing_id_raises_store_error(store: MongoStore) -> None:
+    f = make_file()
+    await store.insert_file(f)
+    with pytest.raises(StoreError, match="already exists"):
+        await store.insert_file(dataclasses.replace(f, tenant="globex"))
+    assert await store.list_files(tenant="globex") == []
+
+
+async def test_unreachable_server_raises_store_error() -> None:
+    s = MongoStore("mongodb://127.0.0.1:1/overnight?serverSelectionTimeoutMS=200")
+    with pytest.raises(StoreError, match="connecting failed"):
+        await s.open()
+
+
+async def test_bad_url_raises_store_error() -> None:
+    with pytest.raises(StoreError):
+        await MongoStore("mongodb://host:notaport/x").open()

@@ -1,0 +1,206 @@
+"""The PostgreSQL record store: the store contract, plus its Alembic-managed schema."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from overnight.errors import StoreError
+from overnight.store import connect_store
+from overnight.store.postgres import PostgresStore, current_revision, head_revision, upgrade
+from tests.store.contract import StoreContract, make_batch
+
+pg = pytest.mark.postgres
+
+
+@pytest.fixture
+async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
+    await upgrade(postgres_url)
+    s = connect_store(postgres_url)
+    assert isinstance(s, PostgresStore)
+    await s.open()
+    yield s
+    await s.aclose()
+
+
+@pg
+class TestPostgresStore(StoreContract):
+    pass
+
+
+# -- schema management -------------------------------------------------------
+@pg
+async def test_open_on_unmigrated_database_says_to_run_db_upgrade(postgres_url: str) -> None:
+    s = PostgresStore(postgres_url)
+    with pytest.raises(StoreError) as err:
+        await s.open()
+    message = str(err.value)
+    assert "overnight db upgrade" in message
+    assert f"needs {head_revision()}" in message
+    assert "none" in message
+    assert s._engine is None  # nothing left open after the refusal
+
+
+@pg
+async def test_open_does_not_create_tables(postgres_url: str) -> None:
+    with pytest.raises(StoreError):
+        await PostgresStore(postgres_url).open()
+    assert await current_revision(postgres_url) is None
+
+
+@pg
+async def test_upgrade_then_open_works_and_upgrade_is_idempotent(postgres_url: str) -> None:
+    assert await current_revision(postgres_url) is None
+    assert await upgrade(postgres_url) == head_revision()
+    assert await upgrade(postgres_url) == head_revision()
+    assert await current_revision(postgres_url) == head_revision()
+    s = PostgresStore(postgres_url)
+    await s.open()
+    try:
+        rec = make_batch()
+        await s.insert_batch(rec)
+        assert await s.get_batch(rec.id) == rec
+    finally:
+        await s.aclose()
+
+
+async def _set_revision(postgres_url: str, revision: str) -> None:
+    import asyncpg
+
+    schema = postgres_url.rsplit("schema=", 1)[1]
+    conn = await asyncpg.connect(host="127.0.0.1", port=5432, user="postgres", database="test")
+    try:
+        await conn.execute(f'UPDATE "{schema}".alembic_version SET version_num = $1', revision)
+    finally:
+        await conn.close()
+
+
+@pg
+async def test_open_on_a_newer_unknown_revision_says_the_database_is_ahead(postgres_url: str) -> None:
+    await upgrade(postgres_url)
+    await _set_revision(postgres_url, "9999")
+    with pytest.raises(StoreError, match=r"revision 9999, which this version of overnight does not know") as err:
+        await PostgresStore(postgres_url).open()
+    assert "newer overnight" in str(err.value)
+    with pytest.raises(StoreError, match="migrating PostgreSQL"):
+        await upgrade(postgres_url)
+
+
+@pg
+async def test_migrations_create_exactly_the_tables_sql_py_defines(postgres_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from overnight.store.sql import metadata
+
+    await upgrade(postgres_url)
+    s = PostgresStore(postgres_url)
+    engine = create_async_engine(s.url, connect_args={"server_settings": {"search_path": s.schema}})
+    try:
+        async with engine.connect() as conn:
+            diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), metadata))
+    finally:
+        await engine.dispose()
+    assert diff == []
+
+
+@pg
+async def test_concurrent_upgrades_apply_each_revision_once(postgres_url: str) -> None:
+    import asyncio
+
+    revisions = await asyncio.gather(*(upgrade(postgres_url) for _ in range(3)))
+    assert revisions == [head_revision()] * 3
+
+
+@pg
+def test_cli_db_upgrade_and_current(postgres_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from overnight.cli.main import app
+
+    runner = CliRunner()
+    before = runner.invoke(app, ["db", "current", "--store", postgres_url])
+    assert before.exit_code == 0, before.output
+    assert "none" in before.output and "overnight db upgrade" in before.output
+
+    result = runner.invoke(app, ["db", "upgrade", "--store", postgres_url])
+    assert result.exit_code == 0, result.output
+    assert head_revision() in result.output
+
+    after = runner.invoke(app, ["db", "current"], env={"OVERNIGHT_STORE_URL": postgres_url})
+    assert after.exit_code == 0, after.output
+    assert f"{head_revision()} (up to date)" in after.output
+
+
+def test_cli_db_upgrade_on_sqlite_needs_nothing(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from overnight.cli.main import app
+
+    result = CliRunner().invoke(app, ["db", "upgrade", "--store", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 0, result.output
+    assert "created automatically" in result.output
+
+
+def test_cli_db_upgrade_reports_unreachable_server() -> None:
+    from typer.testing import CliRunner
+
+    from overnight.cli.main import app
+
+    result = CliRunner().invoke(app, ["db", "upgrade", "--store", "postgresql://postgres@127.0.0.1:1/test"])
+    assert result.exit_code == 1
+    assert "error:" in result.output
+
+
+# -- URLs and connection errors ----------------------------------------------
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@db.example:5432/overnight",
+        "postgres://u:p@db.example:5432/overnight",
+        "postgresql+asyncpg://u:p@db.example:5432/overnight",
+    ],
+)
+def test_every_postgres_url_form_runs_on_asyncpg(url: str) -> None:
+    s = connect_store(url)
+    assert isinstance(s, PostgresStore)
+    assert s.url == "postgresql+asyncpg://u:p@db.example:5432/overnight"
+    assert s.schema is None
+
+
+def test_schema_option_is_taken_out_of_the_driver_url() -> None:
+    s = PostgresStore("postgresql://u@h/db?schema=tenant_a&ssl=require")
+    assert s.schema == "tenant_a"
+    assert s.url == "postgresql+asyncpg://u@h/db?ssl=require"
+
+
+def test_other_postgres_drivers_are_refused() -> None:
+    with pytest.raises(StoreError, match="postgresql://"):
+        PostgresStore("postgresql+psycopg://u@h/db")
+
+
+async def test_unreachable_server_raises_store_error() -> None:
+    s = PostgresStore("postgresql://postgres@127.0.0.1:1/test")
+    with pytest.raises(StoreError, match="cannot reach PostgreSQL"):
+        await s.open()
+
+
+@pg
+async def test_losing_the_server_after_open_raises_store_error(store: PostgresStore) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.store.contract import make_file
+
+    live, store._engine = store._engine, create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/test")
+    try:
+        with pytest.raises(StoreError):
+            await store.get_file("file-x")
+        with pytest.raises(StoreError):
+            await store.insert_file(make_file())
+        with pytest.raises(StoreError):
+            await store.update_batch(make_batch(), checkpoint=b"cp")
+    finally:
+        await store.engine.dispose()
+        store._engine = live

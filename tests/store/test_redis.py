@@ -1,0 +1,114 @@
+"""The Redis record store: the store contract, plus its key layout."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+import pytest
+
+from overnight.errors import StoreError
+from overnight.store import connect_store
+from tests.store.contract import StoreContract, make_batch, make_file
+
+redis_store = pytest.importorskip("overnight.store.redis")
+RedisStore = redis_store.RedisStore
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    s = connect_store(redis_url)
+    assert isinstance(s, RedisStore)
+    await s.open()
+    yield s
+    await s.aclose()
+
+
+@pytest.mark.redis
+class TestRedisStore(StoreContract):
+    pass
+
+
+async def _keys(store: RedisStore, pattern: str = "*") -> set[str]:
+    return {k.decode() async for k in store.client.scan_iter(match=pattern, count=500)}
+
+
+@pytest.mark.redis
+async def test_every_key_lives_under_the_prefix(store: RedisStore) -> None:
+    tenant = "tenant-" + store.prefix.strip(":")  # unique to this test
+    f = make_file(tenant=tenant, expires_at=1)
+    b = make_batch(tenant=tenant, input_file_id=f.id)
+    await store.insert_file(f)
+    await store.insert_batch(b)
+    await store.update_batch(b, checkpoint=b"cp")
+    touched = await _keys(store, f"*{tenant}*") | await _keys(store, f"*{b.id}*") | await _keys(store, f"*{f.id}*")
+    assert touched
+    assert all(k.startswith(store.prefix) for k in touched), touched
+
+
+@pytest.mark.redis
+async def test_indexes_empty_out_when_records_leave_them(store: RedisStore) -> None:
+    f = make_file(expires_at=5)
+    b = make_batch(status="in_progress", input_file_id=f.id)
+    await store.insert_file(f)
+    await store.insert_batch(b)
+    await store.delete_file(f.id)
+    await store.update_batch(dataclasses.replace(b, status="completed"))
+    remaining = await _keys(store, store.prefix + "*")
+    # Only the batch record and its tenant list stay; no empty or stale index keys.
+    assert remaining == {f"{store.prefix}batch:{b.id}", f"{store.prefix}batches:acme"}
+
+
+@pytest.mark.redis
+async def test_stores_with_different_prefixes_do_not_see_each_other(redis_url: str) -> None:
+    other_url = redis_url.replace("?prefix=", "?prefix=other-")
+    a, b = RedisStore(redis_url), RedisStore(other_url)
+    await a.open()
+    await b.open()
+    try:
+        rec = make_file()
+        await a.insert_file(rec)
+        assert await b.get_file(rec.id) is None
+        assert await b.list_files(tenant="acme") == []
+    finally:
+        for key in await _keys(b, b.prefix + "*"):
+            await b.client.delete(key)
+        await a.aclose()
+        await b.aclose()
+
+
+def test_prefix_comes_from_the_url_and_is_not_passed_to_redis() -> None:
+    s = RedisStore("redis://h:6379/2?prefix=svc-a:&socket_timeout=5")
+    assert s.prefix == "svc-a:"
+    assert s._client_url == "redis://h:6379/2?socket_timeout=5"
+    assert RedisStore("redis://h:6379/0").prefix == "overnight:"
+
+
+@pytest.mark.redis
+async def test_inserting_an_existing_id_raises_store_error(store: RedisStore) -> None:
+    f = make_file()
+    await store.insert_file(f)
+    with pytest.raises(StoreError, match="already exists"):
+        await store.insert_file(dataclasses.replace(f, tenant="globex"))
+    assert await store.list_files(tenant="globex") == []
+
+
+async def test_unreachable_server_raises_store_error() -> None:
+    s = RedisStore("redis://127.0.0.1:1/0")
+    with pytest.raises(StoreError, match="connecting failed"):
+        await s.open()
+
+
+@pytest.mark.redis
+async def test_losing_the_server_after_open_raises_store_error(store: RedisStore) -> None:
+    import redis.asyncio as aioredis
+
+    live, store._client = store._client, aioredis.from_url("redis://127.0.0.1:1/0")
+    try:
+        with pytest.raises(StoreError):
+            await store.get_file("file-x")
+        with pytest.raises(StoreError):
+            await store.list_active_batches()
+    finally:
+        await store.client.aclose()
+        store._client = live
