@@ -62,7 +62,10 @@ class Proc:
     def start(self) -> Proc:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_http(self.url + self.health, proc=self.proc)
+        try:
+            wait_http(self.url + self.health, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; log tail:\n{self.log()[-3000:]}") from None
         return self
 
     def signal(self, sig: int) -> int:

@@ -22,6 +22,33 @@ app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
 
 def _logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _preflight(settings: "Settings") -> None:  # noqa: F821
+    """Open the store and storage once before serving, so a wrong URL or an
+    out-of-date schema is one clear line and exit code 2, not a traceback."""
+    import asyncio
+
+    from overnight.errors import OvernightError
+    from overnight.storage import open_storage
+    from overnight.store import connect_store
+
+    async def check() -> None:
+        store = connect_store(settings.resolved_store_url())
+        await store.open()
+        await store.aclose()
+        storage = open_storage(settings.resolved_storage_url())
+        await storage.open()
+        await storage.aclose()
+
+    try:
+        asyncio.run(check())
+    except OvernightError as exc:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]overnight serve cannot start:[/] {exc.message}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -67,6 +94,7 @@ def serve(
             "no --engine-url / OVERNIGHT_ENGINE_URL given: using the built-in mock engine"
         )
         settings = settings.model_copy(update={"engine_url": "mock"})
+    _preflight(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
