@@ -1,14 +1,8 @@
-"""Record stores, chosen by URL scheme through one registry.
-
-Backends are imported on first use, so a default SQLite ``overnight serve`` never
-imports asyncpg, redis or pymongo.
-"""
+"""Record stores, chosen by URL scheme through one registry."""
 
 from __future__ import annotations
 
-import importlib
-import types
-
+from overnight._registry import LazyRegistry
 from overnight.errors import StoreError
 from overnight.store.base import ACTIVE_STATUSES, Store
 from overnight.store.records import BatchRecord, FileRecord
@@ -21,40 +15,36 @@ __all__ = [
     "connect_store",
     "register_store",
     "registry",
+    "store_class",
 ]
 
-#: scheme -> ("module:Class", install hint)
-_registry: dict[str, tuple[str, str]] = {
-    "sqlite": ("overnight.store.sqlite:SQLiteStore", ""),
-    "memory": ("overnight.store.memory:MemoryStore", ""),
-    "postgresql": ("overnight.store.postgres:PostgresStore", "pip install 'overnight[postgres]'"),
-    "postgres": ("overnight.store.postgres:PostgresStore", "pip install 'overnight[postgres]'"),
-    "redis": ("overnight.store.redis:RedisStore", "pip install 'overnight[redis]'"),
-    "rediss": ("overnight.store.redis:RedisStore", "pip install 'overnight[redis]'"),
-    "mongodb": ("overnight.store.mongo:MongoStore", "pip install 'overnight[mongo]'"),
-    "mongodb+srv": ("overnight.store.mongo:MongoStore", "pip install 'overnight[mongo]'"),
-}
-registry = types.MappingProxyType(_registry)
+_PG = ("overnight.store.postgres:PostgresStore", "pip install 'overnight[postgres]'")
+_REDIS = ("overnight.store.redis:RedisStore", "pip install 'overnight[redis]'")
+_MONGO = ("overnight.store.mongo:MongoStore", "pip install 'overnight[mongo]'")
 
-
-def register_store(scheme: str, target: str, *, hint: str = "", clobber: bool = False) -> None:
-    """Register ``module:Class`` for a URL scheme; refuses to replace unless ``clobber``."""
-    if scheme in _registry and not clobber:
-        raise ValueError(f"store scheme {scheme!r} is already registered")
-    _registry[scheme] = (target, hint)
+_stores = LazyRegistry(
+    "store",
+    StoreError,
+    {
+        "sqlite": ("overnight.store.sqlite:SQLiteStore", ""),
+        "memory": ("overnight.store.memory:MemoryStore", ""),
+        "postgresql": _PG,
+        "postgres": _PG,
+        "redis": _REDIS,
+        "rediss": _REDIS,
+        "mongodb": _MONGO,
+        "mongodb+srv": _MONGO,
+    },
+)
+registry = _stores.entries
+register_store = _stores.register
 
 
 def store_class(url: str) -> type:
-    scheme = url.split("://", 1)[0].split("+", 1)[0] if "+srv" not in url else "mongodb+srv"
-    if scheme not in _registry:
-        raise StoreError(f"unknown store URL scheme {scheme!r} in {url!r}; known: {', '.join(sorted(_registry))}")
-    target, hint = _registry[scheme]
-    module_name, _, cls_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise StoreError(f"the {scheme} store needs extra packages ({exc.name}): {hint}") from exc
-    return getattr(module, cls_name)
+    scheme = url.split("://", 1)[0]
+    if scheme not in registry:
+        scheme = scheme.split("+", 1)[0]  # postgresql+asyncpg -> postgresql
+    return _stores.load(scheme)
 
 
 def connect_store(url: str) -> Store:
