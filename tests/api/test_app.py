@@ -50,3 +50,13 @@ async def test_list_limit_out_of_range_is_400(app):
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
         r = await c.get("/v1/batches", params={"limit": 0}, headers={"Authorization": "Bearer key-a"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+
+
+async def test_metrics_exposition(app):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        r = await c.get("/metrics")
+    assert r.status_code == 200
+    names = {f.name for f in text_string_to_metric_families(r.text)}
+    assert "overnight_batches_running" in names and "process_cpu_seconds" in names

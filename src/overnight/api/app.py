@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from overnight import __version__
 from overnight.api.errors import install_error_handlers
-from overnight.api.routes import batches, files, health, models
+from overnight.api.routes import batches, files, health, metrics, models
 from overnight.batches.validation import ValidationLimits
 from overnight.config import Settings
 from overnight.executor.limiter import ConcurrencyLimits
@@ -130,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="overnight", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     for r in (files.router, batches.router, models.router):
         app.include_router(r, prefix="/v1")
     return app
