@@ -45,3 +45,19 @@ MAX_RUNNING_BATCHES = 16
 
 #: Read chunk for streaming files from storage.
 READ_CHUNK_BYTES = 1024 * 1024
+
+#: Adaptive concurrency: the queue kept at an engine that publishes vLLM metrics is
+#: max(METRICS_MIN_WAITING, METRICS_WAITING_FRACTION x running): enough that the
+#: engine never idles between our requests, short enough not to add latency.
+METRICS_MIN_WAITING = 4
+METRICS_WAITING_FRACTION = 0.05
+#: How often the engine's /metrics is read while batches use it.
+METRICS_POLL_S = 0.5
+#: Overload answers with no success for this long (or two round trips, if longer)
+#: mean an outage: nothing new is sent until Retry-After / a backoff has passed.
+OUTAGE_AFTER_S = 1.0
+#: A batch is urgent (goes first on a shared engine) in the last fraction of its
+#: completion window, or when finishing it at the engine's full rate would take
+#: more than half of the time it has left.
+DEADLINE_URGENT_FRACTION = 0.1
+DEADLINE_URGENT_FACTOR = 2.0

@@ -81,12 +81,19 @@ class Checkpoint:
         }
         return orjson.dumps(header) + b"\n" + zlib.compress(bytes(self.done.bits), 6)
 
+    @staticmethod
+    def header(data: bytes) -> dict[str, Any]:
+        """The header of an encoded checkpoint (counts, usage, segments) without
+        unpacking the bitmap: what a progress report may show as durable."""
+        h = orjson.loads(data.partition(b"\n")[0])
+        if h.get("v") != FORMAT_VERSION:
+            raise ValueError(f"unknown checkpoint format version {h.get('v')!r}")
+        return h
+
     @classmethod
     def decode(cls, data: bytes) -> Checkpoint:
         head, _, packed = data.partition(b"\n")
-        h = orjson.loads(head)
-        if h.get("v") != FORMAT_VERSION:
-            raise ValueError(f"unknown checkpoint format version {h.get('v')!r}")
+        h = cls.header(head)
         return cls(
             total=h["total"],
             done=Bitmap(h["total"], zlib.decompress(packed)),

@@ -7,16 +7,15 @@ translated into overnight's ``RetryableEngineError`` at this boundary.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
 
 from overnight.errors import RetryableEngineError
+from overnight.executor.http1 import ConnectionFailed, HttpPool, RequestTimedOut
 
 __all__ = ["EngineClient", "EngineReply", "FakeEngine", "HttpEngineClient", "engine_base_url"]
 
@@ -55,7 +54,8 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class HttpEngineClient:
-    """aiohttp client with a keep-alive connection pool sized for the dispatch window."""
+    """The engine over HTTP/1.1 keep-alive (``executor/http1.py``), sized for the
+    dispatch window."""
 
     def __init__(
         self,
@@ -66,50 +66,39 @@ class HttpEngineClient:
         max_connections: int = 4096,
     ) -> None:
         self.base_url = engine_base_url(base_url)
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, headers=self._headers, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s = timeout_s
+        self._pool = HttpPool(self.base_url, headers=headers, timeout_s=timeout_s, max_connections=max_connections)
 
     async def send(self, path: str, body: bytes) -> EngineReply:
-        session = self._get_session()
         try:
-            async with session.post(self.base_url + path, data=body) as resp:
-                data = await resp.read()
-                return EngineReply(
-                    status=resp.status,
-                    body=data,
-                    request_id=resp.headers.get("x-request-id"),
-                    retry_after_s=_retry_after(resp.headers.get("Retry-After")) if resp.status >= 400 else None,
-                )
-        except asyncio.TimeoutError as exc:
+            r = await self._pool.request("POST", path, body)
+        except RequestTimedOut as exc:
             raise RetryableEngineError("The engine did not answer in time.", code="request_timeout") from exc
-        except aiohttp.ClientError as exc:
+        except ConnectionFailed as exc:
             raise RetryableEngineError(f"Could not reach the engine: {exc}", code="engine_unreachable") from exc
+        return EngineReply(
+            status=r.status,
+            body=r.body,
+            request_id=r.request_id,
+            retry_after_s=_retry_after(r.retry_after) if r.status >= 400 else None,
+        )
+
+    async def get(self, path: str, *, timeout_s: float = 10.0) -> tuple[int, bytes]:
+        """GET ``path``; ``(status, body)``. Raises ``RetryableEngineError`` without an answer."""
+        try:
+            r = await self._pool.request("GET", path, timeout_s=min(timeout_s, self.timeout_s))
+        except (RequestTimedOut, ConnectionFailed) as exc:
+            raise RetryableEngineError(f"Could not reach the engine: {exc}", code="engine_unreachable") from exc
+        return r.status, r.body
 
     async def get_json(self, path: str) -> Any:
-        """GET a JSON document (``/v1/models``, health), for the API and runtimes."""
-        session = self._get_session()
-        try:
-            async with session.get(self.base_url + path, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                return resp.status, await resp.read()
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            raise RetryableEngineError(f"Could not reach the engine: {exc}", code="engine_unreachable") from exc
+        """GET a JSON document (``/v1/models``, health), for the API and runtimes:
+        ``(status, body bytes)``."""
+        return await self.get(path)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._pool.aclose()
 
 
 Handler = Callable[[str, dict[str, Any]], "tuple[int, Any] | Awaitable[tuple[int, Any]]"]

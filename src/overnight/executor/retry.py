@@ -7,8 +7,13 @@ from dataclasses import dataclass
 from enum import Enum
 
 from overnight import defaults
+from overnight.executor.limiter import Signal
 
-__all__ = ["Decision", "RetryPolicy", "classify_status", "classify_no_answer"]
+__all__ = ["Decision", "RetryPolicy", "classify_status", "classify_no_answer", "overload_signal"]
+
+#: Answers that mean "the engine (or a proxy in front of it) is full or restarting":
+#: they shrink the concurrency limit. Other errors are about the request itself.
+OVERLOAD_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class Decision(Enum):
@@ -25,12 +30,12 @@ class RetryPolicy:
     max_delay_s: float = defaults.BACKOFF_MAX_S
 
     def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
-        """Backoff before attempt ``attempt + 1``: exponential with full jitter, never
-        shorter than the engine's ``Retry-After``."""
+        """Backoff before attempt ``attempt + 1``: exponential with jitter, never
+        shorter than the engine's ``Retry-After`` (the batch deadline bounds any wait)."""
         ceiling = min(self.max_delay_s, self.base_delay_s * (2 ** max(0, attempt - 1)))
         delay = random.uniform(ceiling / 2, ceiling)
         if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.max_delay_s * 4))
+            delay = max(delay, retry_after_s)
         return delay
 
 
@@ -50,3 +55,8 @@ def classify_no_answer(code: str | None) -> Decision:
     """No HTTP answer: an unreachable engine is an outage (wait for it); a timeout
     may be a poison request, so it counts against the attempts."""
     return Decision.RETRY_UNTIL_DEADLINE if code == "engine_unreachable" else Decision.RETRY
+
+
+def overload_signal(status: int) -> str | None:
+    """The concurrency signal an HTTP status carries (``limiter.Signal``), if any."""
+    return Signal.OVERLOAD if status in OVERLOAD_STATUSES else None

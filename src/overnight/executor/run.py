@@ -18,8 +18,9 @@ import orjson
 
 from overnight.errors import RetryableEngineError
 from overnight.executor.engine import EngineClient, EngineReply
-from overnight.executor.limiter import AdaptiveLimiter
-from overnight.executor.retry import Decision, RetryPolicy, classify_no_answer, classify_status
+from overnight.executor.limiter import Signal
+from overnight.executor.retry import Decision, RetryPolicy, classify_no_answer, classify_status, overload_signal
+from overnight.executor.sharing import BatchShare
 from overnight.executor.writer import Spool
 from overnight.storage.base import Storage
 
@@ -74,7 +75,7 @@ def _error_body(raw: bytes, status: int) -> bytes:
 
 class _Dispatcher:
     def __init__(
-        self, *, storage: Storage, spool: Spool, engine: EngineClient, limiter: AdaptiveLimiter,
+        self, *, storage: Storage, spool: Spool, engine: EngineClient, limiter: BatchShare,
         policy: RetryPolicy, params: ExecuteParams, stop: StopSignal,
     ) -> None:
         self.storage, self.spool, self.engine = storage, spool, engine
@@ -82,6 +83,11 @@ class _Dispatcher:
         self.tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
         self._prefix = f"batch_req_{params.batch_suffix}".encode()
+        # Requests alive at once (in flight or waiting to retry) are bounded, so an
+        # engine outage cannot turn the whole file into sleeping tasks.
+        self.max_tasks = max(2 * limiter.cap, limiter.cap + 256)
+        self._task_room = asyncio.Event()
+        self._call_soon = asyncio.get_running_loop().call_soon
 
     def _line_id(self, index: int) -> bytes:
         return self._prefix + b"%08x" % index
@@ -112,29 +118,37 @@ class _Dispatcher:
     async def send_one(self, index: int, cid_json: bytes, body: bytes) -> None:
         """Own one request from first attempt to its line; holds a limiter slot
         while a request is on the wire (not while backing off)."""
+        limiter, engine, path = self.limiter, self.engine, self.p.endpoint
         attempt = 0
         holding = True  # the dispatch loop acquired the first slot for us
         try:
             while True:
                 attempt += 1
                 if not holding:
-                    await self.limiter.acquire()
+                    await limiter.acquire()
                     holding = True
                 started = time.monotonic()
                 self.sent += 1
                 try:
-                    reply = await self.engine.send(self.p.endpoint, body)
+                    reply = await engine.send(path, body)
                 except RetryableEngineError as exc:
-                    decision, reply, code, message = classify_no_answer(exc.code), None, exc.code, exc.message
-                    retry_after = None
+                    code, message = exc.code, exc.message
+                    decision = classify_no_answer(code)
+                    limiter.on_overload(Signal.TIMEOUT if code == "request_timeout" else Signal.UNREACHABLE)
+                    reply = retry_after = None
                 else:
-                    decision, code, message = classify_status(reply.status), None, ""
+                    status = reply.status
+                    if 200 <= status < 300:
+                        limiter.on_success(time.monotonic() - started)
+                        self._write_reply(index, cid_json, reply, True)
+                        return
+                    decision, code, message = classify_status(status), None, ""
                     retry_after = reply.retry_after_s
-                if decision is Decision.SUCCESS:
-                    self.limiter.on_success(time.monotonic() - started)
-                    assert reply is not None
-                    self._write_reply(index, cid_json, reply, True)
-                    return
+                    signal = overload_signal(status)
+                    if signal is None:
+                        limiter.on_success(time.monotonic() - started)  # an answer, just not a good one
+                    else:
+                        limiter.on_overload(signal, retry_after)
                 if decision is Decision.FAIL or (decision is Decision.RETRY and attempt >= self.policy.max_attempts):
                     if reply is not None:
                         self._write_reply(index, cid_json, reply, False)
@@ -144,34 +158,44 @@ class _Dispatcher:
                             f"{message} (after {attempt} attempts)",
                         )
                     return
-                if decision is Decision.RETRY_UNTIL_DEADLINE or (reply is not None and reply.status >= 500) or code:
-                    self.limiter.on_overload()
-                self.limiter.release()
+                limiter.release()
                 holding = False
                 delay = self.policy.delay_s(attempt, retry_after)
                 await asyncio.sleep(max(0.0, min(delay, self.p.deadline - time.time())))
         finally:
             if holding:
-                self.limiter.release()
+                # Give the slot back only after the spool has written this line
+                # (its flush was queued first and runs first): a request counts as
+                # in flight until its line is with the kernel, so a SIGKILL re-sends
+                # at most the in-flight window.
+                self._call_soon(limiter.release)
 
     async def dispatch(self) -> None:
         done = self.spool.cp.done
+        limiter, tasks, loads, dumps = self.limiter, self.tasks, orjson.loads, orjson.dumps
+        create_task, send_one, task_done = asyncio.get_running_loop().create_task, self.send_one, self._task_done
         async for lineno, raw in self.storage.read_lines(self.p.input_key):
             index = lineno - 1
             if index in done:
                 continue
-            obj = orjson.loads(raw)
-            cid_json = orjson.dumps(obj["custom_id"])
-            body = orjson.dumps(obj["body"])
-            await self.limiter.acquire()
-            task = asyncio.create_task(self.send_one(index, cid_json, body))
-            self.tasks.add(task)
-            task.add_done_callback(self._task_done)
-        while self.tasks:
-            await asyncio.wait(list(self.tasks))
+            obj = loads(raw)
+            cid_json = dumps(obj["custom_id"])
+            body = dumps(obj["body"])
+            if len(tasks) >= self.max_tasks:
+                self._task_room.clear()
+                await self._task_room.wait()
+            if not limiter.try_acquire():
+                await limiter.acquire()
+            task = create_task(send_one(index, cid_json, body))
+            tasks.add(task)
+            task.add_done_callback(task_done)
+        while tasks:
+            await asyncio.wait(list(tasks))
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        if len(self.tasks) < self.max_tasks:
+            self._task_room.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("request task failed", exc_info=task.exception())
 
@@ -197,7 +221,7 @@ async def execute(
     storage: Storage,
     spool: Spool,
     engine: EngineClient,
-    limiter: AdaptiveLimiter,
+    limiter: BatchShare,
     policy: RetryPolicy,
     params: ExecuteParams,
     stop: StopSignal,
@@ -205,10 +229,13 @@ async def execute(
     """Run every undone request of the batch. Returns why it stopped."""
     d = _Dispatcher(storage=storage, spool=spool, engine=engine, limiter=limiter, policy=policy, params=params, stop=stop)
 
+    limiter.remaining = spool.cp.done.missing()
+
     async def checkpoints() -> None:
         while True:
             await asyncio.sleep(params.checkpoint_interval_s)
             await _checkpoint(spool, params, stop)
+            limiter.remaining = spool.cp.done.missing()
 
     dispatch = asyncio.create_task(d.dispatch())
     ticker = asyncio.create_task(checkpoints())

@@ -1,19 +1,25 @@
 """The spool: output and error lines, written once per request index.
 
-Every finished request is appended at once (one ``write(2)``) to a local spool
-file as ``<index>\\t<json line>\\n`` and marked in the done bitmap in the same
-synchronous step, so a line is either both written and marked or neither. A
-SIGKILL loses nothing the kernel has accepted: on restart ``recover()`` scans the
-local spool files and keeps every complete line whose index is not yet done.
+Every finished request is marked in the done bitmap and queued for its spool
+file as ``<index>\\t<json line>\\n`` in the same synchronous step; the queue is
+written with one ``write(2)`` per spool file at the end of the current event-loop
+iteration, so a burst of answers costs one syscall, not one each. A SIGKILL
+loses at most the lines finished in that last iteration (their requests were in
+flight a moment before and are simply sent again); it never loses a line the
+kernel has accepted: on restart ``recover()`` scans the local spool files and
+keeps every complete line whose index is not yet done.
 
-At each checkpoint ``seal()`` closes the current spool files, uploads them to
-storage as segments and returns the checkpoint naming them; another replica can
-resume from that alone. ``assemble()`` concatenates the segments into the final
-output and error files, dropping the index prefix.
+At each checkpoint ``seal()`` writes what is queued, rotates the spool files,
+makes the closed ones durable in storage as segments (a hard link when storage
+is a local directory on the same filesystem, a copy otherwise) and returns the
+checkpoint naming them; another replica can resume from that alone.
+``assemble()`` concatenates the segments into the final output and error files,
+dropping the index prefix.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -25,12 +31,13 @@ from overnight._concurrency import to_thread
 from overnight.executor.checkpoint import Checkpoint, Segment
 from overnight.executor.usage import Usage
 from overnight.storage.base import Storage
+from overnight.storage.local import LocalStorage
 
 __all__ = ["Spool", "SealResult", "AssembleResult"]
 
 _KINDS = ("out", "err")
 #: Flush the assembled output to storage in pieces of about this size.
-_ASSEMBLE_BUFFER_BYTES = 4 * 1024 * 1024
+_ASSEMBLE_BUFFER_BYTES = 1024 * 1024
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -38,6 +45,31 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _strip_index(block: bytes) -> bytes:
+    """Spool lines (``<index>\\t<line>\\n`` ...) to output lines (``<line>\\n`` ...)."""
+    return b"\n".join(line[line.find(b"\t") + 1 :] for line in block.split(b"\n"))
+
+
+def _sync_and_close(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _link_into(src: Path, dest: Path) -> None:
+    """Publish ``src`` at ``dest`` without copying (atomic replace, like a commit)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.link")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    os.link(src, tmp)
+    os.replace(tmp, dest)
 
 
 @dataclass
@@ -69,6 +101,10 @@ class Spool:
         self._paths: dict[str, Path] = {}
         self._bytes = dict.fromkeys(_KINDS, 0)
         self._lines = dict.fromkeys(_KINDS, 0)
+        self._pending: dict[str, list[bytes]] = {kind: [] for kind in _KINDS}
+        self._flush_scheduled = False
+        self._storing: asyncio.Task[None] | None = None
+        self._broken: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -85,6 +121,8 @@ class Spool:
             self._bytes[kind] = self._lines[kind] = 0
 
     def close(self) -> None:
+        if self._fds:
+            self.flush()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -96,7 +134,7 @@ class Spool:
             return False
         kind = "err" if error else "out"
         data = b"%d\t%b\n" % (index, line)
-        _write_all(self._fds[kind], data)
+        self._pending[kind].append(data)
         self._bytes[kind] += len(data)
         self._lines[kind] += 1
         if error:
@@ -105,7 +143,21 @@ class Spool:
             self.cp.completed += 1
             if usage is not None:
                 self.usage.add(usage)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop (tools, tests): write at once
+                self.flush()
         return True
+
+    def flush(self) -> None:
+        """Write the queued lines (one ``write(2)`` per spool file)."""
+        self._flush_scheduled = False
+        for kind, pending in self._pending.items():
+            if pending:
+                _write_all(self._fds[kind], pending[0] if len(pending) == 1 else b"".join(pending))
+                pending.clear()
 
     # -- recovery ------------------------------------------------------------
     async def recover(self) -> int:
@@ -132,6 +184,7 @@ class Spool:
                     usage = body.get("usage") if isinstance(body, dict) else None
                 self.write(index, line, error=error, usage=usage)
                 recovered += 1
+        self.flush()
         for path in old:
             path.unlink(missing_ok=True)
         return recovered
@@ -142,24 +195,53 @@ class Spool:
         return self.cp.encode()
 
     async def seal(self) -> SealResult:
-        """Rotate the spool files; upload the closed ones; return the checkpoint."""
+        """Rotate the spool files; store the closed ones; return the checkpoint.
+
+        Storing runs as its own task: if the caller is cancelled half-way (a
+        shutdown), the segments are still stored, and the next ``seal()`` waits
+        for that before it returns a checkpoint naming them. If storing failed,
+        every later ``seal()`` raises: the checkpoint would name a missing segment.
+        """
+        if self._storing is not None:
+            await self._storing
+            self._storing = None
+        if self._broken is not None:
+            raise self._broken
+        self.flush()
         if not any(self._lines.values()):
             return SealResult(self.snapshot())
         closed = [(k, self._paths[k], self._bytes[k], self._lines[k]) for k in _KINDS]
-        self.close()
+        old_fds = list(self._fds.values())
+        self._fds = {}
         self._open_current()
-        new_segments = [
-            Segment(kind, f"spool/{self.batch_id}/{path.name}", nbytes, lines)
-            for kind, path, nbytes, lines in closed
-            if lines
-        ]
+        stored = [(Segment(kind, f"spool/{self.batch_id}/{path.name}", nbytes, lines), path)
+                  for kind, path, nbytes, lines in closed if lines]
         # Snapshot before any await: exactly the lines in the closed files are done.
-        self.cp.segments.extend(new_segments)
+        self.cp.segments.extend(seg for seg, _ in stored)
         encoded = self.snapshot()
-        for seg, (_, path, _, _) in zip(new_segments, [c for c in closed if c[3]], strict=True):
-            async with self.storage.writer(seg.key) as w:
-                await w.write(await to_thread(path.read_bytes))
+        self._storing = asyncio.get_running_loop().create_task(self._store_closed(old_fds, stored))
+        await asyncio.shield(self._storing)
+        self._storing = None
         return SealResult(encoded, [c[1] for c in closed])
+
+    async def _store_closed(self, fds: list[int], stored: list[tuple[Segment, Path]]) -> None:
+        try:
+            await to_thread(_sync_and_close, fds)
+            for seg, path in stored:
+                await self._store_segment(seg.key, path)
+        except BaseException as exc:
+            self._broken = exc if isinstance(exc, Exception) else RuntimeError("storing a segment was interrupted")
+            raise
+
+    async def _store_segment(self, key: str, path: Path) -> None:
+        if isinstance(self.storage, LocalStorage):
+            try:
+                await to_thread(_link_into, path, self.storage.path(key))
+                return
+            except OSError:
+                pass  # another filesystem: copy instead
+        async with self.storage.writer(key) as w:
+            await w.write(await to_thread(path.read_bytes))
 
     @staticmethod
     def discard(paths: list[Path]) -> None:
@@ -179,15 +261,26 @@ class Spool:
                 buf: list[bytes] = []
                 size = 0
                 for seg in segs:
-                    async for _, raw in self.storage.read_lines(seg.key):
-                        piece = raw[raw.index(b"\t") + 1 :] + b"\n"
+                    carry = b""
+                    async for chunk in self.storage.read(seg.key):
+                        data = carry + chunk if carry else chunk
+                        cut = data.rfind(b"\n") + 1
+                        block, carry = data[:cut], data[cut:]
+                        if not block:
+                            continue
+                        piece = _strip_index(block)
                         buf.append(piece)
                         size += len(piece)
-                        lines += 1
+                        lines += block.count(b"\n")
                         if size >= _ASSEMBLE_BUFFER_BYTES:
                             await w.write(b"".join(buf))
                             total += size
                             buf, size = [], 0
+                    if carry:  # a last line without its newline
+                        piece = _strip_index(carry + b"\n")
+                        buf.append(piece)
+                        size += len(piece)
+                        lines += 1
                 if buf:
                     await w.write(b"".join(buf))
                     total += size

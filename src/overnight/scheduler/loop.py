@@ -11,11 +11,14 @@ import contextlib
 import logging
 import time
 
+from overnight import defaults
 from overnight.batches.service import transition
 from overnight.batches.states import BatchStatus
 from overnight.errors import OvernightError
-from overnight.executor.engine import EngineClient, HttpEngineClient
-from overnight.executor.limiter import Gate
+from overnight.executor.engine import EngineClient, HttpEngineClient, engine_base_url
+from overnight.executor.engine_metrics import MetricsProbe
+from overnight.executor.limiter import ConcurrencyLimits, Gate
+from overnight.executor.sharing import EngineCapacity
 from overnight.scheduler.leases import claim_batch, lease_is_free
 from overnight.scheduler.runner import BatchRunner, RunnerConfig
 from overnight.storage.base import Storage
@@ -28,13 +31,36 @@ log = logging.getLogger("overnight.scheduler")
 
 
 class EnginePool:
-    """One engine client (connection pool) per engine endpoint, shared by batches."""
+    """Per engine endpoint: one client (connection pool), one shared ``EngineCapacity``
+    (the adaptive limit all batches on that engine split) and, when the engine
+    publishes vLLM metrics, one ``MetricsProbe`` feeding it."""
 
-    def __init__(self, *, default_url: str | None, default_api_key: str | None, timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        default_url: str | None,
+        default_api_key: str | None,
+        timeout_s: float,
+        limits: ConcurrencyLimits | None = None,
+        gates: tuple[Gate, ...] = (),
+        metrics_poll_s: float = defaults.METRICS_POLL_S,
+    ) -> None:
         self.default_url = default_url
         self.default_api_key = default_api_key
         self.timeout_s = timeout_s
+        self.limits = limits or ConcurrencyLimits(max=defaults.MAX_CONCURRENCY_GLOBAL)
+        self.gates = gates
+        self.metrics_poll_s = metrics_poll_s
         self._clients: dict[tuple[str, str | None], EngineClient] = {}
+        self._capacities: dict[str, EngineCapacity] = {}
+        self._probes: dict[str, MetricsProbe] = {}
+
+    def configure(self, *, limits: ConcurrencyLimits | None = None, gates: tuple[Gate, ...] | None = None) -> None:
+        """Set the engine-level limits and shared gates (before the first batch runs)."""
+        if limits is not None:
+            self.limits = limits
+        if gates is not None:
+            self.gates = gates
 
     def endpoint_for(self, batch: BatchRecord) -> tuple[str, str | None]:
         rt = batch.options.get("runtime")
@@ -53,11 +79,31 @@ class EnginePool:
             self._clients[key] = HttpEngineClient(key[0], api_key=key[1], timeout_s=self.timeout_s)
         return self._clients[key]
 
+    def capacity_for(self, batch: BatchRecord) -> EngineCapacity:
+        """The capacity of the batch's engine, shared with every batch on the same URL."""
+        url, _ = self.endpoint_for(batch)
+        key = engine_base_url(url)
+        cap = self._capacities.get(key)
+        if cap is None:
+            cap = self._capacities[key] = EngineCapacity(self.limits, gates=self.gates)
+            get = getattr(self.client_for(batch), "get", None)
+            if get is not None and self.metrics_poll_s > 0:
+                probe = MetricsProbe(
+                    get, cap.limit, active=lambda: bool(cap.shares), inflight=lambda: cap.inflight,
+                    interval_s=self.metrics_poll_s,
+                )
+                probe.start()
+                self._probes[key] = probe
+        return cap
+
     def set_client(self, url: str, api_key: str | None, client: EngineClient) -> None:
         """Install a custom client (tests use ``FakeEngine``)."""
         self._clients[(url, api_key)] = client
 
     async def aclose(self) -> None:
+        for p in self._probes.values():
+            await p.stop()
+        self._probes.clear()
         for c in self._clients.values():
             await c.aclose()
         self._clients.clear()
@@ -81,6 +127,15 @@ class Scheduler:
         self.max_running = max_running
         self.poll_s = poll_s
         self.global_gate = Gate(global_concurrency)
+        c = config.concurrency
+        # The adaptive limit is per engine (shared by its batches), bounded by the
+        # global cap; each batch is bounded by its own cap on top of it.
+        engines.configure(
+            limits=ConcurrencyLimits(
+                initial=c.initial, min=c.min, max=max(global_concurrency, 1), backoff_ratio=c.backoff_ratio
+            ),
+            gates=(self.global_gate,),
+        )
         self.runners: dict[str, BatchRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -136,12 +191,13 @@ class Scheduler:
                 continue
             try:
                 engine = self.engines.client_for(claimed)
+                capacity = self.engines.capacity_for(claimed)
             except OvernightError as exc:
                 await self._fail_unrunnable(claimed, exc)
                 continue
             runner = BatchRunner(
                 batch=claimed, store=self.store, storage=self.storage, engine=engine,
-                gates=(self.global_gate,), config=self.cfg,
+                gates=(self.global_gate,), config=self.cfg, capacity=capacity,
             )
             self.runners[claimed.id] = runner
             task = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")

@@ -15,9 +15,10 @@ from overnight.batches.validation import ValidationLimits, validate_input
 from overnight.errors import NotFoundError, OvernightError, TransitionError
 from overnight.executor.checkpoint import Checkpoint
 from overnight.executor.engine import EngineClient
-from overnight.executor.limiter import AdaptiveLimiter, ConcurrencyLimits, Gate
+from overnight.executor.limiter import ConcurrencyLimits, Gate
 from overnight.executor.retry import RetryPolicy
 from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
+from overnight.executor.sharing import BatchShare, EngineCapacity
 from overnight.executor.writer import Spool
 from overnight.files.service import storage_key_for
 from overnight.scheduler.leases import release_lease, renew_lease
@@ -54,12 +55,15 @@ class BatchRunner:
         engine: EngineClient,
         gates: tuple[Gate, ...],
         config: RunnerConfig,
+        capacity: EngineCapacity | None = None,
     ) -> None:
         self.batch = batch
         self.token = batch.lease_token
         self.store, self.storage, self.engine, self.gates, self.cfg = store, storage, engine, gates, config
+        #: The engine's shared capacity; without one the batch gets an engine of its own.
+        self.capacity = capacity
         self.stop = StopSignal()
-        self.limiter: AdaptiveLimiter | None = None
+        self.limiter: BatchShare | None = None
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -166,17 +170,31 @@ class BatchRunner:
         cap = self.cfg.concurrency.max
         if b.options.get("max_concurrency"):
             cap = min(cap, int(b.options["max_concurrency"]))
-        limits = ConcurrencyLimits(
-            initial=min(self.cfg.concurrency.initial, cap), min=self.cfg.concurrency.min, max=cap,
-            backoff_ratio=self.cfg.concurrency.backoff_ratio,
+        capacity = self.capacity
+        if capacity is None:
+            c = self.cfg.concurrency
+            capacity = EngineCapacity(
+                ConcurrencyLimits(initial=min(c.initial, cap), min=c.min, max=cap, backoff_ratio=c.backoff_ratio),
+                gates=self.gates,
+            )
+        share = capacity.join(
+            name=b.id, cap=cap, priority=int(b.options.get("priority") or 0), deadline=float(b.expires_at),
+            window_s=float(b.completion_window_s), remaining=spool.cp.done.missing(),
         )
-        self.limiter = AdaptiveLimiter(limits, gates=self.gates)
+        self.limiter = share
+        try:
+            return await self._execute_with(b, spool, share)
+        finally:
+            share.close()
 
+    async def _execute_with(self, b: BatchRecord, spool: Spool, share: BatchShare) -> Outcome:
         async def persist(encoded: bytes) -> None:
-            usage = spool.usage.to_dict()
+            # Report the counts of this checkpoint, not the live ones: lines finished
+            # since the snapshot are not durable yet (invariant 2).
+            head = Checkpoint.header(encoded)
 
             def mutate(rec: BatchRecord) -> BatchRecord:
-                rec.completed, rec.failed, rec.usage = spool.cp.completed, spool.cp.failed, usage
+                rec.completed, rec.failed, rec.usage = head["completed"], head["failed"], head["usage"]
                 rec.lease_expires_at = time.time() + self.cfg.lease_s
                 return rec
 
@@ -193,7 +211,7 @@ class BatchRunner:
             persist=persist,
         )
         return await execute(
-            storage=self.storage, spool=spool, engine=self.engine, limiter=self.limiter,
+            storage=self.storage, spool=spool, engine=self.engine, limiter=share,
             policy=self.cfg.policy, params=params, stop=self.stop,
         )
 

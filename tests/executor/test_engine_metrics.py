@@ -1,0 +1,101 @@
+"""The vLLM /metrics signal: parsing, polling a fake /metrics, and what it does to the limit."""
+
+from __future__ import annotations
+
+import asyncio
+
+from overnight.errors import RetryableEngineError
+from overnight.executor.engine_metrics import MetricsProbe, parse_vllm_load
+from overnight.executor.limiter import AdaptiveLimit, ConcurrencyLimits
+
+VLLM_TEXT = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 200.0
+vllm:num_requests_running{engine="1",model_name="m"} 56.0
+# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 30.0 1712345678000
+vllm:num_requests_waiting{engine="1",model_name="m"} 10.0
+vllm:num_requests_waiting_by_reason{reason="capacity"} 999.0
+vllm:kv_cache_usage_perc{model_name="m"} 0.5
+"""
+
+
+def test_parse_sums_label_sets_and_ignores_other_metrics() -> None:
+    assert parse_vllm_load(VLLM_TEXT) == (256.0, 40.0)
+
+
+def test_parse_without_labels_and_without_the_waiting_metric() -> None:
+    assert parse_vllm_load(b"vllm:num_requests_running 3\nvllm:num_requests_waiting 1\n") == (3.0, 1.0)
+    assert parse_vllm_load(b"vllm:num_requests_running 3\n") is None
+    assert parse_vllm_load(b"sglang:num_queue_reqs 5\n") is None
+    assert parse_vllm_load(b"") is None
+
+
+class FakeMetrics:
+    """A fake ``GET /metrics``: answers from a list of (status, text) or raises."""
+
+    def __init__(self, answers) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def __call__(self, path: str) -> tuple[int, bytes]:
+        assert path == "/metrics"
+        self.calls += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _metrics(running: int, waiting: int) -> tuple[int, bytes]:
+    return 200, b"vllm:num_requests_running %d\nvllm:num_requests_waiting %d\n" % (running, waiting)
+
+
+async def test_probe_feeds_the_queue_to_the_limit() -> None:
+    limit = AdaptiveLimit(ConcurrencyLimits(initial=600, max=10_000))
+    probe = MetricsProbe(FakeMetrics([_metrics(256, 344)]), limit, active=lambda: True, inflight=lambda: 600)
+    assert await probe.poll_once()
+    assert probe.supported and limit.metrics_fresh()
+    # the excess queue (344 - target 12.8) is removed, at most half at once
+    assert limit.value == 300
+
+
+async def test_probe_keeps_a_short_queue_once_converged() -> None:
+    limit = AdaptiveLimit(ConcurrencyLimits(initial=300, max=10_000))
+    fake = FakeMetrics([_metrics(256, 44)])
+    probe = MetricsProbe(fake, limit, active=lambda: True, inflight=lambda: 300)
+    await probe.poll_once()
+    assert limit.value == int(300 - (44 - 12.8))  # 256 running + a queue of about 13
+
+
+async def test_engine_without_vllm_metrics_is_not_polled_again_soon() -> None:
+    limit = AdaptiveLimit()
+    fake = FakeMetrics([(404, b"not found")])
+    probe = MetricsProbe(fake, limit, active=lambda: True, interval_s=0.01, retry_unsupported_s=60)
+    probe.start()
+    await asyncio.sleep(0.1)
+    await probe.stop()
+    assert fake.calls == 1 and probe.supported is False
+    assert not limit.metrics_fresh()
+
+
+async def test_unreachable_metrics_are_not_a_signal() -> None:
+    limit = AdaptiveLimit()
+    probe = MetricsProbe(FakeMetrics([RetryableEngineError("down", code="engine_unreachable")]), limit,
+                         active=lambda: True)
+    assert not await probe.poll_once()
+    assert limit.cuts == 0
+
+
+async def test_probe_polls_only_while_batches_use_the_engine() -> None:
+    busy = False
+    fake = FakeMetrics([_metrics(1, 0)])
+    probe = MetricsProbe(fake, AdaptiveLimit(), active=lambda: busy, interval_s=0.01)
+    probe.start()
+    await asyncio.sleep(0.05)
+    assert fake.calls == 0
+    busy = True
+    await asyncio.sleep(0.05)
+    await probe.stop()
+    assert fake.calls >= 2

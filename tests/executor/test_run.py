@@ -1,0 +1,279 @@
+"""``execute()`` with ``FakeEngine``: retries, Retry-After, cancel, expiry, outages and
+exactly-once lines across a resume."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from overnight.errors import RetryableEngineError
+from overnight.executor.checkpoint import Checkpoint
+from overnight.executor.engine import FakeEngine
+from overnight.executor.limiter import ConcurrencyLimits
+from overnight.executor.retry import RetryPolicy
+from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
+from overnight.executor.sharing import EngineCapacity
+from overnight.executor.writer import Spool
+from overnight.storage.memory import MemoryStorage
+
+CHAT = "/v1/chat/completions"
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.01)
+
+
+def ok(body: dict) -> tuple[int, dict]:
+    return 200, {"object": "chat.completion", "echo": body["messages"][0]["content"],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+class Batch:
+    """An input file in memory storage plus everything ``execute`` needs."""
+
+    def __init__(self, tmp_path: Path, n: int, *, contents=None, limit: int = 8, cap: int = 8) -> None:
+        self.tmp, self.n = tmp_path, n
+        self.storage = MemoryStorage()
+        self.contents = contents or [f"hello {i}" for i in range(n)]
+        self.capacity = EngineCapacity(ConcurrencyLimits(initial=limit, max=max(limit, cap)))
+        self.cap = cap
+        self.persisted: list[bytes] = []
+        self.token = 0
+
+    async def upload(self) -> None:
+        lines = [orjson.dumps({"custom_id": f"c{i}", "method": "POST", "url": CHAT,
+                               "body": {"model": "m", "messages": [{"role": "user", "content": c}]}})
+                 for i, c in enumerate(self.contents)]
+        await self.storage.put_bytes("in", b"\n".join(lines) + b"\n")
+
+    async def run(self, engine, *, stop: StopSignal | None = None, deadline_s: float = 3600,
+                  policy: RetryPolicy = FAST_RETRY, checkpoint: bytes | None = None, interval_s: float = 0.05):
+        self.token += 1
+        cp = Checkpoint.decode(checkpoint) if checkpoint else Checkpoint.empty(self.n)
+        self.spool = Spool(spool_dir=self.tmp / "spool", storage=self.storage, batch_id="batch_t", token=self.token,
+                           checkpoint=cp)
+        self.spool.open()
+        await self.spool.recover()
+
+        async def persist(data: bytes) -> None:
+            self.persisted.append(data)
+
+        params = ExecuteParams(endpoint=CHAT, input_key="in", batch_suffix="t", deadline=time.time() + deadline_s,
+                               checkpoint_interval_s=interval_s, persist=persist)
+        self.share = self.capacity.join(cap=self.cap)
+        try:
+            return await execute(storage=self.storage, spool=self.spool, engine=engine, limiter=self.share,
+                                 policy=policy, params=params, stop=stop or StopSignal())
+        finally:
+            self.share.close()
+
+    async def lines(self) -> tuple[list[dict], list[dict]]:
+        await self.spool.assemble(out_key="out", err_key="err")
+        self.spool.close()
+        out = [orjson.loads(x) for x in (await self.storage.get_bytes("out")).splitlines()] \
+            if self.spool.cp.completed else []
+        err = [orjson.loads(x) for x in (await self.storage.get_bytes("err")).splitlines()] \
+            if self.spool.cp.failed else []
+        return out, err
+
+    def assert_exactly_once(self, out: list[dict], err: list[dict]) -> None:
+        counts = Counter(row["custom_id"] for row in out + err)
+        assert set(counts) == {f"c{i}" for i in range(self.n)}
+        assert max(counts.values()) == 1
+
+
+async def test_every_request_lands_once_with_usage(tmp_path) -> None:
+    b = Batch(tmp_path, 200)
+    await b.upload()
+    engine = FakeEngine(lambda path, body: ok(body))
+    assert await b.run(engine) is Outcome.DONE
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert not err and engine.calls == 200
+    assert out[0]["response"]["body"]["echo"] == "hello 0" and out[0]["id"].startswith("batch_req_t")
+    assert b.spool.usage.input_tokens == 600 and b.spool.usage.output_tokens == 400
+    assert b.share.max_inflight_seen <= 8
+
+
+async def test_5xx_is_retried_and_a_4xx_answer_is_final(tmp_path) -> None:
+    b = Batch(tmp_path, 10, contents=["flaky"] + ["bad"] + [f"x{i}" for i in range(8)])
+    await b.upload()
+    seen: Counter = Counter()
+
+    def handler(path, body):
+        text = body["messages"][0]["content"]
+        seen[text] += 1
+        if text == "flaky" and seen[text] < 3:
+            return 500, {"error": {"message": "boom"}}
+        if text == "bad":
+            return 400, {"error": {"message": "no"}}
+        return ok(body)
+
+    assert await b.run(FakeEngine(handler)) is Outcome.DONE
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert seen["flaky"] == 3 and seen["bad"] == 1
+    assert [e["custom_id"] for e in err] == ["c1"]
+    assert err[0]["response"]["status_code"] == 400 and err[0]["error"] is None
+
+
+async def test_timeouts_give_up_after_max_attempts_as_request_timeout(tmp_path) -> None:
+    b = Batch(tmp_path, 3, contents=["slow", "a", "b"])
+    await b.upload()
+
+    def handler(path, body):
+        if body["messages"][0]["content"] == "slow":
+            raise RetryableEngineError("no answer", code="request_timeout")
+        return ok(body)
+
+    engine = FakeEngine(handler)
+    assert await b.run(engine) is Outcome.DONE
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert err[0]["error"]["code"] == "request_timeout" and err[0]["response"] is None
+    assert "after 3 attempts" in err[0]["error"]["message"]
+
+
+async def test_retry_after_is_honoured_before_the_retry(tmp_path) -> None:
+    b = Batch(tmp_path, 1)
+    await b.upload()
+    sent_at: list[float] = []
+
+    class Once429(FakeEngine):
+        async def send(self, path, body):
+            sent_at.append(time.monotonic())
+            reply = await super().send(path, body)
+            if len(sent_at) == 1:
+                reply.status, reply.retry_after_s = 429, 0.3
+            return reply
+
+    assert await b.run(Once429(lambda p, body: ok(body))) is Outcome.DONE
+    assert len(sent_at) == 2 and sent_at[1] - sent_at[0] >= 0.3
+    out, err = await b.lines()
+    assert len(out) == 1 and not err
+
+
+async def test_429s_never_lose_a_request_and_shrink_the_limit(tmp_path) -> None:
+    b = Batch(tmp_path, 300, limit=32, cap=64)
+    await b.upload()
+    running = 0
+
+    async def capped(path, body):  # an engine that serves 8 at once and refuses the rest
+        nonlocal running
+        if running >= 8:
+            return 429, {"error": {"message": "full"}}
+        running += 1
+        try:
+            await asyncio.sleep(0.002)
+            return ok(body)
+        finally:
+            running -= 1
+
+    assert await b.run(FakeEngine(capped)) is Outcome.DONE
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert not err
+    assert b.capacity.limit.cuts >= 1 and b.capacity.limit.value < 32
+
+
+async def test_cancel_writes_the_undone_requests_as_cancelled(tmp_path) -> None:
+    b = Batch(tmp_path, 100, limit=2, cap=2)
+    await b.upload()
+    stop = StopSignal()
+    calls = 0
+
+    async def handler(path, body):
+        nonlocal calls
+        calls += 1
+        if calls == 10:
+            stop.set(Outcome.CANCELLED)
+        await asyncio.sleep(0.001)
+        return ok(body)
+
+    assert await b.run(FakeEngine(handler), stop=stop) is Outcome.CANCELLED
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert 5 <= len(out) < 100
+    assert {e["error"]["code"] for e in err} == {"batch_cancelled"}
+
+
+async def test_expiry_writes_the_undone_requests_as_expired(tmp_path) -> None:
+    b = Batch(tmp_path, 50, limit=1, cap=1)
+    await b.upload()
+
+    async def slow(path, body):
+        await asyncio.sleep(0.02)
+        return ok(body)
+
+    assert await b.run(FakeEngine(slow), deadline_s=0.2) is Outcome.EXPIRED
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert 0 < len(out) < 50
+    assert {e["error"]["code"] for e in err} == {"batch_expired"}
+
+
+async def test_shutdown_then_resume_sends_each_request_at_most_once_more(tmp_path) -> None:
+    b = Batch(tmp_path, 400, limit=16, cap=16)
+    await b.upload()
+    stop = StopSignal()
+    sent: Counter = Counter()
+
+    async def handler(path, body):
+        sent[body["messages"][0]["content"]] += 1
+        if sum(sent.values()) == 150:
+            stop.set(Outcome.SHUTDOWN)
+        await asyncio.sleep(0.001)
+        return ok(body)
+
+    assert await b.run(FakeEngine(handler), stop=stop) is Outcome.SHUTDOWN
+    b.spool.close()
+    first = sum(sent.values())
+    assert await b.run(FakeEngine(handler), checkpoint=b.persisted[-1]) is Outcome.DONE
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    resent = sum(sent.values()) - 400
+    assert resent <= 16, (first, resent)  # at most the in-flight window
+
+
+async def test_an_outage_holds_dispatch_and_bounds_the_live_requests(tmp_path) -> None:
+    b = Batch(tmp_path, 3000, limit=4, cap=4)
+    await b.upload()
+    down_until = time.monotonic() + 1.5
+    peak_tasks = 0
+    attempts_while_down = 0
+
+    async def flaky(path, body):
+        nonlocal attempts_while_down
+        if time.monotonic() < down_until:
+            attempts_while_down += 1
+            raise RetryableEngineError("connection refused", code="engine_unreachable")
+        return ok(body)
+
+    policy = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05)
+    task = asyncio.create_task(b.run(FakeEngine(flaky), policy=policy))
+    while not task.done():
+        await asyncio.sleep(0.01)
+        peak_tasks = max(peak_tasks, sum(1 for t in asyncio.all_tasks() if "send_one" in repr(t.get_coro())))
+    assert task.result() is Outcome.DONE
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert not err  # an unreachable engine is waited for, not failed
+    assert peak_tasks <= 2 * 4 + 256  # the file did not turn into 3,000 sleeping tasks
+    assert attempts_while_down < 200, attempts_while_down  # held back, not hammering
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_gateway_errors_are_overload_signals(tmp_path, status) -> None:
+    b = Batch(tmp_path, 1)
+    await b.upload()
+    n = 0
+
+    def handler(path, body):
+        nonlocal n
+        n += 1
+        return (status, {"error": {"message": "x"}}) if n == 1 else ok(body)
+
+    assert await b.run(FakeEngine(handler)) is Outcome.DONE
+    assert b.capacity.limit.overloads == 1
