@@ -127,3 +127,37 @@ async def test_a_higher_priority_batch_gets_most_of_a_shared_engine(tmp_path: Pa
     finally:
         await h.scheduler.stop()
         await h.scheduler.engines.aclose()
+
+
+async def test_crashing_batch_is_retried_with_backoff_not_in_a_hot_loop(harness: Harness) -> None:
+    from overnight.errors import StorageError
+
+    bid = await harness.batch("a", 5)
+
+    async def broken_size(key: str) -> int:  # storage is down: every run of this batch crashes
+        raise StorageError("storage unreachable")
+
+    harness.storage.size = broken_size  # type: ignore[method-assign]
+    claims = []
+    original = harness.store.update_batch
+
+    async def counting_update(r, **kw):
+        if r.lease_owner == "r1" and r.lease_token > len(claims):
+            claims.append(r.lease_token)
+        return await original(r, **kw)
+
+    harness.store.update_batch = counting_update  # type: ignore[method-assign]
+    await harness.scheduler.start()
+    await asyncio.sleep(1.0)
+    # Without backoff the 50 ms poll would re-claim it ~20 times a second.
+    assert 1 <= len(claims) <= 3, claims
+    assert (await harness.store.get_batch(bid)).status == "validating"
+
+
+async def test_input_bytes_missing_fails_the_batch_with_a_clear_error(harness: Harness) -> None:
+    bid = await harness.batch("a", 5)
+    rec = await harness.store.get_batch(bid)
+    harness.storage.objects.pop(f"files/{rec.input_file_id}")
+    await harness.scheduler.drain(10)
+    rec = await harness.store.get_batch(bid)
+    assert rec.status == "failed" and rec.errors[0]["code"] == "file_not_found"

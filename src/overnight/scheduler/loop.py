@@ -29,6 +29,9 @@ __all__ = ["Scheduler", "EnginePool"]
 
 log = logging.getLogger("overnight.scheduler")
 
+#: Longest wait before a batch whose runner crashed is claimed again.
+_MAX_CRASH_BACKOFF_S = 60.0
+
 
 class EnginePool:
     """Per engine endpoint: one client (connection pool), one shared ``EngineCapacity``
@@ -139,6 +142,8 @@ class Scheduler:
         self.runners: dict[str, BatchRunner] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        #: batch id -> (monotonic time before which it is not claimed again, last delay)
+        self._crash_backoff: dict[str, tuple[float, float]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
 
@@ -186,6 +191,8 @@ class Scheduler:
                 break
             if rec.id in self.runners or not lease_is_free(rec, self.replica_id, now):
                 continue
+            if self._crash_backoff.get(rec.id, (0.0, 0.0))[0] > time.monotonic():
+                continue
             claimed = await claim_batch(self.store, rec, owner=self.replica_id, lease_s=self.cfg.lease_s)
             if claimed is None:
                 continue
@@ -215,10 +222,17 @@ class Scheduler:
                 await transition(self.store, rec.id, BatchStatus.FAILED, fence=rec.lease_token, errors=[error])
 
     async def _run(self, runner: BatchRunner) -> None:
+        batch_id = runner.batch.id
         try:
             await runner.run()
         except Exception:
-            log.exception("batch %s: runner crashed; it will be retried", runner.batch.id)
+            # Back off before claiming it again, so a persistent fault (storage down, a
+            # missing object) is a slow retry with a log line, not a hot loop.
+            delay = min(_MAX_CRASH_BACKOFF_S, 2 * self._crash_backoff.get(batch_id, (0.0, 0.5))[1])
+            self._crash_backoff[batch_id] = (time.monotonic() + delay, delay)
+            log.exception("batch %s: runner crashed; retrying in %.0f s", batch_id, delay)
+        else:
+            self._crash_backoff.pop(batch_id, None)
         finally:
             self.runners.pop(runner.batch.id, None)
             self._tasks.pop(runner.batch.id, None)

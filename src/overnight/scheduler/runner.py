@@ -74,7 +74,9 @@ class BatchRunner:
             lost = True
             log.warning("batch %s: lease lost; another replica continues it", self.batch.id)
         except NotFoundError:
-            lost = True
+            if await self.store.get_batch(self.batch.id) is not None:
+                raise  # something else is missing (a storage object): a crash, not a deletion
+            lost = True  # the batch record itself is gone
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -125,7 +127,15 @@ class BatchRunner:
                          "line": None, "param": "input_file_id"}],
             )
             return None
-        result = await validate_input(self.storage, f.storage_key, endpoint=b.endpoint, limits=self.cfg.limits)
+        try:
+            result = await validate_input(self.storage, f.storage_key, endpoint=b.endpoint, limits=self.cfg.limits)
+        except NotFoundError:
+            await transition(
+                self.store, b.id, S.FAILED, fence=self.token,
+                errors=[{"code": "file_not_found", "message": f"The bytes of input file {f.id} are missing "
+                         "from storage.", "line": None, "param": "input_file_id"}],
+            )
+            return None
         if self.stop.reason is Outcome.CANCELLED:
             return await self._refresh(b)
         try:
