@@ -29,11 +29,15 @@ StoreOption = Annotated[
 
 
 def _resolve(store: str | None) -> tuple[str, type]:
+    """The store URL and its class; an unknown scheme or missing extra exits with code 1."""
     from overnight.config import Settings
     from overnight.store import store_class
 
     url = store or Settings().resolved_store_url()
-    return url, store_class(url)
+    try:
+        return url, store_class(url)
+    except OvernightError as exc:
+        raise _fail(exc) from exc
 
 
 def _scheme(url: str) -> str:
@@ -62,10 +66,7 @@ def _run(coro: Any) -> Any:
 @db_app.command()
 def upgrade(store: StoreOption = None) -> None:
     """Apply pending schema migrations to the store."""
-    try:
-        url, cls = _resolve(store)
-    except OvernightError as exc:
-        raise _fail(exc) from exc
+    url, cls = _resolve(store)
     migrate = getattr(cls, "upgrade_schema", None)
     if migrate is None:
         typer.echo(_no_migrations(url))
@@ -77,10 +78,7 @@ def upgrade(store: StoreOption = None) -> None:
 @db_app.command()
 def current(store: StoreOption = None) -> None:
     """Print the schema revision the store is at."""
-    try:
-        url, cls = _resolve(store)
-    except OvernightError as exc:
-        raise _fail(exc) from exc
+    url, cls = _resolve(store)
     read = getattr(cls, "schema_revision", None)
     if read is None:
         typer.echo(_no_migrations(url))
