@@ -45,9 +45,8 @@ def _preflight(settings: "Settings") -> None:  # noqa: F821
     try:
         asyncio.run(check())
     except OvernightError as exc:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold red]overnight serve cannot start:[/] {exc.message}")
+        # Plain text on one line: rich markup would eat "[postgres]" in install hints.
+        typer.secho(f"overnight serve cannot start: {exc.message}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
 
 

@@ -16,6 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# Both packages of the ``postgres`` extra are imported here, not where they are
+# first used, so a missing one fails the registry's load with the install hint
+# instead of a traceback at connect or migration time.
+import alembic  # noqa: F401
+import asyncpg  # noqa: F401
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
