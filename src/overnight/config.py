@@ -26,8 +26,16 @@ class Settings(BaseSettings):
     store_url: str | None = None
     #: File storage URL; default ``file://<data_dir>/files``.
     storage_url: str | None = None
-    #: ``key:tenant,key2:tenant2``. Empty: open mode, each API key is its own tenant.
+    #: ``key:tenant,key2:tenant2``. Empty: open mode, where no key is checked and every
+    #: request (whatever key it sends, or none) shares one tenant. Tenants exist only
+    #: with configured keys.
     api_keys: str = ""
+    #: Largest JSON request body (``POST /v1/batches`` ...); larger ones get 413.
+    max_json_body_bytes: int = defaults.MAX_JSON_BODY_BYTES
+    #: Require an API key for ``/metrics`` (when keys are configured).
+    metrics_require_key: bool = False
+    #: Serve ``/docs``, ``/redoc`` and ``/openapi.json`` without a key; false requires one.
+    public_docs: bool = True
 
     max_requests_per_file: int = defaults.MAX_REQUESTS_PER_FILE
     max_input_bytes: int = defaults.MAX_INPUT_BYTES
@@ -55,6 +63,12 @@ class Settings(BaseSettings):
     mock_latency_ms: float = 50.0
     #: Replica name used as lease owner; default host:pid.
     replica_id: str | None = None
+    #: Which ``runtime.endpoint`` tenants may name (``runtimes/egress.py``): unset =
+    #: any in open mode, none in keyed mode; ``*``; ``none``; or a comma-separated
+    #: list of URL prefixes, hosts (``*.suffix``) and IP ranges.
+    allowed_endpoints: str | None = None
+    #: Fernet key(s), comma-separated (first encrypts), for secrets stored in records.
+    secret_key: str | None = None
 
     model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 #: users often run larger files.
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_INPUT_BYTES = 200 * 1024 * 1024
+#: JSON request bodies (batch create ...) are small; this bounds what a request may buffer.
+MAX_JSON_BODY_BYTES = 1024 * 1024
 
 #: OpenAI's metadata limits.
 METADATA_MAX_PAIRS = 16
@@ -27,6 +29,11 @@ MAX_ATTEMPTS = 5
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 REQUEST_TIMEOUT_S = 600.0
+
+#: The largest engine answer read: far above any real completion or embedding
+#: (a 128k-token answer is well under 1 MiB of JSON), low enough that a runaway
+#: engine cannot fill the service's memory with a few answers.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 #: A lease must outlive a few missed heartbeats (GC pauses, slow store) but be short
 #: enough that a dead replica's batches move within seconds.

@@ -197,8 +197,10 @@ def test_deleting_input_of_running_batch_is_refused(cluster, tmp_path):
     assert client.files.delete(f.id).deleted
 
 
-def test_other_tenant_sees_nothing(server, tmp_path):
-    alice, bob = client_for(server.url, "alice"), client_for(server.url, "bob")
+def test_other_tenant_sees_nothing(cluster, engine, tmp_path):
+    # Tenants exist only with configured keys (open mode is one shared tenant).
+    server = cluster.server(engine_url=engine.url, env={"OVERNIGHT_API_KEYS": "ka:alice,kb:bob"})
+    alice, bob = client_for(server.url, "ka"), client_for(server.url, "kb")
     f = upload(alice, make_input_file(tmp_path / "in.jsonl", 2))
     b = alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     with pytest.raises(openai.NotFoundError):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from overnight import __version__
+from overnight.api.edge import EdgeMiddleware, public_paths
 from overnight.api.errors import install_error_handlers
 from overnight.api.routes import batches, files, health, metrics, models
 from overnight.batches.validation import ValidationLimits
@@ -24,6 +25,8 @@ from overnight.executor.limiter import ConcurrencyLimits
 from overnight.files.retention import run_sweeper
 from overnight.executor.retry import RetryPolicy
 from overnight.replica import ReplicaIdentity
+from overnight.runtimes.egress import EndpointPolicy
+from overnight.secret_box import SecretBox, load_or_create_key_file
 from overnight.scheduler.loop import EnginePool, Scheduler
 from overnight.scheduler.runner import RunnerConfig
 from overnight.storage import open_storage
@@ -60,7 +63,10 @@ async def _mock_engine(settings: Settings) -> AsyncIterator[str]:
             await task
 
 
-def build_scheduler(settings: Settings, *, store, storage, engine_url: str | None, replica_id: str) -> Scheduler:  # type: ignore[no-untyped-def]
+def build_scheduler(  # type: ignore[no-untyped-def]
+    settings: Settings, *, store, storage, engine_url: str | None, replica_id: str,
+    policy: EndpointPolicy | None = None, secrets: SecretBox | None = None,
+) -> Scheduler:
     config = RunnerConfig(
         spool_dir=settings.spool_dir(),
         lease_s=settings.lease_s,
@@ -76,7 +82,8 @@ def build_scheduler(settings: Settings, *, store, storage, engine_url: str | Non
         output_expires_after_s=settings.output_expires_after_s,
     )
     engines = EnginePool(
-        default_url=engine_url, default_api_key=settings.engine_api_key, timeout_s=settings.request_timeout_s
+        default_url=engine_url, default_api_key=settings.engine_api_key, timeout_s=settings.request_timeout_s,
+        policy=policy, secrets=secrets,
     )
     return Scheduler(
         store=store,
@@ -88,6 +95,16 @@ def build_scheduler(settings: Settings, *, store, storage, engine_url: str | Non
         poll_s=settings.scheduler_poll_s,
         global_concurrency=settings.max_concurrency_global,
     )
+
+
+def _egress(settings: Settings, engine_url: str | None) -> tuple[EndpointPolicy, SecretBox]:
+    """Which endpoints tenants may name, and the key their engine API keys are sealed with."""
+    keyed = bool(settings.tenant_for_key())
+    policy = EndpointPolicy(settings.allowed_endpoints, keyed=keyed, default_url=engine_url)
+    key = settings.secret_key
+    if not key and not keyed:
+        key = load_or_create_key_file(settings.data_dir)  # open mode: one user, one machine
+    return policy, SecretBox(key)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -105,9 +122,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             engine_url = settings.engine_url
             if engine_url == "mock":
                 engine_url = await stack.enter_async_context(_mock_engine(settings))
+            policy, secrets = _egress(settings, engine_url)
             scheduler = build_scheduler(
-                settings, store=store, storage=storage, engine_url=engine_url, replica_id=identity.id
+                settings, store=store, storage=storage, engine_url=engine_url, replica_id=identity.id,
+                policy=policy, secrets=secrets,
             )
+            app.state.endpoint_policy, app.state.secrets = policy, secrets
             app.state.settings = settings.model_copy(update={"engine_url": engine_url})
             app.state.store, app.state.storage, app.state.scheduler = store, storage, scheduler
             app.state.api_keys = settings.tenant_for_key()
@@ -128,6 +148,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         identity.release()
 
     app = FastAPI(title="overnight", version=__version__, lifespan=lifespan)
+    app.add_middleware(
+        EdgeMiddleware,
+        keys=settings.tenant_for_key(),
+        public=public_paths(metrics_require_key=settings.metrics_require_key, public_docs=settings.public_docs),
+        max_json_body_bytes=settings.max_json_body_bytes,
+    )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from overnight.api.edge import tenant_for_headers, tenant_from_scope
 from overnight.config import Settings
 from overnight.errors import OvernightError
 from overnight.scheduler.loop import Scheduler
@@ -37,18 +37,14 @@ def _scheduler(request: Request) -> Scheduler:
 
 
 def _tenant(request: Request) -> str:
-    """With configured API keys, the key names the tenant; in open mode each distinct
-    key is its own tenant (and no key is the ``anonymous`` tenant)."""
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    keys: dict[str, str] = request.app.state.api_keys
-    if keys:
-        if key not in keys:
+    """The tenant the edge middleware resolved from the API key (checked there,
+    before the body is read). Open mode has one tenant; configured keys name theirs."""
+    tenant = tenant_from_scope(request.scope)
+    if tenant is None:  # a path the middleware treats as public
+        tenant = tenant_for_headers(request.headers.raw, request.app.state.api_keys)
+        if tenant is None:
             raise AuthError("Incorrect API key provided.")
-        return keys[key]
-    if not key:
-        return "anonymous"
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return tenant
 
 
 StoreDep = Annotated[Store, Depends(_store)]
