@@ -612,7 +612,7 @@ async def test_openai_sdk_round_trip() -> None:
         response = await client.responses.create(model="m", input="hi")
         assert response.output_text == "the quick brown fox"
         models = await client.models.list()
-        assert [m.id for m in models.data] == ["mock-model"]
+        assert [m.id for m in models.data] == ["mock-model", "m"]  # configured, then answered
 
 
 # --------------------------------------------------------------------------- real TCP

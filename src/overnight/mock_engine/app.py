@@ -13,7 +13,9 @@ Endpoints
 ``POST /v1/responses``
     Inference routes. Every POST to one of them counts in ``received_total``.
 ``GET /v1/models``
-    A one-entry model list (the configured model name).
+    The model names it accepts: any name is accepted (and echoed in the
+    answer), so the list holds the configured ``model`` first, then every other
+    name it has answered so far (at most 100 are listed).
 ``GET /health``
     Always 200.
 ``GET /stats``, ``POST /stats/reset``
@@ -93,8 +95,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import hashlib
 import itertools
+import logging
 import math
 import os
 import random
@@ -331,6 +335,7 @@ def _positive_int(body: dict[str, Any], *names: str) -> int | None:
 
 
 _MARKER = "[[mock:"
+_MAX_LISTED_MODELS = 100
 _MARKER_RE = re.compile(r"\[\[mock:([^\]]*)\]\]")
 _SETTING_SPLIT_RE = re.compile(r"[,;\s]+")
 _INT_SETTINGS = ("status", "fail_times", "tokens")
@@ -577,12 +582,14 @@ class MockEngineApp:
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self._started = int(time.time())
+        #: Names for /v1/models: the configured one, then those answered (any is accepted).
+        self._models: dict[str, None] = {config.model: None}
         label = config.model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         self._label = f'model_name="{label}"'
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             path: {"POST": self._inference} for path in _ROUTE_PREP
         }
-        self._routes["/v1/models"] = {"GET": self._models}
+        self._routes["/v1/models"] = {"GET": self._list_models}
         self._routes["/health"] = {"GET": self._health, "HEAD": self._health}
         self._routes["/stats"] = {"GET": self._stats}
         self._routes["/stats/reset"] = {"POST": self._stats_reset}
@@ -637,8 +644,7 @@ class MockEngineApp:
     async def _health(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> None:
         await _send(send, 200, b'{"status":"ok"}', rid)
 
-    async def _models(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> None:
-        model = self.config.model
+    async def _list_models(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> None:
         body = {
             "object": "list",
             "data": [
@@ -650,6 +656,7 @@ class MockEngineApp:
                     "root": model,
                     "parent": None,
                 }
+                for model in self._models
             ],
         }
         await _send(send, 200, orjson.dumps(body), rid)
@@ -728,6 +735,8 @@ class MockEngineApp:
         except _BadRequest as exc:
             await self._reject(send, rid, 400, exc.message, "invalid_request_error", exc.param, exc.code)
             return
+        if model not in self._models and len(self._models) < _MAX_LISTED_MODELS:
+            self._models[model] = None
 
         max_conc = self._max_concurrency
         task: asyncio.Task[Any] | None = None
@@ -1178,7 +1187,10 @@ async def serve(
 
     server = _Server(uv_config)
     sock = _bind(host, port)
-    runner = asyncio.ensure_future(server.serve(sockets=[sock]))
+    _install_quiet_filter()
+    context = contextvars.copy_context()
+    context.run(_QUIET.set, True)
+    runner = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), context=context)
     try:
         await asyncio.shield(runner)
     except asyncio.CancelledError:
@@ -1191,6 +1203,23 @@ async def serve(
         raise
     finally:
         sock.close()
+
+
+#: True inside the task serving the mock engine: uvicorn's INFO lines about its start
+#: and stop go to the shared "uvicorn.error" logger and, when the engine runs inside
+#: ``overnight serve``, would repeat the service's own lines.
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("overnight_mock_quiet", default=False)
+
+
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not _QUIET.get()
+
+
+def _install_quiet_filter() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietFilter) for f in logger.filters):
+        logger.addFilter(_QuietFilter())
 
 
 def run(config: MockEngineConfig, *, host: str = "127.0.0.1", port: int = 8100) -> None:
