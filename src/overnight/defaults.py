@@ -35,6 +35,11 @@ REQUEST_TIMEOUT_S = 600.0
 #: engine cannot fill the service's memory with a few answers.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
+#: The largest engine answer read: far above any real completion or embedding
+#: (a 128k-token answer is well under 1 MiB of JSON), low enough that a runaway
+#: engine cannot fill the service's memory with a few answers.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
 #: A lease must outlive a few missed heartbeats (GC pauses, slow store) but be short
 #: enough that a dead replica's batches move within seconds.
 LEASE_S = 15.0

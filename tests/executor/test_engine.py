@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 import pytest
 
-from overnight.errors import RetryableEngineError
+from overnight.errors import FatalEngineError, RetryableEngineError
 from overnight.executor.engine import FakeEngine, HttpEngineClient, engine_base_url
 from overnight.mock_engine import MockEngineConfig, serve
 
@@ -217,3 +218,126 @@ async def test_fake_engine_runs_sync_and_async_handlers() -> None:
 
     with pytest.raises(RetryableEngineError):
         await FakeEngine(slow).send(CHAT, b"{}")
+
+
+# -- bounded and truncated answers ---------------------------------------------
+
+_MiB = 1024 * 1024
+
+
+async def _stream_huge(writer: asyncio.StreamWriter, total: int) -> None:
+    block = b"x" * _MiB
+    sent = 0
+    while sent < total:
+        writer.write(block)
+        await writer.drain()
+        sent += len(block)
+
+
+async def _rss_growth_while(coro) -> tuple[int, object]:
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = base
+    task = asyncio.ensure_future(coro)
+    while not task.done():
+        peak = max(peak, proc.memory_info().rss)
+        await asyncio.sleep(0.01)
+    return peak - base, task.exception() or task.result()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_answer_over_the_size_limit_is_dropped_while_reading(framing) -> None:
+    """1 GiB announced and streamed: reading stops at the limit, memory stays flat."""
+    async def huge(reader, writer, n) -> None:
+        await read_request(reader)
+        if framing == "content-length":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % (1024 * _MiB))
+            await _stream_huge(writer, 1024 * _MiB)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            block = b"%x\r\n%b\r\n" % (_MiB, b"x" * _MiB)
+            for _ in range(1024):
+                writer.write(block)
+                await writer.drain()
+
+    async with raw_server(huge) as (url, _):
+        client = HttpEngineClient(url, max_response_bytes=4 * _MiB)
+        try:
+            growth, exc = await _rss_growth_while(client.send(CHAT, BODY))
+        finally:
+            await client.aclose()
+    assert isinstance(exc, FatalEngineError) and exc.code == "response_too_large", exc
+    assert "4194304" in exc.message
+    assert growth < 200 * _MiB, f"RSS grew by {growth / _MiB:.0f} MiB"
+
+
+async def test_a_body_at_the_limit_is_read_and_the_connection_reused() -> None:
+    body = b'"' + b"y" * 998 + b'"'
+
+    async def exact(reader, writer, n) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(response(200, body))
+            await writer.drain()
+
+    async with raw_server(exact) as (url, conns):
+        client = HttpEngineClient(url, max_response_bytes=1000)
+        try:
+            for _ in range(2):
+                assert (await client.send(CHAT, BODY)).body == body
+            assert len(conns) == 1
+        finally:
+            await client.aclose()
+
+
+async def test_truncated_answers_are_connection_errors_not_successes() -> None:
+    async def reset_close_delimited(reader, writer, n) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b'{"half":')
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with linger 0: an RST, not a clean end of the body
+
+    async def short_content_length(reader, writer, n) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"half":')
+        await writer.drain()
+
+    async def chunked_cut(reader, writer, n) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"half\":\r\n")
+        await writer.drain()
+
+    async def garbage(reader, writer, n) -> None:
+        await read_request(reader)
+        writer.write(b"SMTP READY\r\n\r\n")
+        await writer.drain()
+
+    for handler in (reset_close_delimited, short_content_length, chunked_cut, garbage):
+        async with raw_server(handler) as (url, _):
+            client = HttpEngineClient(url)
+            try:
+                with pytest.raises(RetryableEngineError) as exc:
+                    await client.send(CHAT, BODY)
+                assert exc.value.code == "connection_error", (handler.__name__, exc.value.code)
+            finally:
+                await client.aclose()
+
+
+async def test_the_content_type_of_the_answer_is_kept() -> None:
+    async def sse(reader, writer, n) -> None:
+        await read_request(reader)
+        writer.write(response(200, b"data: {}\n\n", b"Content-Type: text/event-stream; charset=utf-8"))
+        await writer.drain()
+
+    async with raw_server(sse) as (url, _):
+        client = HttpEngineClient(url)
+        try:
+            reply = await client.send(CHAT, BODY)
+            assert reply.content_type == "text/event-stream; charset=utf-8"
+        finally:
+            await client.aclose()

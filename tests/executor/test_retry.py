@@ -16,6 +16,8 @@ def test_statuses_are_classified() -> None:
 def test_no_answer_is_an_outage_or_a_counted_retry() -> None:
     assert classify_no_answer("engine_unreachable") is Decision.RETRY_UNTIL_DEADLINE
     assert classify_no_answer("request_timeout") is Decision.RETRY
+    assert classify_no_answer("connection_error") is Decision.RETRY
+    assert classify_no_answer("response_too_large") is Decision.FAIL
 
 
 def test_only_overload_statuses_are_concurrency_signals() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from overnight.errors import RetryableEngineError
+from overnight.errors import FatalEngineError, RetryableEngineError
 from overnight.executor.checkpoint import Checkpoint
-from overnight.executor.engine import FakeEngine
+from overnight.executor.engine import EngineReply, FakeEngine
 from overnight.executor.limiter import ConcurrencyLimits
 from overnight.executor.retry import RetryPolicy
 from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
@@ -277,3 +277,102 @@ async def test_gateway_errors_are_overload_signals(tmp_path, status) -> None:
 
     assert await b.run(FakeEngine(handler)) is Outcome.DONE
     assert b.capacity.limit.overloads == 1
+
+
+# -- answers that are not plain JSON ---------------------------------------------
+
+
+def raw(status: int, body: bytes, content_type: str | None = None) -> EngineReply:
+    return EngineReply(status=status, body=body, request_id="r1", content_type=content_type)
+
+
+async def test_a_2xx_answer_that_is_not_json_is_an_error_line_after_the_attempts(tmp_path) -> None:
+    b = Batch(tmp_path, 2, contents=["html", "ok"])
+    await b.upload()
+    seen: Counter = Counter()
+
+    def handler(path, body):
+        text = body["messages"][0]["content"]
+        seen[text] += 1
+        if text == "html":
+            return raw(200, b"<html>proxy login</html>", "text/html")
+        return ok(body)
+
+    assert await b.run(FakeEngine(handler)) is Outcome.DONE
+    out, err = await b.lines()
+    b.assert_exactly_once(out, err)
+    assert seen["html"] == 3 and [o["custom_id"] for o in out] == ["c1"]
+    line = err[0]
+    assert line["error"]["code"] == "invalid_engine_response" and "<html>proxy login" in line["error"]["message"]
+    assert line["response"]["status_code"] == 200
+    assert line["response"]["body"]["error"]["message"] == "<html>proxy login</html>"
+    assert b.spool.cp.completed == 1 and b.spool.cp.failed == 1
+
+
+async def test_a_non_2xx_answer_that_is_not_json_is_recorded_the_same_way(tmp_path) -> None:
+    b = Batch(tmp_path, 1)
+    await b.upload()
+    assert await b.run(FakeEngine(lambda path, body: raw(400, b"Bad Request", "text/plain"))) is Outcome.DONE
+    out, err = await b.lines()
+    assert not out
+    assert err[0]["error"]["code"] == "invalid_engine_response" and "HTTP 400" in err[0]["error"]["message"]
+    assert err[0]["response"]["status_code"] == 400
+    assert err[0]["response"]["body"]["error"]["message"] == "Bad Request"
+
+
+async def test_a_streamed_answer_is_assembled_and_its_usage_counted(tmp_path) -> None:
+    b = Batch(tmp_path, 1)
+    await b.upload()
+    chunks = [
+        {"id": "c", "object": "chat.completion.chunk", "model": "m",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "he"}, "finish_reason": None}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "m",
+         "choices": [{"index": 0, "delta": {"content": "y"}, "finish_reason": "stop"}]},
+        {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [],
+         "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}},
+    ]
+    stream = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    assert await b.run(FakeEngine(lambda path, body: raw(200, stream, "text/event-stream"))) is Outcome.DONE
+    out, err = await b.lines()
+    assert not err
+    body = out[0]["response"]["body"]
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == "hey"
+    assert b.spool.usage.input_tokens == 4 and b.spool.usage.output_tokens == 2
+
+
+async def test_a_stream_that_cannot_be_assembled_is_never_a_success(tmp_path) -> None:
+    b = Batch(tmp_path, 1)
+    await b.upload()
+    stream = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"cut"}}]}\n\n'
+    assert await b.run(FakeEngine(lambda path, body: raw(200, stream, "text/event-stream"))) is Outcome.DONE
+    out, err = await b.lines()
+    assert not out
+    assert err[0]["error"]["code"] == "unparseable_stream"
+    assert err[0]["response"]["status_code"] == 200 and "data: " in err[0]["response"]["body"]["error"]["message"]
+
+
+async def test_an_answer_over_the_size_limit_fails_at_once(tmp_path) -> None:
+    b = Batch(tmp_path, 1)
+    await b.upload()
+
+    def handler(path, body):
+        raise FatalEngineError("too big", code="response_too_large")
+
+    engine = FakeEngine(handler)
+    assert await b.run(engine) is Outcome.DONE
+    out, err = await b.lines()
+    assert engine.calls == 1 and not out
+    assert err[0]["error"] == {"code": "response_too_large", "message": "too big (after 1 attempt)"}
+
+
+async def test_broken_connections_count_as_attempts_not_as_an_outage(tmp_path) -> None:
+    b = Batch(tmp_path, 1)
+    await b.upload()
+
+    def handler(path, body):
+        raise RetryableEngineError("reset mid-answer", code="connection_error")
+
+    engine = FakeEngine(handler)
+    assert await b.run(engine, deadline_s=3600) is Outcome.DONE
+    out, err = await b.lines()
+    assert engine.calls == 3 and err[0]["error"]["code"] == "connection_error"

@@ -8,8 +8,11 @@ per connection, the ``httptools`` C parser (shipped with ``uvicorn[standard]``),
 a LIFO pool of idle connections, and one timer sweep per pool instead of a timer
 per request. HTTPS works through the event loop's TLS support.
 
-Failures are reported as ``ConnectionFailed`` / ``RequestTimedOut``; the engine
-client turns them into overnight's own errors.
+Failures are reported as ``ConnectFailed`` (no connection at all),
+``ConnectionFailed`` (a connection that broke or spoke garbage),
+``ResponseTooLarge`` and ``RequestTimedOut``; the engine client turns them into
+overnight's own errors. A body is bounded while it is read: past
+``max_body_bytes`` the rest is not read and the connection is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["ConnectionFailed", "HttpPool", "RawReply", "RequestTimedOut"]
+__all__ = ["ConnectFailed", "ConnectionFailed", "HttpPool", "RawReply", "RequestTimedOut", "ResponseTooLarge"]
 
 #: Drop idle connections older than this instead of reusing them: servers close
 #: idle keep-alive connections (uvicorn after 5 s), and a request written into a
@@ -32,7 +35,15 @@ _IDLE_REUSE_S = 3.0
 
 
 class ConnectionFailed(Exception):
-    """No complete HTTP answer: refused, reset, or closed mid-response."""
+    """No complete HTTP answer: reset, closed mid-response, or not HTTP."""
+
+
+class ConnectFailed(ConnectionFailed):
+    """No connection at all: refused, unknown host, or connecting timed out."""
+
+
+class ResponseTooLarge(Exception):
+    """The answer's body is over the pool's ``max_body_bytes``."""
 
 
 class RequestTimedOut(Exception):
@@ -45,6 +56,7 @@ class RawReply:
     body: bytes
     request_id: str | None
     retry_after: str | None
+    content_type: str | None = None
 
 
 class _Conn(asyncio.Protocol):
@@ -58,6 +70,9 @@ class _Conn(asyncio.Protocol):
         self.parts: list[bytes] = []
         self.request_id: str | None = None
         self.retry_after: str | None = None
+        self.content_type: str | None = None
+        self.content_length = 0
+        self.body_bytes = 0
         self.close_after = False
         self.headers_done = False
         self.has_length = False
@@ -72,6 +87,8 @@ class _Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # given up on (too large, timed out): drop what is still buffered
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
@@ -85,9 +102,9 @@ class _Conn(asyncio.Protocol):
         fut = self.fut
         if fut is None or fut.done():
             return
-        if self.headers_done and not self.has_length:
+        if self.headers_done and not self.has_length and exc is None:
             # A body delimited by the end of the connection (no Content-Length,
-            # not chunked): the close is the end of the message.
+            # not chunked): a clean close is the end of the message; a reset is not.
             self.on_message_complete()
             return
         err = ConnectionFailed(f"connection closed before a complete answer ({exc or 'EOF'})")
@@ -101,36 +118,62 @@ class _Conn(asyncio.Protocol):
             self.request_id = value.decode("latin-1")
         elif n == b"retry-after":
             self.retry_after = value.decode("latin-1")
-        elif n == b"content-length" or (n == b"transfer-encoding" and b"chunked" in value.lower()):
+        elif n == b"content-type":
+            self.content_type = value.decode("latin-1")
+        elif n == b"content-length":
+            self.has_length = True
+            if value.strip().isdigit():
+                self.content_length = int(value)
+        elif n == b"transfer-encoding" and b"chunked" in value.lower():
             self.has_length = True
         elif n == b"connection" and value.lower() == b"close":
             self.close_after = True
 
     def on_headers_complete(self) -> None:
         self.headers_done = True
+        if self.content_length > self.pool.max_body_bytes:
+            self._too_large(self.content_length)
 
     def on_body(self, body: bytes) -> None:
+        if self.fut is None:
+            return  # the answer was already given up on; the connection is closing
+        self.body_bytes += len(body)
+        if self.body_bytes > self.pool.max_body_bytes:
+            self._too_large(None)
+            return
         self.parts.append(body)
+
+    def _too_large(self, announced: int | None) -> None:
+        size = f"{announced} bytes" if announced is not None else "more"
+        self._fail(ResponseTooLarge(
+            f"the engine's answer ({size}) is over the limit of {self.pool.max_body_bytes} bytes"
+        ))
+        self.parts = []
+        self.close()  # reading the rest would only be thrown away
 
     def on_message_complete(self) -> None:
         fut = self.fut
+        if fut is None or fut.done():
+            self.close()  # an answer nobody waits for (timed out, too large)
+            return
         self.fut = None
         parts = self.parts
+        self.parts = []
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        reply = RawReply(self.parser.get_status_code(), body, self.request_id, self.retry_after)
+        reply = RawReply(self.parser.get_status_code(), body, self.request_id, self.retry_after, self.content_type)
         keep = not self.close_after and not self.closed and self.parser.should_keep_alive()
         if keep:
             self.pool._checkin(self)
         else:
             self.close()
-        if fut is not None and not fut.done():
-            fut.set_result(reply)
+        fut.set_result(reply)
 
     # -- used by the pool -----------------------------------------------------
     def start(self, head: bytes, body: bytes, deadline: float) -> asyncio.Future[RawReply]:
         self.fut = fut = self.pool.loop.create_future()
         self.parts = []
-        self.request_id = self.retry_after = None
+        self.request_id = self.retry_after = self.content_type = None
+        self.content_length = self.body_bytes = 0
         self.headers_done = self.has_length = self.got_bytes = self.close_after = False
         self.deadline = deadline
         assert self.transport is not None
@@ -167,6 +210,7 @@ class HttpPool:
         timeout_s: float = 600.0,
         connect_timeout_s: float = 30.0,
         max_connections: int = 4096,
+        max_body_bytes: int = 1 << 62,
     ) -> None:
         u = urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -181,6 +225,8 @@ class HttpPool:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
+        #: Answers with a larger body fail with ``ResponseTooLarge``.
+        self.max_body_bytes = max_body_bytes
         self._idle: list[_Conn] = []
         self._busy: set[_Conn] = set()
         self._opening = 0
@@ -261,9 +307,9 @@ class HttpPool:
                 self.connect_timeout_s,
             )
         except asyncio.TimeoutError as exc:
-            raise RequestTimedOut(f"connecting to {self.host}:{self.port} timed out") from exc
+            raise ConnectFailed(f"connecting to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
-            raise ConnectionFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         finally:
             self._opening -= 1
             self._wake()

@@ -51,9 +51,17 @@ def classify_status(status: int) -> Decision:
     return Decision.FAIL
 
 
+#: An answer over the size limit: another attempt would only read it again.
+TOO_LARGE_CODES = frozenset({"response_too_large"})
+
+
 def classify_no_answer(code: str | None) -> Decision:
-    """No HTTP answer: an unreachable engine is an outage (wait for it); a timeout
-    may be a poison request, so it counts against the attempts."""
+    """No usable HTTP answer. Only an engine no connection could be opened to is an
+    outage (waited for until the deadline). A connection that was accepted and then
+    reset, cut short or answered garbage, and a timeout, may be caused by the request
+    itself, so they count against the attempts."""
+    if code in TOO_LARGE_CODES:
+        return Decision.FAIL
     return Decision.RETRY_UNTIL_DEADLINE if code == "engine_unreachable" else Decision.RETRY
 
 

@@ -16,7 +16,8 @@ from enum import Enum
 
 import orjson
 
-from overnight.errors import RetryableEngineError
+from overnight.errors import EngineError, RetryableEngineError
+from overnight.executor import sse
 from overnight.executor.engine import EngineClient, EngineReply
 from overnight.executor.limiter import Signal
 from overnight.executor.retry import Decision, RetryPolicy, classify_no_answer, classify_status, overload_signal
@@ -61,16 +62,42 @@ class ExecuteParams:
     persist: Callable[[bytes], Awaitable[None]]
 
 
-def _error_body(raw: bytes, status: int) -> bytes:
-    """The engine's error body as JSON (a proxy's HTML 502 becomes an error object)."""
+@dataclass(slots=True)
+class _Answer:
+    """What goes into a line for one HTTP answer."""
+
+    body: bytes  #: JSON for the line's ``response.body``
+    usage: object = None
+    #: JSON ``{"code", "message"}`` when the answer cannot be used as it is.
+    error: bytes | None = None
+
+
+def _unusable(reply: EngineReply, code: str, why: str) -> _Answer:
+    """An answer that is not JSON (or a stream that cannot be assembled), 2xx or not:
+    the body becomes an error object holding the start of the text, never a success."""
+    text = reply.body[:2000].decode("utf-8", "replace")
+    body = orjson.dumps({"error": {
+        "message": text or f"HTTP {reply.status} with an empty body", "type": "invalid_engine_response", "code": code,
+    }})
+    ct = reply.content_type or "no Content-Type"
+    message = f"The engine's HTTP {reply.status} answer ({ct}) {why}; it starts with {text[:200]!r}"
+    return _Answer(body, None, orjson.dumps({"code": code, "message": message}))
+
+
+def _read_answer(endpoint: str, reply: EngineReply) -> _Answer:
+    raw, ok = reply.body, 200 <= reply.status < 300
+    if ok and sse.is_event_stream(reply.content_type, raw):
+        try:
+            obj = sse.assemble(endpoint, raw)
+        except sse.StreamError as exc:
+            return _unusable(reply, exc.code, f"is a stream that cannot be used: {exc.message}")
+        return _Answer(orjson.dumps(obj), obj.get("usage"))
     try:
-        orjson.loads(raw)
-        if b"\n" not in raw:
-            return raw
-        return orjson.dumps(orjson.loads(raw))
+        parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        text = raw.decode("utf-8", "replace")[:2000]
-        return orjson.dumps({"error": {"message": text or f"HTTP {status}", "type": "engine_error"}})
+        return _unusable(reply, "invalid_engine_response", "is not JSON")
+    body = raw if b"\n" not in raw else orjson.dumps(parsed)  # one line per request
+    return _Answer(body, parsed.get("usage") if ok and isinstance(parsed, dict) else None)
 
 
 class _Dispatcher:
@@ -92,23 +119,12 @@ class _Dispatcher:
     def _line_id(self, index: int) -> bytes:
         return self._prefix + b"%08x" % index
 
-    def _write_reply(self, index: int, cid_json: bytes, reply: EngineReply, ok: bool) -> None:
+    def _write_reply(self, index: int, cid_json: bytes, reply: EngineReply, answer: _Answer, ok: bool) -> None:
         rid = orjson.dumps(reply.request_id or f"req_{self.p.batch_suffix}{index:08x}")
-        usage = None
-        if ok:
-            try:
-                parsed = orjson.loads(reply.body)
-            except orjson.JSONDecodeError:
-                body = orjson.dumps(reply.body.decode("utf-8", "replace"))
-            else:
-                usage = parsed.get("usage") if isinstance(parsed, dict) else None
-                body = reply.body if b"\n" not in reply.body else orjson.dumps(parsed)
-        else:
-            body = _error_body(reply.body, reply.status)
-        line = b'{"id":"%b","custom_id":%b,"response":{"status_code":%d,"request_id":%b,"body":%b},"error":null}' % (
-            self._line_id(index), cid_json, reply.status, rid, body,
+        line = b'{"id":"%b","custom_id":%b,"response":{"status_code":%d,"request_id":%b,"body":%b},"error":%b}' % (
+            self._line_id(index), cid_json, reply.status, rid, answer.body, answer.error or b"null",
         )
-        self.spool.write(index, line, error=not ok, usage=usage)
+        self.spool.write(index, line, error=not ok, usage=answer.usage if ok else None)
 
     def write_no_answer(self, index: int, cid_json: bytes, code: str, message: str) -> None:
         err = orjson.dumps({"code": code, "message": message})
@@ -131,32 +147,42 @@ class _Dispatcher:
                 self.sent += 1
                 try:
                     reply = await engine.send(path, body)
-                except RetryableEngineError as exc:
+                except EngineError as exc:
                     code, message = exc.code, exc.message
-                    decision = classify_no_answer(code)
-                    limiter.on_overload(Signal.TIMEOUT if code == "request_timeout" else Signal.UNREACHABLE)
-                    reply = retry_after = None
+                    reply = answer = retry_after = None
+                    if isinstance(exc, RetryableEngineError):
+                        decision = classify_no_answer(code)
+                        limiter.on_overload(Signal.TIMEOUT if code == "request_timeout" else Signal.UNREACHABLE)
+                    else:  # the engine answered, with something we will not take (too large)
+                        decision = Decision.FAIL
+                        limiter.on_success(time.monotonic() - started)
                 else:
                     status = reply.status
+                    answer = _read_answer(path, reply)
+                    retry_after = None
                     if 200 <= status < 300:
                         limiter.on_success(time.monotonic() - started)
-                        self._write_reply(index, cid_json, reply, True)
-                        return
-                    decision, code, message = classify_status(status), None, ""
-                    retry_after = reply.retry_after_s
-                    signal = overload_signal(status)
-                    if signal is None:
-                        limiter.on_success(time.monotonic() - started)  # an answer, just not a good one
+                        if answer.error is None:
+                            self._write_reply(index, cid_json, reply, answer, True)
+                            return
+                        # Not JSON, or a stream that cannot be assembled: maybe a
+                        # glitch in front of the engine, so it is retried as an attempt.
+                        decision = Decision.RETRY
                     else:
-                        limiter.on_overload(signal, retry_after)
+                        decision = classify_status(status)
+                        retry_after = reply.retry_after_s
+                        signal = overload_signal(status)
+                        if signal is None:
+                            limiter.on_success(time.monotonic() - started)  # an answer, just not a good one
+                        else:
+                            limiter.on_overload(signal, retry_after)
                 if decision is Decision.FAIL or (decision is Decision.RETRY and attempt >= self.policy.max_attempts):
                     if reply is not None:
-                        self._write_reply(index, cid_json, reply, False)
+                        assert answer is not None
+                        self._write_reply(index, cid_json, reply, answer, False)
                     else:
-                        self.write_no_answer(
-                            index, cid_json, "request_timeout" if code == "request_timeout" else (code or "engine_error"),
-                            f"{message} (after {attempt} attempts)",
-                        )
+                        tries = f"{attempt} attempt" + ("s" if attempt != 1 else "")
+                        self.write_no_answer(index, cid_json, code or "engine_error", f"{message} (after {tries})")
                     return
                 limiter.release()
                 holding = False
