@@ -13,6 +13,7 @@
      ├── RuntimeStartError        a runtime could not bring its engine up
      ├── StoreError               a record store is unreachable or misconfigured
      └── StorageError             a byte storage backend failed
+          └── StorageFullError    no space left to write (HTTP 507)
 
 Code outside the boundaries (HTTP clients, database drivers) is translated into
 these types where it is called, so callers only ever catch overnight's own errors.
@@ -31,6 +32,7 @@ __all__ = [
     "RetryableEngineError",
     "RuntimeStartError",
     "StorageError",
+    "StorageFullError",
     "StoreError",
     "TransitionError",
     "VersionConflict",
@@ -122,3 +124,7 @@ class StoreError(OvernightError):
 
 class StorageError(OvernightError):
     pass
+
+
+class StorageFullError(StorageError):
+    code = "insufficient_storage"

@@ -16,6 +16,7 @@ from overnight.errors import (
     NotFoundError,
     OvernightError,
     StorageError,
+    StorageFullError,
     StoreError,
 )
 
@@ -48,6 +49,8 @@ def _status_for(exc: OvernightError) -> int:
         return 400
     if isinstance(exc, ConflictError):
         return 409
+    if isinstance(exc, StorageFullError):
+        return 507
     if isinstance(exc, (StoreError, StorageError)):
         return 503
     return 500
@@ -78,6 +81,12 @@ def install_error_handlers(app: FastAPI) -> None:
         elif param:
             msg = f"Invalid value for '{param}': {msg}."
         return error_response(400, msg, param=param, code="missing_required_parameter" if first.get("type") == "missing" else "invalid_value")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Anything unplanned still answers in OpenAI's shape (never plain text).
+        log.error("unhandled error: %r", exc)  # the server logs the traceback
+        return error_response(500, "The server had an error while processing your request.", code="server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -14,6 +14,8 @@ from overnight.store.records import FileRecord
 
 __all__ = [
     "UPLOAD_PURPOSES",
+    "Upload",
+    "check_purpose",
     "create_file",
     "delete_file",
     "get_file",
@@ -54,6 +56,95 @@ def parse_expires_after(anchor: object, seconds: object, *, param: str = "expire
     return secs
 
 
+#: Bytes gathered before one storage write: few thread hops, bounded memory.
+_WRITE_BUFFER_BYTES = 1024 * 1024
+
+
+def check_purpose(purpose: str) -> None:
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequestError(
+            f"Invalid purpose {purpose!r}; expected one of {', '.join(sorted(UPLOAD_PURPOSES))}.",
+            param="purpose",
+        )
+
+
+class Upload:
+    """One file being received: bytes go straight to a storage writer, counted
+    against ``max_bytes``; passing it aborts the writer (no partial object stays)
+    before a byte over the limit is written."""
+
+    def __init__(self, storage: Storage, *, max_bytes: int | None) -> None:
+        self.file_id = new_id("file", "-")
+        self.key = storage_key_for(self.file_id)
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._writer = storage.writer(self.key)
+        self._storage = storage
+        self._buf: list[bytes] = []
+        self._buffered = 0
+
+    def _too_large(self, limit: int, purpose: str | None) -> InvalidRequestError:
+        what = f" for purpose {purpose!r}" if purpose else ""
+        return InvalidRequestError(f"File is larger than the {limit}-byte limit{what}.", param="file")
+
+    async def write(self, chunk: bytes, *, purpose: str | None = None) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            await self.abort()
+            raise self._too_large(self.max_bytes, purpose)
+        self._buf.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= _WRITE_BUFFER_BYTES:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._buf:
+            data, self._buf, self._buffered = b"".join(self._buf), [], 0
+            await self._writer.write(data)
+
+    async def abort(self) -> None:
+        self._buf, self._buffered = [], 0
+        await self._writer.abort()
+
+    async def finish(
+        self,
+        *,
+        store: Store,
+        tenant: str,
+        filename: str,
+        purpose: str,
+        expires_after_s: int | None = None,
+        max_bytes: int | None = None,
+    ) -> FileRecord:
+        """Publish the bytes and record the file; on any failure nothing stays."""
+        try:
+            check_purpose(purpose)
+            if max_bytes is not None and self.size > max_bytes:
+                raise self._too_large(max_bytes, purpose)
+            await self._flush()
+            await self._writer.commit()
+        except BaseException:
+            await self.abort()
+            raise
+        now = int(time.time())
+        rec = FileRecord(
+            id=self.file_id,
+            tenant=tenant,
+            filename=filename,
+            purpose=purpose,
+            bytes=self.size,
+            created_at=now,
+            storage_key=self.key,
+            expires_at=now + expires_after_s if expires_after_s else None,
+        )
+        try:
+            await store.insert_file(rec)
+        except BaseException:
+            await self._storage.delete(self.key)
+            raise
+        return rec
+
+
 async def create_file(
     *,
     store: Store,
@@ -67,39 +158,17 @@ async def create_file(
 ) -> FileRecord:
     """Stream ``chunks`` into storage and record the file. Nothing is recorded (and
     no object is left) if the stream fails or breaks a limit."""
-    if purpose not in UPLOAD_PURPOSES:
-        raise InvalidRequestError(
-            f"Invalid purpose {purpose!r}; expected one of {', '.join(sorted(UPLOAD_PURPOSES))}.",
-            param="purpose",
-        )
-    file_id = new_id("file", "-")
-    key = storage_key_for(file_id)
-    size = 0
-    async with storage.writer(key) as w:
-        async for chunk in chunks:
-            size += len(chunk)
-            if max_bytes is not None and size > max_bytes:
-                raise InvalidRequestError(
-                    f"File is larger than the {max_bytes}-byte limit for purpose {purpose!r}.", param="file"
-                )
-            await w.write(chunk)
-    now = int(time.time())
-    rec = FileRecord(
-        id=file_id,
-        tenant=tenant,
-        filename=filename,
-        purpose=purpose,
-        bytes=size,
-        created_at=now,
-        storage_key=key,
-        expires_at=now + expires_after_s if expires_after_s else None,
-    )
+    check_purpose(purpose)
+    upload = Upload(storage, max_bytes=max_bytes)
     try:
-        await store.insert_file(rec)
+        async for chunk in chunks:
+            await upload.write(chunk, purpose=purpose)
     except BaseException:
-        await storage.delete(key)
+        await upload.abort()
         raise
-    return rec
+    return await upload.finish(
+        store=store, tenant=tenant, filename=filename, purpose=purpose, expires_after_s=expires_after_s
+    )
 
 
 async def get_file(*, store: Store, tenant: str, file_id: str) -> FileRecord:

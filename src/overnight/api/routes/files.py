@@ -2,58 +2,76 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.datastructures import UploadFile
 
 from overnight.errors import InvalidRequestError
 from overnight.files import service
+from overnight.api.multipart import Field, FileData, FileEnd, FileStart, form_events
+from overnight.config import Settings
 from overnight.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
 from overnight.api.schemas import file_object, list_object
 
 router = APIRouter(prefix="/files", tags=["files"])
 
-_UPLOAD_CHUNK_BYTES = 1024 * 1024
 #: Upload limit for purposes other than batch (batch uses the input limit).
 _MAX_OTHER_BYTES = 512 * 1024 * 1024
 
 
-async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await upload.read(_UPLOAD_CHUNK_BYTES):
-        yield chunk
+def _limit_for(purpose: str | None, settings: Settings) -> int:
+    if purpose is None:  # not sent yet: the larger limit now, the right one at the end
+        return max(settings.max_input_bytes, _MAX_OTHER_BYTES)
+    return settings.max_input_bytes if purpose == "batch" else _MAX_OTHER_BYTES
 
 
 @router.post("")
 async def create_file(request: Request, store: StoreDep, storage: StorageDep, tenant: TenantDep, settings: SettingsDep) -> dict[str, Any]:
-    # Starlette spools the file part to a temporary file past 1 MB, so an upload is
-    # never whole in memory; from there it streams to storage in 1 MB chunks.
+    # The body is parsed as it arrives and the file part goes straight to storage,
+    # so an upload over the limit stops at the limit (no temporary copy, no 2 GB
+    # written before the 400).
+    fields: dict[str, str] = {}
+    upload: service.Upload | None = None
+    filename = ""
+    done = False
     try:
-        form = await request.form(max_files=1, max_fields=16)
-    except Exception as exc:  # malformed multipart
-        raise InvalidRequestError(f"Could not parse the multipart upload: {exc}", param="file") from exc
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        async for ev in form_events(request.headers.get("content-type", ""), request.stream()):
+            if isinstance(ev, Field):
+                fields[ev.name] = ev.value
+                if ev.name == "purpose":
+                    service.check_purpose(ev.value)
+            elif isinstance(ev, FileStart):
+                if ev.name != "file":
+                    raise InvalidRequestError(f"Unexpected file field {ev.name!r}; send the file as 'file'.", param=ev.name)
+                if upload is not None:
+                    raise InvalidRequestError("Send exactly one file per upload.", param="file")
+                filename = ev.filename or "upload"
+                upload = service.Upload(storage, max_bytes=_limit_for(fields.get("purpose"), settings))
+            elif isinstance(ev, FileData):
+                assert upload is not None
+                await upload.write(ev.data, purpose=fields.get("purpose"))
+            elif isinstance(ev, FileEnd):
+                done = True
+        if upload is None or not done:
             raise InvalidRequestError("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
-        purpose = form.get("purpose")
-        if not isinstance(purpose, str) or not purpose:
+        purpose = fields.get("purpose")
+        if not purpose:
             raise InvalidRequestError("Missing required parameter: 'purpose'.", param="purpose", code="missing_required_parameter")
-        expires_s = service.parse_expires_after(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
-        rec = await service.create_file(
+        expires_s = service.parse_expires_after(fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]"))
+        rec = await upload.finish(
             store=store,
-            storage=storage,
             tenant=tenant,
-            filename=upload.filename or "upload",
+            filename=filename,
             purpose=purpose,
-            chunks=_chunks(upload),
             expires_after_s=expires_s,
-            max_bytes=settings.max_input_bytes if purpose == "batch" else _MAX_OTHER_BYTES,
+            max_bytes=_limit_for(purpose, settings),
         )
-    finally:
-        await form.close()
+    except BaseException:
+        if upload is not None:
+            await upload.abort()
+        raise
     return file_object(rec)
 
 
@@ -88,5 +106,12 @@ async def file_content(file_id: str, store: StoreDep, storage: StorageDep, tenan
     return StreamingResponse(
         chunks,
         media_type="application/octet-stream",
-        headers={"Content-Length": str(rec.bytes), "Content-Disposition": f'attachment; filename="{rec.filename}"'},
+        headers={"Content-Length": str(rec.bytes), "Content-Disposition": content_disposition(rec.filename)},
     )
+
+
+def content_disposition(filename: str) -> str:
+    """RFC 6266: a quoted ASCII fallback for old clients and the exact name as an
+    RFC 5987 ``filename*`` (headers are Latin-1, so a raw CJK name cannot go in)."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\%' else "_" for c in filename) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
