@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import logging
+import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import typer
 
 from overnight import __version__
 from overnight.cli.db import db_app
+from overnight.config import Settings
 
 app = typer.Typer(
     name="overnight",
     help="OpenAI-compatible batch inference for self-hosted LLM engines.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain click help: no markup to eat "[postgres]", and readable at 80 columns.
+    rich_markup_mode=None,
 )
 app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"overnight {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """OpenAI-compatible batch inference for self-hosted LLM engines."""
 
 
 def _logging(level: str) -> None:
@@ -25,7 +47,7 @@ def _logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _preflight(settings: "Settings") -> None:  # noqa: F821
+def _preflight(settings: Settings) -> None:
     """Open the store and storage once before serving, so a wrong URL or an
     out-of-date schema is one clear line and exit code 2, not a traceback."""
     import asyncio
@@ -50,29 +72,77 @@ def _preflight(settings: "Settings") -> None:  # noqa: F821
         raise typer.Exit(2) from None
 
 
+_SETTING_DEFAULTS = Settings.model_fields
+
+
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _default(name: str) -> str:
+    """A setting's default as shown by ``--help`` (one source: ``Settings``)."""
+    return str(_SETTING_DEFAULTS[name].default)
+
+
+def _env(name: str) -> dict[str, Any]:
+    """Read by click from the same ``OVERNIGHT_*`` variable that ``Settings`` reads."""
+    return {"envvar": f"OVERNIGHT_{name.upper()}", "show_envvar": True}
+
+
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Interface to listen on.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.", **_env("host"))] = _default("host"),
+    port: Annotated[int, typer.Option(help="Port to listen on.", **_env("port"))] = int(_default("port")),
     data_dir: Annotated[
-        Optional[Path], typer.Option(help="Where records and files live. [env: OVERNIGHT_DATA_DIR]")
-    ] = None,
+        Path, typer.Option(help="Where records, files and the spool live.", **_env("data_dir"))
+    ] = Path(_default("data_dir")),
     engine_url: Annotated[
         Optional[str],
-        typer.Option(help="Default OpenAI-compatible engine, or 'mock' for the built-in one. [env: OVERNIGHT_ENGINE_URL]"),
+        typer.Option(
+            help="Default OpenAI-compatible engine (http://host:port) for batches that name none, "
+            "or 'mock' for the built-in one.",
+            show_default="mock, the built-in engine, in-process",
+            **_env("engine_url"),
+        ),
     ] = None,
-    engine_api_key: Annotated[Optional[str], typer.Option(help="[env: OVERNIGHT_ENGINE_API_KEY]")] = None,
-    store: Annotated[Optional[str], typer.Option(help="Record store URL. [env: OVERNIGHT_STORE_URL]")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="File storage URL. [env: OVERNIGHT_STORAGE_URL]")] = None,
-    replica_id: Annotated[Optional[str], typer.Option(help="Name of this replica (lease owner).")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    engine_api_key: Annotated[
+        Optional[str],
+        typer.Option(help="Bearer key sent to the default engine.", show_default="none", **_env("engine_api_key")),
+    ] = None,
+    store: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Record store URL: sqlite://, postgresql://, redis:// or mongodb://.",
+            show_default="sqlite:///<data-dir>/overnight.db",
+            **_env("store_url"),
+        ),
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            help="File storage URL: file:// or s3://.", show_default="file://<data-dir>/files", **_env("storage_url")
+        ),
+    ] = None,
+    replica_id: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Name of this replica, the owner of its batch leases.",
+            show_default="generated once, kept in <data-dir>/replica-id",
+            **_env("replica_id"),
+        ),
+    ] = None,
+    log_level: Annotated[LogLevel, typer.Option(help="Lowest level of log lines printed.", case_sensitive=False)] = (
+        LogLevel.info
+    ),
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
 ) -> None:
     """Run the OpenAI-compatible Files + Batches service."""
     import uvicorn
 
     from overnight.api.app import create_app
-    from overnight.config import Settings
 
     _logging(log_level)
     overrides = {
@@ -86,42 +156,102 @@ def serve(
         "replica_id": replica_id,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    if settings.engine_url is None:
-        # One command must work on a fresh machine: with no engine named, run the
-        # built-in mock engine and say so loudly.
-        logging.getLogger("overnight").warning(
-            "no --engine-url / OVERNIGHT_ENGINE_URL given: using the built-in mock engine"
-        )
+    # One command must work on a fresh machine: with no engine named, run the
+    # built-in mock engine (the banner says so).
+    mock_by_default = settings.engine_url is None
+    if mock_by_default:
         settings = settings.model_copy(update={"engine_url": "mock"})
     _preflight(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_level=log_level,
-        access_log=access_log,
-        timeout_graceful_shutdown=30,
+    fastapi_app = create_app(settings)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                # After the lifespan ran: the in-process mock engine's URL is known.
+                running = getattr(fastapi_app.state, "settings", settings)
+                typer.echo(serve_banner(settings, running.engine_url, mock_by_default=mock_by_default))
+                sys.stdout.flush()
+
+    server = _Server(
+        uvicorn.Config(
+            fastapi_app,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            log_level=log_level.value,
+            access_log=access_log,
+            timeout_graceful_shutdown=30,
+        )
     )
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)  # what uvicorn.run exits with when startup fails (e.g. port in use)
+
+
+def _redact(url: str) -> str:
+    """``url`` without a password or secret query values, for printing."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc and not parts.query:
+        return url  # nothing to hide; urlunsplit would also drop sqlite:////'s empty host
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}{':***' if sep else ''}@{hostport}"
+    query = "&".join(
+        f"{k}=***" if any(word in k.lower() for word in ("secret", "password", "token", "key")) else f"{k}={v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def serve_banner(settings: Settings, engine_url: str | None, *, mock_by_default: bool = False) -> str:
+    """What ``serve`` prints once it listens: where, with what, in which mode."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    if settings.engine_url == "mock":
+        where = f" at {engine_url}" if engine_url and engine_url != "mock" else ""
+        why = "; no --engine-url / OVERNIGHT_ENGINE_URL given" if mock_by_default else ""
+        engine = f"built-in mock engine, in-process{where} (answers any model name{why})"
+    else:
+        engine = _redact(engine_url or "none")
+    keys = len(settings.tenant_for_key())
+    if keys:
+        auth = f"keyed mode: {keys} API key{'s' if keys != 1 else ''} from OVERNIGHT_API_KEYS; other keys get 401"
+    else:
+        auth = "open mode: no OVERNIGHT_API_KEYS, any API key is accepted and all requests share one tenant"
+    rows = [
+        ("base_url", f"http://{host}:{settings.port}/v1  (OpenAI(base_url=..., api_key=...))"),
+        ("data dir", str(settings.data_dir.resolve())),
+        ("store", _redact(settings.resolved_store_url())),
+        ("storage", _redact(settings.resolved_storage_url())),
+        ("engine", engine),
+        ("auth", auth),
+    ]
+    return f"overnight {__version__} is serving\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows)
 
 
 @app.command("mock-engine")
 def mock_engine(
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8100,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8100,
     latency_ms: Annotated[float, typer.Option(help="Base service time per request.")] = 50.0,
     jitter_ms: Annotated[float, typer.Option(help="Uniform +/- jitter on the latency.")] = 0.0,
     fail_rate: Annotated[float, typer.Option(help="Fraction of requests answered 500 or 429.")] = 0.0,
     max_concurrency: Annotated[
-        Optional[int], typer.Option(help="Requests served at once; beyond it a bounded queue, then 429.")
+        Optional[int], typer.Option(
+            help="Requests served at once; beyond it a bounded queue, then 429.", show_default="unlimited"
+        )
     ] = None,
-    max_queue: Annotated[Optional[int], typer.Option(help="Waiting requests allowed beyond --max-concurrency.")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(
+            help="Waiting requests allowed beyond --max-concurrency.", show_default="equal to --max-concurrency"
+        )] = None,
     ms_per_output_token: Annotated[float, typer.Option(help="Extra service time per generated token.")] = 0.0,
     load_slowdown: Annotated[float, typer.Option(help="Latency growth with load (x running/max).")] = 0.0,
     output_tokens: Annotated[int, typer.Option(help="Completion tokens per request.")] = 16,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed for jitter and failures.")] = None,
-    model: Annotated[str, typer.Option(help="Model name in /v1/models.")] = "mock-model",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for jitter and failures.", show_default="random")] = None,
+    model: Annotated[str, typer.Option(help="Model name listed first by /v1/models (any name is accepted).")] = "mock-model",
 ) -> None:
     """Run a fast OpenAI-compatible mock engine (for trying overnight, tests and benchmarks)."""
     from overnight.mock_engine import MockEngineConfig, run
