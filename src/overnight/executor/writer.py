@@ -261,13 +261,21 @@ class Spool:
                 buf: list[bytes] = []
                 size = 0
                 for seg in segs:
-                    carry = b""
+                    # A line's pieces wait in a list and are joined once, when its
+                    # end arrives: re-copying the growing line for every chunk made
+                    # time grow with the square of the line's length.
+                    carry: list[bytes] = []
                     async for chunk in self.storage.read(seg.key):
-                        data = carry + chunk if carry else chunk
-                        cut = data.rfind(b"\n") + 1
-                        block, carry = data[:cut], data[cut:]
-                        if not block:
+                        cut = chunk.rfind(b"\n") + 1
+                        if not cut:
+                            carry.append(chunk)
                             continue
+                        if carry:
+                            carry.append(chunk[:cut])
+                            block = b"".join(carry)
+                        else:
+                            block = chunk[:cut]
+                        carry = [chunk[cut:]] if cut < len(chunk) else []
                         piece = _strip_index(block)
                         buf.append(piece)
                         size += len(piece)
@@ -277,7 +285,7 @@ class Spool:
                             total += size
                             buf, size = [], 0
                     if carry:  # a last line without its newline
-                        piece = _strip_index(carry + b"\n")
+                        piece = _strip_index(b"".join(carry) + b"\n")
                         buf.append(piece)
                         size += len(piece)
                         lines += 1
