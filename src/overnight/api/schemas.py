@@ -3,6 +3,7 @@ only what is built here reaches a client."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -74,7 +75,19 @@ def batch_object(rec: BatchRecord) -> dict[str, Any]:
             "output_tokens_details": usage.get("output_tokens_details", {"reasoning_tokens": 0}),
         },
         "metadata": rec.metadata,
+        **_overnight_section(rec),
     }
+
+
+def _overnight_section(rec: BatchRecord) -> dict[str, Any]:
+    """overnight's own view of the batch (absent until there is something to show):
+    its engine's state and, while it waits for that engine, when it is tried again."""
+    section: dict[str, Any] = {}
+    if rec.engine:
+        section["engine"] = rec.engine
+    if rec.not_before > time.time() and rec.status == "in_progress":
+        section["waiting_until"] = int(rec.not_before)
+    return {"overnight": section} if section else {}
 
 
 def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

@@ -35,7 +35,9 @@ class Outcome(str, Enum):
     CANCELLED = "cancelled"  #: stopped by cancel; undone requests written as batch_cancelled
     EXPIRED = "expired"  #: deadline passed; undone requests written as batch_expired
     LEASE_LOST = "lease_lost"  #: another owner took over; nothing more was written
-    SHUTDOWN = "shutdown"  #: this process is stopping; the last checkpoint is stored
+    SHUTDOWN = "shutdown"  #: this process is stopping (or gives the slot up); the last checkpoint is stored
+    #: the engine was unreachable for too long; undone requests written as engine_unreachable
+    ENGINE_UNREACHABLE = "engine_unreachable"
 
 
 class StopSignal:
@@ -43,11 +45,14 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.reason: Outcome | None = None
+        #: Why, in words, where the reason needs them (the engine's last error).
+        self.detail: str | None = None
         self.event = asyncio.Event()
 
-    def set(self, reason: Outcome) -> None:
+    def set(self, reason: Outcome, detail: str | None = None) -> None:
         if self.reason is None:
             self.reason = reason
+            self.detail = detail
             self.event.set()
 
 
@@ -109,6 +114,9 @@ class _Dispatcher:
         self.limiter, self.policy, self.p, self.stop = limiter, policy, params, stop
         self.tasks: set[asyncio.Task[None]] = set()
         self.sent = 0
+        #: index -> [attempts made, last failure] for requests sent but without a
+        #: line yet, so a line written for them on a stop says what was tried.
+        self.tries: dict[int, list] = {}
         self._prefix = f"batch_req_{params.batch_suffix}".encode()
         # Requests alive at once (in flight or waiting to retry) are bounded, so an
         # engine outage cannot turn the whole file into sleeping tasks.
@@ -136,6 +144,7 @@ class _Dispatcher:
         while a request is on the wire (not while backing off)."""
         limiter, engine, path = self.limiter, self.engine, self.p.endpoint
         attempt = 0
+        last_error: str | None = None
         holding = True  # the dispatch loop acquired the first slot for us
         try:
             while True:
@@ -145,6 +154,7 @@ class _Dispatcher:
                     holding = True
                 started = time.monotonic()
                 self.sent += 1
+                self.tries[index] = [attempt, last_error]
                 try:
                     reply = await engine.send(path, body)
                 except EngineError as exc:
@@ -184,11 +194,15 @@ class _Dispatcher:
                         tries = f"{attempt} attempt" + ("s" if attempt != 1 else "")
                         self.write_no_answer(index, cid_json, code or "engine_error", f"{message} (after {tries})")
                     return
+                last_error = message if reply is None else f"HTTP {reply.status}"
+                self.tries[index][1] = last_error
                 limiter.release()
                 holding = False
                 delay = self.policy.delay_s(attempt, retry_after)
                 await asyncio.sleep(max(0.0, min(delay, self.p.deadline - time.time())))
         finally:
+            if index in self.spool.cp.done:
+                self.tries.pop(index, None)
             if holding:
                 # Give the slot back only after the spool has written this line
                 # (its flush was queued first and runs first): a request counts as
@@ -231,7 +245,18 @@ class _Dispatcher:
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    async def write_undone(self, code: str, message: str) -> None:
+    def tried(self, index: int) -> str | None:
+        """What was tried for a request that has no line yet, in words (None: not sent)."""
+        t = self.tries.get(index)
+        if t is None:
+            return None
+        n, last = t
+        made = f"{n} attempt was made" if n == 1 else f"{n} attempts were made"
+        return f"{made}, the last failed with: {last}" if last else f"{made}; the last was in flight, its answer was not kept"
+
+    async def write_undone(self, code: str, message: str, *, unsent: str | None = None) -> None:
+        """A line for every request without one: ``message`` plus what was tried, or
+        ``unsent`` (when given) for requests never sent in this run."""
         done = self.spool.cp.done
         if done.missing() == 0:
             return
@@ -239,7 +264,9 @@ class _Dispatcher:
             index = lineno - 1
             if index not in done:
                 cid = orjson.loads(raw)["custom_id"]
-                self.write_no_answer(index, orjson.dumps(cid), code, message)
+                tried = self.tried(index)
+                text = f"{message}; {tried}." if tried else (unsent or f"{message}.")
+                self.write_no_answer(index, orjson.dumps(cid), code, text)
 
 
 async def execute(
@@ -290,9 +317,12 @@ async def execute(
                 await _checkpoint(spool, params, stop)
         return outcome
     if outcome is Outcome.CANCELLED:
-        await d.write_undone("batch_cancelled", "The batch was cancelled before this request was sent.")
+        await d.write_undone("batch_cancelled", "The batch was cancelled",
+                             unsent="The batch was cancelled before this request was sent.")
     elif outcome is Outcome.EXPIRED:
-        await d.write_undone("batch_expired", "The batch's completion window ended before this request finished.")
+        await d.write_undone("batch_expired", "The batch's completion window ended before this request finished")
+    elif outcome is Outcome.ENGINE_UNREACHABLE:
+        await d.write_undone("engine_unreachable", stop.detail or "The engine was unreachable for too long")
     await _checkpoint(spool, params, stop)
     return outcome
 

@@ -9,6 +9,7 @@ write an owner makes checks it (``fence=``), so a replica that lost its lease
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from overnight.batches.service import LeaseLost, update_batch
 from overnight.errors import NotFoundError, VersionConflict
@@ -46,10 +47,18 @@ async def renew_lease(store: Store, batch_id: str, *, token: int, lease_s: float
     return await update_batch(store, batch_id, mutate, fence=token)
 
 
-async def release_lease(store: Store, batch_id: str, *, token: int) -> None:
+async def release_lease(
+    store: Store, batch_id: str, *, token: int, not_before: float = 0.0, engine: dict[str, Any] | None = None
+) -> None:
+    """Give the lease up; with ``not_before``, no scheduler claims the batch before
+    then (it is waiting for its engine). ``engine`` records its engine's state."""
+
     def mutate(rec: BatchRecord) -> BatchRecord:
         rec.lease_owner = None
         rec.lease_expires_at = 0.0
+        rec.not_before = not_before
+        if engine is not None:
+            rec.engine = engine
         return rec
 
     try:

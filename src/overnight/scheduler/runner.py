@@ -9,12 +9,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from overnight import defaults
 from overnight.batches.service import LeaseLost, transition, update_batch
 from overnight.batches.states import BatchStatus
 from overnight.batches.validation import ValidationLimits, validate_input
 from overnight.errors import NotFoundError, OvernightError, TransitionError
 from overnight.executor.checkpoint import Checkpoint
 from overnight.executor.engine import EngineClient
+from overnight.executor.health import EngineHealth
 from overnight.executor.limiter import ConcurrencyLimits, Gate
 from overnight.executor.retry import RetryPolicy
 from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
@@ -43,6 +45,12 @@ class RunnerConfig:
     concurrency: ConcurrencyLimits
     policy: RetryPolicy
     output_expires_after_s: int | None
+    #: Continuous engine unreachability after which the batch fails.
+    engine_unreachable_timeout_s: float = defaults.ENGINE_UNREACHABLE_TIMEOUT_S
+    #: Unreachable this long in a run: give the running slot up ...
+    engine_yield_after_s: float = defaults.ENGINE_YIELD_AFTER_S
+    #: ... and be claimed again no sooner than this later.
+    engine_recheck_s: float = defaults.ENGINE_RECHECK_S
 
 
 class BatchRunner:
@@ -56,6 +64,7 @@ class BatchRunner:
         gates: tuple[Gate, ...],
         config: RunnerConfig,
         capacity: EngineCapacity | None = None,
+        health: EngineHealth | None = None,
     ) -> None:
         self.batch = batch
         self.token = batch.lease_token
@@ -64,6 +73,11 @@ class BatchRunner:
         self.capacity = capacity
         self.stop = StopSignal()
         self.limiter: BatchShare | None = None
+        #: Reachability of the batch's engine (shared with every batch on it).
+        self.health = health
+        #: Set when the runner gives its slot up: claim again no sooner than this.
+        self.not_before = 0.0
+        self.yielding = False
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -83,10 +97,56 @@ class BatchRunner:
                 await heartbeat
             if not lost:
                 with contextlib.suppress(OvernightError):
-                    await release_lease(self.store, self.batch.id, token=self.token)
+                    await release_lease(
+                        self.store, self.batch.id, token=self.token, not_before=self.not_before,
+                        engine=self._engine_view(),
+                    )
 
     def shutdown(self) -> None:
         self.stop.set(Outcome.SHUTDOWN)
+
+    def yield_slot(self, why: str, *, not_before: float = 0.0) -> None:
+        """Stop at the next checkpoint and give the lease back, so another batch can
+        have this replica's running slot; no scheduler claims it before ``not_before``."""
+        if self.stop.reason is None:
+            self.yielding = True
+            self.not_before = not_before
+            log.info("batch %s: giving its running slot up (%s)", self.batch.id, why)
+        self.stop.set(Outcome.SHUTDOWN)
+
+    def _engine_view(self) -> dict | None:
+        if self.health is None:
+            return self.batch.engine
+        return self.health.view() if self.health.reachable is not None else self.batch.engine
+
+    async def _watch_engine(self, started: float) -> None:
+        """Give the slot up while the engine is unreachable; fail the batch once it
+        has been unreachable for ``engine_unreachable_timeout_s`` without a break."""
+        h, cfg = self.health, self.cfg
+        assert h is not None
+        every = max(0.05, min(1.0, cfg.engine_yield_after_s / 4, cfg.engine_unreachable_timeout_s / 4))
+        while True:
+            await asyncio.sleep(every)
+            now = time.time()
+            down = h.unreachable_for(now)
+            # Judge the engine only on failures seen since this run began.
+            if not down or h.unreachable_since is None or h.last_failure_at is None or h.last_failure_at < started:
+                continue
+            if down >= cfg.engine_unreachable_timeout_s:
+                log.error("batch %s: its engine %s has been unreachable for %.0f s; failing the batch",
+                          self.batch.id, h.url, down)
+                self.stop.set(Outcome.ENGINE_UNREACHABLE, (
+                    f"The engine {h.url} was unreachable for {down:.0f} s without a break "
+                    f"(OVERNIGHT_ENGINE_UNREACHABLE_TIMEOUT_S={cfg.engine_unreachable_timeout_s:g}); "
+                    f"the last error: {h.last_error}"
+                ))
+                return
+            if now - max(h.unreachable_since, started) >= cfg.engine_yield_after_s:
+                not_before = min(now + cfg.engine_recheck_s, h.unreachable_since + cfg.engine_unreachable_timeout_s,
+                                 float(self.batch.expires_at))
+                self.yield_slot(f"its engine {h.url} is unreachable; back in {not_before - now:.0f} s",
+                                not_before=not_before)
+                return
 
     async def _heartbeat(self) -> None:
         """Renew the lease and watch for a cancel made on any replica."""
@@ -187,14 +247,21 @@ class BatchRunner:
                 ConcurrencyLimits(initial=min(c.initial, cap), min=c.min, max=cap, backoff_ratio=c.backoff_ratio),
                 gates=self.gates,
             )
+        if self.health is not None:
+            e = b.engine or {}
+            if e.get("state") == "unreachable" and e.get("unreachable_since"):
+                self.health.adopt(float(e["unreachable_since"]), e.get("last_error"))
         share = capacity.join(
             name=b.id, cap=cap, priority=int(b.options.get("priority") or 0), deadline=float(b.expires_at),
             window_s=float(b.completion_window_s), remaining=spool.cp.done.missing(),
         )
         self.limiter = share
+        watch = asyncio.create_task(self._watch_engine(time.time())) if self.health is not None else None
         try:
             return await self._execute_with(b, spool, share)
         finally:
+            if watch is not None:
+                watch.cancel()
             share.close()
 
     async def _execute_with(self, b: BatchRecord, spool: Spool, share: BatchShare) -> Outcome:
@@ -206,6 +273,7 @@ class BatchRunner:
             def mutate(rec: BatchRecord) -> BatchRecord:
                 rec.completed, rec.failed, rec.usage = head["completed"], head["failed"], head["usage"]
                 rec.lease_expires_at = time.time() + self.cfg.lease_s
+                rec.engine = self._engine_view()
                 return rec
 
             rec = await update_batch(self.store, b.id, mutate, fence=self.token, checkpoint=encoded)
@@ -230,10 +298,15 @@ class BatchRunner:
         cur = await self._refresh(b)
         if outcome is Outcome.DONE and cur.status == S.IN_PROGRESS.value:
             cur = await transition(self.store, b.id, S.FINALIZING, fence=self.token)
+        errors: dict[str, object] = {}
         if cur.status == S.CANCELLING.value:
             final = S.CANCELLED
         elif outcome is Outcome.EXPIRED:
             final = S.EXPIRED
+        elif outcome is Outcome.ENGINE_UNREACHABLE:
+            final = S.FAILED
+            errors["errors"] = [{"code": "engine_unreachable", "message": self.stop.detail, "line": None,
+                                 "param": None}]
         else:
             final = S.COMPLETED
         suffix = b.id.split("_", 1)[1]
@@ -259,6 +332,7 @@ class BatchRunner:
                 )
         await transition(
             self.store, b.id, final, fence=self.token,
-            completed=spool.cp.completed, failed=spool.cp.failed, usage=spool.usage.to_dict(), **ids,
+            completed=spool.cp.completed, failed=spool.cp.failed, usage=spool.usage.to_dict(),
+            engine=self._engine_view(), **ids, **errors,
         )
         await spool.cleanup()

@@ -61,6 +61,12 @@ class BatchRecord:
     options: dict[str, Any] = field(default_factory=dict)
     #: OpenAI's ``output_expires_after`` in seconds after the batch completes.
     output_expires_after_s: int | None = None
+    #: Its engine's state as last seen by its runner (``executor/health.py``):
+    #: shown in the batch object and carried over when another run takes over.
+    engine: dict[str, Any] | None = None
+    #: Epoch seconds before which no scheduler claims it (it gave its running
+    #: slot up while its engine was unreachable).
+    not_before: float = 0.0
     #: Compare-and-set version; every write bumps it.
     version: int = 0
     #: Lease: which replica executes the batch, until when, and the fencing token
