@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from overnight.store.records import BatchRecord
 
 __all__ = [
     "SUPPORTED_ENDPOINTS",
+log = logging.getLogger("overnight.batches")
+
     "BatchCreate",
     "LeaseLost",
     "cancel_batch",
@@ -295,7 +298,11 @@ async def transition(
             setattr(rec, k, v)
         return rec
 
-    return await update_batch(store, batch_id, mutate, fence=fence, checkpoint=checkpoint)
+    rec = await update_batch(store, batch_id, mutate, fence=fence, checkpoint=checkpoint)
+    # One line per status change (never per request), written once it is durable.
+    why = f" ({rec.errors[0].get('code')}: {rec.errors[0].get('message')})" if to is BatchStatus.FAILED and rec.errors else ""
+    log.info("batch %s: %s -> %s%s", batch_id, came_from[0] if came_from else "?", to.value, why)
+    return rec
 
 
 async def cancel_batch(*, store: Store, tenant: str, batch_id: str) -> BatchRecord:
@@ -314,3 +321,6 @@ async def cancel_batch(*, store: Store, tenant: str, batch_id: str) -> BatchReco
         if latest is not None and latest.status == BatchStatus.CANCELLING.value:
             return latest
         raise ConflictError(f"Cannot cancel batch {batch_id}: {exc.message}", code="batch_not_cancellable") from exc
+    came_from: list[str] = []
+
+        came_from[:] = [rec.status]
