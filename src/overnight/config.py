@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from overnight import defaults
@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     backoff_base_s: float = defaults.BACKOFF_BASE_S
     backoff_max_s: float = defaults.BACKOFF_MAX_S
     request_timeout_s: float = defaults.REQUEST_TIMEOUT_S
+    #: An engine answer with a larger body is not read; its line fails with
+    #: ``response_too_large``.
+    max_response_bytes: PositiveInt = defaults.MAX_RESPONSE_BYTES
     lease_s: float = defaults.LEASE_S
     heartbeat_s: float = defaults.HEARTBEAT_S
     checkpoint_interval_s: float = defaults.CHECKPOINT_INTERVAL_S

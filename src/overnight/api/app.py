@@ -83,6 +83,7 @@ def build_scheduler(  # type: ignore[no-untyped-def]
     )
     engines = EnginePool(
         default_url=engine_url, default_api_key=settings.engine_api_key, timeout_s=settings.request_timeout_s,
+        max_response_bytes=settings.max_response_bytes,
         policy=policy, secrets=secrets,
     )
     return Scheduler(

@@ -86,6 +86,10 @@ Settings:
 ``tokens=N``
     Generate N completion tokens per choice instead of ``output_tokens``
     (still capped by the request's max tokens).
+``sse``
+    Answer a 200 as ``text/event-stream`` although the request did not ask to
+    stream, in the endpoint's stream shape (``mock_engine/sse.py``), as
+    transformers ``serve`` does for ``/v1/responses``.
 
 Failures without ``sleep_ms`` are answered immediately. A request rejected
 because the queue is full is not "seen" for ``fail_times``.
@@ -112,6 +116,8 @@ from functools import lru_cache
 from typing import Any, Awaitable, Callable
 
 import orjson
+
+from overnight.mock_engine.sse import sse_send
 
 __all__ = ["MockEngineApp", "MockEngineConfig", "MockEngineStats", "create_app", "run", "serve"]
 
@@ -351,7 +357,7 @@ def _parse_settings(text: str, into: dict[str, Any]) -> None:
 
 
 class _Directives:
-    __slots__ = ("status", "sleep_ms", "fail_times", "retry_after", "tokens", "key")
+    __slots__ = ("status", "sleep_ms", "fail_times", "retry_after", "tokens", "key", "sse")
 
     def __init__(self, raw: dict[str, Any]) -> None:
         self.status: int | None = None
@@ -360,6 +366,7 @@ class _Directives:
         self.retry_after: str | None = None
         self.tokens: int | None = None
         self.key: str | None = None
+        self.sse = False
         for name, value in raw.items():
             if name in _INT_SETTINGS:
                 try:
@@ -382,6 +389,8 @@ class _Directives:
                 self.retry_after = str(value)
             elif name == "key":
                 self.key = str(value)
+            elif name == "sse":
+                self.sse = str(value).lower() not in ("0", "false", "no", "off")
             else:
                 raise _BadRequest(f"unknown mock setting '{name}'", "mock")
 
@@ -732,6 +741,8 @@ class MockEngineApp:
                 )
             prep = _ROUTE_PREP[path](body)
             directives = self._directives(body, prep)
+            if directives is not None and directives.sse:
+                send = sse_send(send, path)
         except _BadRequest as exc:
             await self._reject(send, rid, 400, exc.message, "invalid_request_error", exc.param, exc.code)
             return

@@ -44,6 +44,7 @@ class EnginePool:
         default_url: str | None,
         default_api_key: str | None,
         timeout_s: float,
+        max_response_bytes: int = defaults.MAX_RESPONSE_BYTES,
         limits: ConcurrencyLimits | None = None,
         gates: tuple[Gate, ...] = (),
         metrics_poll_s: float = defaults.METRICS_POLL_S,
@@ -51,6 +52,7 @@ class EnginePool:
         self.default_url = default_url
         self.default_api_key = default_api_key
         self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
         self.limits = limits or ConcurrencyLimits(max=defaults.MAX_CONCURRENCY_GLOBAL)
         self.gates = gates
         self.metrics_poll_s = metrics_poll_s
@@ -79,7 +81,9 @@ class EnginePool:
     def client_for(self, batch: BatchRecord) -> EngineClient:
         key = self.endpoint_for(batch)
         if key not in self._clients:
-            self._clients[key] = HttpEngineClient(key[0], api_key=key[1], timeout_s=self.timeout_s)
+            self._clients[key] = HttpEngineClient(
+                key[0], api_key=key[1], timeout_s=self.timeout_s, max_response_bytes=self.max_response_bytes
+            )
         return self._clients[key]
 
     def capacity_for(self, batch: BatchRecord) -> EngineCapacity:
