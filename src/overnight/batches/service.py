@@ -27,10 +27,10 @@ from overnight.storage.base import Storage
 from overnight.store.base import Store
 from overnight.store.records import BatchRecord
 
-__all__ = [
-    "SUPPORTED_ENDPOINTS",
 log = logging.getLogger("overnight.batches")
 
+__all__ = [
+    "SUPPORTED_ENDPOINTS",
     "BatchCreate",
     "LeaseLost",
     "cancel_batch",
@@ -285,11 +285,14 @@ async def transition(
     status timestamp and writes atomically (CAS on version). Raises
     ``TransitionError`` when the current status does not allow ``to``."""
 
+    came_from: list[str] = []
+
     def mutate(rec: BatchRecord) -> BatchRecord:
         if not can_transition(rec.status, to):
             raise TransitionError(
                 f"Batch {rec.id} is {rec.status}; it cannot become {to.value}.", code="invalid_state"
             )
+        came_from[:] = [rec.status]
         rec.status = to.value
         ts = TIMESTAMP_FIELD.get(to)
         if ts:
@@ -321,6 +324,3 @@ async def cancel_batch(*, store: Store, tenant: str, batch_id: str) -> BatchReco
         if latest is not None and latest.status == BatchStatus.CANCELLING.value:
             return latest
         raise ConflictError(f"Cannot cancel batch {batch_id}: {exc.message}", code="batch_not_cancellable") from exc
-    came_from: list[str] = []
-
-        came_from[:] = [rec.status]
