@@ -50,18 +50,6 @@ HEARTBEAT_S = 2.0
 CHECKPOINT_INTERVAL_S = 1.0
 
 #: How often the scheduler looks for claimable batches when nothing wakes it.
-#: Engine outages: a batch whose engine has been unreachable for
-#: ENGINE_YIELD_AFTER_S gives its running slot up (checkpointed) and is tried again
-#: ENGINE_RECHECK_S later, so a dead engine does not hold slots other batches could
-#: use; after ENGINE_UNREACHABLE_TIMEOUT_S without a break the batch fails, since a
-#: wrong URL or a gone engine rarely comes back by itself and waiting out a 24 h
-#: window would hide it.
-ENGINE_YIELD_AFTER_S = 5.0
-ENGINE_RECHECK_S = 10.0
-ENGINE_UNREACHABLE_TIMEOUT_S = 600.0
-#: How long ``serve`` waits for its default engine to answer at start.
-ENGINE_CHECK_TIMEOUT_S = 5.0
-
 SCHEDULER_POLL_S = 0.5
 
 #: How many batches one replica executes at once.
