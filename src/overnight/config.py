@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import PositiveInt, field_validator
+from pydantic import PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from overnight import defaults
@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     checkpoint_interval_s: float = defaults.CHECKPOINT_INTERVAL_S
     scheduler_poll_s: float = defaults.SCHEDULER_POLL_S
     max_running_batches: int = defaults.MAX_RUNNING_BATCHES
+    #: A batch whose engine has been unreachable this long without a break fails.
+    engine_unreachable_timeout_s: PositiveFloat = defaults.ENGINE_UNREACHABLE_TIMEOUT_S
+    #: A batch waiting for an unreachable engine is tried again after this long.
+    engine_recheck_s: PositiveFloat = defaults.ENGINE_RECHECK_S
     #: Default lifetime of batch output/error files (seconds); None keeps them.
     output_expires_after_s: int | None = None
     #: How often expired files are deleted.

@@ -39,7 +39,9 @@ async def test_batches_on_the_same_engine_share_one_capacity() -> None:
         same = pool.capacity_for(_record(runtime={"endpoint": ENGINE + "/v1", "api_key": "other"}))
         other = pool.capacity_for(_record(runtime={"endpoint": "http://elsewhere:1"}))
         assert default is same and default is not other
-        assert isinstance(pool.client_for(_record()), HttpEngineClient)
+        client = pool.client_for(_record())
+        assert isinstance(client.inner, HttpEngineClient)  # wrapped to track the engine's health
+        assert client.health is pool.health_for(_record(runtime={"endpoint": ENGINE + "/v1"}))
         assert len(pool._probes) == 2  # real HTTP engines get a /metrics probe
     finally:
         await pool.aclose()

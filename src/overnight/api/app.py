@@ -80,6 +80,8 @@ def build_scheduler(  # type: ignore[no-untyped-def]
             max_delay_s=settings.backoff_max_s,
         ),
         output_expires_after_s=settings.output_expires_after_s,
+        engine_unreachable_timeout_s=settings.engine_unreachable_timeout_s,
+        engine_recheck_s=settings.engine_recheck_s,
     )
     engines = EnginePool(
         default_url=engine_url, default_api_key=settings.engine_api_key, timeout_s=settings.request_timeout_s,

@@ -10,13 +10,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter, deque
 
 from overnight import defaults
 from overnight.batches.service import transition
 from overnight.batches.states import BatchStatus
-from overnight.errors import OvernightError
+from overnight.errors import OvernightError, RetryableEngineError
 from overnight.executor.engine import EngineClient, HttpEngineClient, engine_base_url
 from overnight.executor.engine_metrics import MetricsProbe
+from overnight.executor.health import EngineHealth, TrackedEngine
 from overnight.executor.limiter import ConcurrencyLimits, Gate
 from overnight.executor.sharing import EngineCapacity
 from overnight.scheduler.leases import claim_batch, lease_is_free
@@ -57,6 +59,8 @@ class EnginePool:
         self.gates = gates
         self.metrics_poll_s = metrics_poll_s
         self._clients: dict[tuple[str, str | None], EngineClient] = {}
+        self._tracked: dict[tuple[str, str | None], TrackedEngine] = {}
+        self._health: dict[str, EngineHealth] = {}
         self._capacities: dict[str, EngineCapacity] = {}
         self._probes: dict[str, MetricsProbe] = {}
 
@@ -78,13 +82,55 @@ class EnginePool:
             )
         return self.default_url, self.default_api_key
 
-    def client_for(self, batch: BatchRecord) -> EngineClient:
-        key = self.endpoint_for(batch)
+    def _raw_client(self, key: tuple[str, str | None]) -> EngineClient:
         if key not in self._clients:
             self._clients[key] = HttpEngineClient(
                 key[0], api_key=key[1], timeout_s=self.timeout_s, max_response_bytes=self.max_response_bytes
             )
         return self._clients[key]
+
+    def client_for(self, batch: BatchRecord) -> EngineClient:
+        """The batch's engine client; every send through it feeds the engine's health."""
+        key = self.endpoint_for(batch)
+        tracked = self._tracked.get(key)
+        if tracked is None or tracked.inner is not self._raw_client(key):
+            tracked = self._tracked[key] = TrackedEngine(self._raw_client(key), self._health_of(key[0]))
+        return tracked
+
+    def _health_of(self, url: str) -> EngineHealth:
+        key = engine_base_url(url)
+        h = self._health.get(key)
+        if h is None:
+            h = self._health[key] = EngineHealth(key)
+        return h
+
+    def health_for(self, batch: BatchRecord) -> EngineHealth:
+        """Reachability of the batch's engine, shared with every batch on the same URL."""
+        return self._health_of(self.endpoint_for(batch)[0])
+
+    async def check_default(self, timeout_s: float = defaults.ENGINE_CHECK_TIMEOUT_S) -> bool | None:
+        """At start: does the default engine answer ``GET /v1/models``? Logs a
+        warning when it does not (never fatal: it may come up later). None without one."""
+        if not self.default_url:
+            return None
+        url = engine_base_url(self.default_url)
+        get = getattr(self._raw_client((self.default_url, self.default_api_key)), "get", None)
+        if get is None:
+            return None
+        try:
+            status, _ = await get("/v1/models", timeout_s=timeout_s)
+        except RetryableEngineError as exc:
+            log.warning("default engine %s is unreachable at start (batches will wait for it): %s", url, exc.message)
+            return False
+        except Exception as exc:  # a check must never stop the service from starting
+            log.warning("default engine %s could not be checked at start: %s", url, exc)
+            return False
+        if status >= 400:
+            log.warning("default engine %s answered GET /v1/models with HTTP %d; check its URL and API key",
+                        url, status)
+        else:
+            log.info("default engine %s answers", url)
+        return True
 
     def capacity_for(self, batch: BatchRecord) -> EngineCapacity:
         """The capacity of the batch's engine, shared with every batch on the same URL."""
@@ -106,6 +152,7 @@ class EnginePool:
     def set_client(self, url: str, api_key: str | None, client: EngineClient) -> None:
         """Install a custom client (tests use ``FakeEngine``)."""
         self._clients[(url, api_key)] = client
+        self._tracked.pop((url, api_key), None)
 
     async def aclose(self) -> None:
         for p in self._probes.values():
@@ -149,10 +196,12 @@ class Scheduler:
         #: batch id -> (monotonic time before which it is not claimed again, last delay)
         self._crash_backoff: dict[str, tuple[float, float]] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._check_task: asyncio.Task[bool | None] | None = None
         self._idle = asyncio.Event()
 
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="overnight-scheduler")
+        self._check_task = asyncio.create_task(self.engines.check_default(), name="overnight-engine-check")
 
     def wake(self) -> None:
         self._wake.set()
@@ -169,6 +218,11 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
+        if self._check_task is not None:
+            self._check_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._check_task
+            self._check_task = None
         for r in self.runners.values():
             r.shutdown()
         if self._tasks:
@@ -187,34 +241,78 @@ class Scheduler:
             self._wake.clear()
 
     async def tick(self) -> int:
-        """Claim and start what can run now; returns how many batches started."""
-        started = 0
-        now = time.time()
+        """Claim and start what can run now, sharing the running slots fairly between
+        tenants; returns how many batches started."""
+        now, mono = time.time(), time.monotonic()
+        # Claimable batches per tenant, oldest first.
+        waiting: dict[str, deque[BatchRecord]] = {}
         for rec in await self.store.list_active_batches():
-            if len(self.runners) >= self.max_running:
-                break
             if rec.id in self.runners or not lease_is_free(rec, self.replica_id, now):
                 continue
-            if self._crash_backoff.get(rec.id, (0.0, 0.0))[0] > time.monotonic():
+            if self._crash_backoff.get(rec.id, (0.0, 0.0))[0] > mono:
                 continue
-            claimed = await claim_batch(self.store, rec, owner=self.replica_id, lease_s=self.cfg.lease_s)
-            if claimed is None:
-                continue
-            try:
-                engine = self.engines.client_for(claimed)
-                capacity = self.engines.capacity_for(claimed)
-            except OvernightError as exc:
-                await self._fail_unrunnable(claimed, exc)
-                continue
-            runner = BatchRunner(
-                batch=claimed, store=self.store, storage=self.storage, engine=engine,
-                gates=(self.global_gate,), config=self.cfg, capacity=capacity,
-            )
-            self.runners[claimed.id] = runner
-            task = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")
-            self._tasks[claimed.id] = task
-            started += 1
+            if rec.not_before > now and rec.status == BatchStatus.IN_PROGRESS.value:
+                continue  # waiting for its engine (a cancel is not kept waiting)
+            waiting.setdefault(rec.tenant, deque()).append(rec)
+        held = self._held()
+        started = 0
+        while waiting and len(self.runners) < self.max_running:
+            # The tenant running the fewest batches goes first (ties: oldest batch).
+            tenant = min(waiting, key=held.__getitem__)
+            queue = waiting[tenant]
+            rec = queue.popleft()
+            if not queue:
+                del waiting[tenant]
+            if await self._start(rec):
+                held[tenant] += 1
+                started += 1
+        if waiting:
+            self._rebalance(waiting, held)
         return started
+
+    def _held(self) -> Counter[str]:
+        """Running slots per tenant, not counting runners already giving theirs up."""
+        return Counter(r.batch.tenant for r in self.runners.values() if not r.yielding)
+
+    def _rebalance(self, waiting: dict[str, deque[BatchRecord]], held: Counter[str]) -> None:
+        """All slots are taken and batches wait: each waiting tenant below its fair
+        share (slots / tenants) gets one slot from the tenant furthest above it. The
+        batch giving its slot up checkpoints and goes back to the queue."""
+        tenants = {t for t, n in held.items() if n > 0} | set(waiting)
+        fair = max(1, self.max_running // len(tenants))
+        short = sum(1 for t in waiting if held[t] < fair)
+        freeing = sum(1 for r in self.runners.values() if r.yielding)
+        for _ in range(short - freeing):
+            over = max((t for t, n in held.items() if n > fair), key=held.__getitem__, default=None)
+            if over is None:
+                return
+            victim = next((r for r in reversed(list(self.runners.values()))
+                           if r.batch.tenant == over and not r.yielding and r.stop.reason is None), None)
+            if victim is None:
+                return
+            victim.yield_slot(f"its tenant runs {held[over]} batches, above a fair share of {fair}, while others wait")
+            held[over] -= 1
+
+    async def _start(self, rec: BatchRecord) -> bool:
+        """Claim ``rec`` and start its runner; False if another replica got it."""
+        claimed = await claim_batch(self.store, rec, owner=self.replica_id, lease_s=self.cfg.lease_s)
+        if claimed is None:
+            return False
+        try:
+            engine = self.engines.client_for(claimed)
+            capacity = self.engines.capacity_for(claimed)
+        except OvernightError as exc:
+            await self._fail_unrunnable(claimed, exc)
+            return False
+        runner = BatchRunner(
+            batch=claimed, store=self.store, storage=self.storage, engine=engine,
+            gates=(self.global_gate,), config=self.cfg, capacity=capacity,
+            health=self.engines.health_for(claimed) if capacity is not None else None,
+        )
+        self.runners[claimed.id] = runner
+        task = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")
+        self._tasks[claimed.id] = task
+        return True
 
     async def _fail_unrunnable(self, rec: BatchRecord, exc: OvernightError) -> None:
         log.error("batch %s cannot run: %s", rec.id, exc)
