@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import random
-from typing import Any
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, AsyncIterator
 
+import httpx
 import pytest
+
+from overnight.mock_engine import MockEngineConfig, create_app
+from overnight.mock_engine.app import MockEngineApp
 
 from overnight.mock_engine.batching import (
     PRESETS,
@@ -196,9 +207,17 @@ def test_abort_mid_step_drops_the_request() -> None:
 
 def test_max_waiting_refuses() -> None:
     eng = BatchingEngine(_params(max_num_seqs=1, max_waiting=2))
-    assert eng.add(SimRequest(1, 10)) and eng.add(SimRequest(1, 10))
+    # One for the free slot (admitted at the next step) and two waiting.
+    assert all(eng.add(SimRequest(1, 10)) for _ in range(3))
     assert not eng.add(SimRequest(1, 10))
-    eng.begin_step()  # one is admitted: room for one more
+    eng.begin_step()
+    assert (eng.num_running, eng.num_waiting) == (1, 2)
+    assert not eng.add(SimRequest(1, 10))
+    eng.end_step()
+    for _ in range(9):
+        eng.begin_step()
+        eng.end_step()
+    assert (eng.num_running, eng.num_waiting) == (0, 2)  # the first is done: a slot is free
     assert eng.add(SimRequest(1, 10))
     assert not eng.add(SimRequest(1, 10))
 
@@ -241,6 +260,10 @@ def test_params_validation_names_the_field() -> None:
         _params(max_waiting=-1)
     with pytest.raises(ValueError, match="step"):
         _params(step_base_ms=0.0, step_per_seq_ms=0.0)
+    with pytest.raises(ValueError, match="step_per_seq_ms must be a number >= 0, not -1"):
+        _params(step_per_seq_ms=-1.0)
+    with pytest.raises(ValueError, match="step_base_ms"):
+        _params(step_base_ms=float("nan"))
 
 
 def test_output_length_parse_and_sample() -> None:
@@ -277,3 +300,320 @@ def test_output_length_parse_errors_name_the_problem(spec: str, problem: str) ->
         OutputLength.parse(spec)
     assert repr(spec) in str(info.value)
     assert problem in str(info.value)
+
+
+# --------------------------------------------------------------------------- over HTTP (ASGI)
+
+CHAT = "/v1/chat/completions"
+LABEL = (("model_name", "mock-model"),)
+
+
+def _app(metrics: str = "vllm", seed: int = 7, **kw: Any) -> MockEngineApp:
+    base: dict[str, Any] = dict(
+        step_base_ms=4.0, step_per_seq_ms=1.0, step_per_prefill_token_ms=0.0,
+        max_num_seqs=16, output_len=OutputLength("fixed", 8),
+    )
+    base.update(kw)
+    return create_app(MockEngineConfig(batching=BatchingParams(**base), metrics=metrics, seed=seed))
+
+
+@contextlib.asynccontextmanager
+async def _client(app: MockEngineApp) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://mock", timeout=10) as client:
+            yield client
+    finally:
+        await app.aclose()
+
+
+def _chat(text: str = "hello there", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    body.update(extra)
+    return body
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+class _Raw:
+    """Drives the app directly so that the client can disconnect."""
+
+    def __init__(self, app: MockEngineApp, body: dict[str, Any]) -> None:
+        self.disconnect = asyncio.Event()
+        self.messages: list[dict[str, Any]] = []
+        self._body = json.dumps(body).encode()
+        self._sent = False
+        scope = {"type": "http", "method": "POST", "path": CHAT, "headers": []}
+        self.task = asyncio.create_task(app(scope, self._receive, self._send))
+
+    async def _receive(self) -> dict[str, Any]:
+        if not self._sent:
+            self._sent = True
+            return {"type": "http.request", "body": self._body, "more_body": False}
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int | None:
+        return self.messages[0]["status"] if self.messages else None
+
+
+async def _timed(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, httpx.Response]:
+    t0 = time.perf_counter()
+    resp = await client.post(CHAT, json=body)
+    return time.perf_counter() - t0, resp
+
+
+async def test_latency_grows_with_requests_in_flight() -> None:
+    app = _app()
+    async with _client(app) as client:
+        alone = [await _timed(client, _chat()) for _ in range(3)]
+        crowd = await asyncio.gather(*(_timed(client, _chat(f"q{i}")) for i in range(16)))
+    assert all(r.status_code == 200 for _, r in alone + crowd)
+    assert all(r.json()["usage"]["completion_tokens"] == 8 for _, r in alone + crowd)
+    one = min(t for t, _ in alone)
+    sixteen = sorted(t for t, _ in crowd)[8]
+    # 8 steps of 4+1 ms alone, of 4+16 ms beside 15 others.
+    assert 0.035 < one < 0.1
+    assert sixteen > 2.0 * one
+    assert app.stats.max_running_seen == 16
+
+
+async def test_output_length_is_capped_by_max_tokens_and_forced_by_directive() -> None:
+    app = _app(output_len=OutputLength("uniform", 20, 30))
+    async with _client(app) as client:
+        free = (await client.post(CHAT, json=_chat())).json()
+        capped = (await client.post(CHAT, json=_chat(max_tokens=5))).json()
+        forced = (await client.post(CHAT, json=_chat("[[mock:tokens=3]]"))).json()
+        forced_capped = (await client.post(CHAT, json=_chat("[[mock:tokens=9]]", max_tokens=2))).json()
+    assert 20 <= free["usage"]["completion_tokens"] <= 30
+    assert free["choices"][0]["finish_reason"] == "stop"
+    assert capped["usage"]["completion_tokens"] == 5
+    assert capped["choices"][0]["finish_reason"] == "length"
+    assert forced["usage"]["completion_tokens"] == 3
+    assert forced_capped["usage"]["completion_tokens"] == 2
+    assert app.stats.generation_tokens_total == sum(
+        r["usage"]["completion_tokens"] for r in (free, capped, forced, forced_capped)
+    )
+
+
+async def test_scripted_failures_answer_at_once() -> None:
+    app = _app(step_base_ms=200.0)
+    async with _client(app) as client:
+        t0 = time.perf_counter()
+        failed = await client.post(CHAT, json=_chat("[[mock:status=503,retry_after=2]]"))
+        assert time.perf_counter() - t0 < 0.15
+        assert failed.status_code == 503 and failed.headers["retry-after"] == "2"
+        first = await client.post(CHAT, json=_chat("[[mock:fail_times=1]]"))
+        assert first.status_code == 500
+    assert app.stats.max_running_seen == 0  # never entered the engine
+
+
+async def test_full_waiting_queue_answers_429() -> None:
+    app = _app(max_num_seqs=1, max_waiting=1, step_base_ms=20.0)
+    async with _client(app) as client:
+        resps = await asyncio.gather(*(client.post(CHAT, json=_chat(f"q{i}")) for i in range(3)))
+        codes = sorted(r.status_code for r in resps)
+        assert codes == [200, 200, 429]
+        (refused,) = [r for r in resps if r.status_code == 429]
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        stats = (await client.get("/stats")).json()
+    assert stats["rejected_total"] == 1
+
+
+async def test_metrics_vllm_reflect_the_engine() -> None:
+    app = _app(max_num_seqs=2, step_base_ms=30.0, kv_cache_tokens=1000)
+    async with _client(app) as client:
+        pending = [asyncio.create_task(client.post(CHAT, json=_chat(f"q{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        during = _samples((await client.get("/metrics")).text)
+        await asyncio.gather(*pending)
+        after = _samples((await client.get("/metrics")).text)
+    assert during[("vllm:num_requests_running", LABEL)] == 2.0
+    assert during[("vllm:num_requests_waiting", LABEL)] == 1.0
+    usage = during[("vllm:kv_cache_usage_perc", LABEL)]
+    assert 0.0 < usage < 0.05  # two prompts of 6 tokens plus a few generated, of 1000
+    assert during[("vllm:gpu_cache_usage_perc", LABEL)] == usage
+    assert during[("vllm:num_preemptions_total", LABEL)] == 0.0
+    assert after[("vllm:num_requests_running", LABEL)] == 0.0
+    assert after[("vllm:kv_cache_usage_perc", LABEL)] == 0.0
+    assert after[("vllm:generation_tokens_total", LABEL)] == 24.0
+
+
+async def test_metrics_sglang_flavour() -> None:
+    app = _app(metrics="sglang", max_num_seqs=2, step_base_ms=20.0)
+    async with _client(app) as client:
+        await client.get("/metrics")
+        pending = [asyncio.create_task(client.post(CHAT, json=_chat(f"q{i}"))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        during = _samples((await client.get("/metrics")).text)
+        await asyncio.gather(*pending)
+        await asyncio.sleep(0.3)
+        text = (await client.get("/metrics")).text
+    after = _samples(text)
+    assert "vllm:" not in text
+    assert during[("sglang:num_running_reqs", LABEL)] == 2.0
+    assert during[("sglang:num_queue_reqs", LABEL)] == 1.0
+    assert 0.0 < during[("sglang:token_usage", LABEL)] <= 1.0
+    assert after[("sglang:generation_tokens_total", LABEL)] == 24.0
+    assert after[("sglang:gen_throughput", LABEL)] > 0.0
+
+
+@pytest.mark.parametrize("batching", [True, False])
+async def test_metrics_off_is_404(batching: bool) -> None:
+    app = _app(metrics="off") if batching else create_app(MockEngineConfig(latency_ms=0.0, metrics="off"))
+    async with _client(app) as client:
+        assert (await client.get("/metrics")).status_code == 404
+        assert (await client.post(CHAT, json=_chat())).status_code == 200
+
+
+async def test_plain_mode_sglang_metrics() -> None:
+    app = create_app(MockEngineConfig(latency_ms=0.0, metrics="sglang", output_tokens=4))
+    async with _client(app) as client:
+        await client.post(CHAT, json=_chat())
+        samples = _samples((await client.get("/metrics")).text)
+    assert samples[("sglang:num_running_reqs", LABEL)] == 0.0
+    assert samples[("sglang:generation_tokens_total", LABEL)] == 4.0
+
+
+def test_config_rejects_unknown_metrics_flavour() -> None:
+    with pytest.raises(ValueError, match="metrics must be one of vllm, sglang, off, not 'prom'"):
+        MockEngineConfig(metrics="prom")
+
+
+async def test_kv_preemption_shows_in_stats_and_metrics() -> None:
+    # Each request needs 6 + 40 tokens; the cache holds 100, so four cannot all finish together.
+    app = _app(step_base_ms=1.0, step_per_seq_ms=0.0, kv_cache_tokens=100, output_len=OutputLength("fixed", 40))
+    async with _client(app) as client:
+        resps = await asyncio.gather(*(client.post(CHAT, json=_chat(f"q{i}")) for i in range(4)))
+        assert all(r.status_code == 200 for r in resps)
+        stats = (await client.get("/stats")).json()
+        samples = _samples((await client.get("/metrics")).text)
+    assert stats["preemptions_total"] >= 1
+    assert samples[("vllm:num_preemptions_total", LABEL)] == stats["preemptions_total"]
+
+
+async def test_disconnect_aborts_and_frees_the_slot() -> None:
+    app = _app(max_num_seqs=1, output_len=OutputLength("fixed", 1000), kv_cache_tokens=5000)
+    async with _client(app) as client:
+        running = _Raw(app, _chat("a"))
+        waiting = _Raw(app, _chat("b"))
+        await asyncio.sleep(0.05)
+        assert (app.stats.running, app.stats.waiting) == (1, 1)
+        waiting.disconnect.set()
+        await asyncio.wait_for(waiting.task, 1)
+        assert app.stats.waiting == 0
+        running.disconnect.set()
+        await asyncio.wait_for(running.task, 1)
+        assert running.messages == [] and waiting.messages == []
+        assert app.stats.running == 0 and app.stats.kv_usage == 0.0
+        assert app.stats.snapshot()["by_status"] == {"499": 2}
+        # The slot is free: a short request is served at once.
+        resp = await client.post(CHAT, json=_chat("[[mock:tokens=2]]"))
+        assert resp.status_code == 200
+
+
+async def test_abort_inflight_answers_503() -> None:
+    app = _app(max_num_seqs=1, output_len=OutputLength("fixed", 1000))
+    running = _Raw(app, _chat("a"))
+    waiting = _Raw(app, _chat("b"))
+    await asyncio.sleep(0.03)
+    assert app.abort_inflight() == 2
+    await asyncio.wait_for(asyncio.gather(running.task, waiting.task), 1)
+    assert running.status == 503 and waiting.status == 503
+    assert (app.stats.running, app.stats.waiting) == (0, 0)
+    late = _Raw(app, _chat("c"))
+    await asyncio.wait_for(late.task, 1)
+    assert late.status == 503
+    await app.aclose()
+
+
+async def test_idle_step_loop_burns_no_cpu() -> None:
+    app = _app()
+    async with _client(app) as client:
+        assert (await client.post(CHAT, json=_chat())).status_code == 200
+        driver = app._driver
+        assert driver is not None and driver._task is not None and not driver._task.done()
+        cpu0 = time.process_time()
+        await asyncio.sleep(1.0)
+        idle_cpu = time.process_time() - cpu0
+        assert not driver._task.done()  # still there, waiting for work
+        assert (await client.post(CHAT, json=_chat())).status_code == 200
+    # A 1 kHz poller would use ~0.02 s here; waiting on an event uses ~0.0001 s.
+    assert idle_cpu < 0.01
+
+
+async def test_step_timing_does_not_drift(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every sleep overshoots by 2 ms; the loop aims at absolute step ends, so
+    # 30 steps of 5 ms still take about 150 ms, not 210.
+    from overnight.mock_engine import batching_driver
+
+    async def sloppy_sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds + 0.002)
+
+    monkeypatch.setattr(batching_driver, "_sleep", sloppy_sleep)
+    app = _app(step_base_ms=5.0, step_per_seq_ms=0.0, output_len=OutputLength("fixed", 30))
+    async with _client(app) as client:
+        await client.post(CHAT, json=_chat("[[mock:tokens=1]]"))  # start the loop
+        elapsed, resp = await _timed(client, _chat())
+    assert resp.status_code == 200
+    assert 0.148 <= elapsed < 0.185
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batching", "nope"], "unknown batching preset 'nope'; known: h200-llama-1b, knee-16"),
+        (["--step-base-ms", "3"], "--step-base-ms apply only with --batching"),
+        (["--batching", "custom", "--output-len", "uniform:3"], "'uniform:3': uniform takes 2 number(s)"),
+        (["--batching", "knee-16", "--max-num-seqs", "0"], "max_num_seqs must be >= 1"),
+        (["--batching", "knee-16", "--step-per-seq-ms", "-1"], "step_per_seq_ms must be a number >= 0"),
+        (["--metrics", "prom"], "must be vllm, sglang or off, not 'prom'"),
+    ],
+)
+def test_cli_rejects_bad_batching_options(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from overnight.cli.main import app
+
+    result = CliRunner().invoke(app, ["mock-engine", *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split()), result.output
+
+
+def test_cli_serves_a_batching_engine() -> None:
+    from tests.conftest import free_port, wait_http
+
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(port),
+        "--batching", "knee-16", "--max-num-seqs", "4", "--output-len", "fixed:5", "--metrics", "sglang",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            resp = client.post(CHAT, json=_chat())
+            assert resp.json()["usage"]["completion_tokens"] == 5
+            assert "sglang:num_running_reqs" in client.get("/metrics").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert f"on http://127.0.0.1:{port} (batching knee-16, metrics sglang)" in out
+    assert "t_step = 8 + 0.1 x running + 0.001 x prefill_tokens ms; max_num_seqs 4" in out
+    assert "output fixed:5" in out

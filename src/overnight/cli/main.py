@@ -252,11 +252,55 @@ def mock_engine(
     output_tokens: Annotated[int, typer.Option(help="Completion tokens per request.")] = 16,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for jitter and failures.", show_default="random")] = None,
     model: Annotated[str, typer.Option(help="Model name listed first by /v1/models (any name is accepted).")] = "mock-model",
+    batching: Annotated[Optional[str], typer.Option(
+        help="Model a continuous-batching engine: a preset (h200-llama-1b, knee-16, knee-64, knee-256) "
+        "or 'custom'; latency, jitter, concurrency, queue and output-token options are then unused.",
+        show_default="off",
+    )] = None,
+    step_base_ms: Annotated[Optional[float], typer.Option(
+        help="Batching: fixed time of one engine step, ms.", show_default="from the preset")] = None,
+    step_per_seq_ms: Annotated[Optional[float], typer.Option(
+        help="Batching: step time added per running request, ms.", show_default="from the preset")] = None,
+    step_per_prefill_token_ms: Annotated[Optional[float], typer.Option(
+        help="Batching: step time added per prompt token prefilled in the step, ms.",
+        show_default="from the preset")] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(
+        help="Batching: requests running at once (the throughput knee); the rest wait.",
+        show_default="from the preset")] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(
+        help="Batching: prompt tokens prefilled per step; later arrivals wait a step.",
+        show_default="from the preset")] = None,
+    kv_cache_tokens: Annotated[Optional[int], typer.Option(
+        help="Batching: KV-cache size in tokens (prompt + generated of every running request); "
+        "when full the newest running request is preempted and recomputed.",
+        show_default="from the preset")] = None,
+    max_waiting: Annotated[Optional[int], typer.Option(
+        help="Batching: waiting requests beyond the free running slots; more get 429 with Retry-After.",
+        show_default="from the preset")] = None,
+    output_len: Annotated[Optional[str], typer.Option(
+        help="Batching: tokens a request generates before max_tokens caps it: "
+        "fixed:N, uniform:LO:HI, exp:MEAN or lognormal:MEDIAN:SIGMA.",
+        show_default="from the preset")] = None,
+    metrics: Annotated[str, typer.Option(
+        help="/metrics flavour: vllm, sglang, or off (404, as an engine whose metrics are unreachable).")] = "vllm",
 ) -> None:
     """Run a fast OpenAI-compatible mock engine (for trying overnight, tests and benchmarks)."""
     from overnight.mock_engine import MockEngineConfig, run
 
     _logging("warning")
+    shape = _batching_shape(
+        batching,
+        step_base_ms=step_base_ms,
+        step_per_seq_ms=step_per_seq_ms,
+        step_per_prefill_token_ms=step_per_prefill_token_ms,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_tokens=kv_cache_tokens,
+        max_waiting=max_waiting,
+        output_len=output_len,
+    )
+    if metrics not in ("vllm", "sglang", "off"):
+        raise typer.BadParameter(f"must be vllm, sglang or off, not {metrics!r}", param_hint="--metrics")
     config = MockEngineConfig(
         latency_ms=latency_ms,
         jitter_ms=jitter_ms,
@@ -268,9 +312,39 @@ def mock_engine(
         output_tokens=output_tokens,
         seed=seed,
         model=model,
+        batching=shape,
+        metrics=metrics,
     )
-    typer.echo(f"overnight mock engine on http://{host}:{port} (latency {latency_ms} ms)")
+    if shape is None:
+        typer.echo(f"overnight mock engine on http://{host}:{port} (latency {latency_ms} ms, metrics {metrics})")
+    else:
+        typer.echo(f"overnight mock engine on http://{host}:{port} (batching {batching}, metrics {metrics})")
+        typer.echo(f"  {shape.describe()}")
     run(config, host=host, port=port)
+
+
+def _batching_shape(name: Optional[str], **overrides: object) -> "BatchingParams | None":  # noqa: F821
+    """The batching engine's shape from --batching and its overrides (bad values: exit 2)."""
+    from overnight.mock_engine.batching import OutputLength, preset
+
+    given = [k for k, v in overrides.items() if v is not None]
+    if name is None:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise typer.BadParameter(f"{flags} apply only with --batching", param_hint="--batching")
+        return None
+    spec = overrides.get("output_len")
+    if spec is not None:
+        try:
+            overrides["output_len"] = OutputLength.parse(str(spec))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--output-len") from None
+    try:
+        return preset(name, **overrides)
+    except (ValueError, TypeError) as exc:
+        # Point at the override the message names, if any.
+        hint = next(("--" + k.replace("_", "-") for k in given if k in str(exc)), "--batching")
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
 @app.command()

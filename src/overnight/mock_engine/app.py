@@ -22,10 +22,14 @@ Endpoints
     JSON counters (see :meth:`MockEngineStats.snapshot`); reset zeroes them and
     forgets the ``fail_times`` history.
 ``GET /metrics``
-    Prometheus text exposition using vLLM's metric names
+    Prometheus text exposition. ``metrics="vllm"`` (default) uses vLLM's names
     (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
-    ``vllm:kv_cache_usage_perc``, ``vllm:prompt_tokens_total``,
-    ``vllm:generation_tokens_total``, ``vllm:request_success_total``).
+    ``vllm:kv_cache_usage_perc`` and the older ``vllm:gpu_cache_usage_perc``,
+    ``vllm:num_preemptions_total``, ``vllm:prompt_tokens_total``,
+    ``vllm:generation_tokens_total``, ``vllm:request_success_total``);
+    ``"sglang"`` SGLang's (``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
+    ``sglang:token_usage``, ``sglang:gen_throughput`` and the token counters);
+    ``"off"`` answers 404, like an engine whose metrics cannot be reached.
 
 Tokens and text
 ---------------
@@ -54,6 +58,21 @@ in FIFO order, and anything beyond is answered at once with 429, a
 disconnects while its request waits or sleeps frees its slot (recorded under
 status 499 in the stats). Random failures (``fail_rate``) are answered as soon
 as the request holds a slot, half with 500 and half with 429.
+
+Batching mode
+-------------
+With ``batching`` set (a :class:`~overnight.mock_engine.batching.BatchingParams`),
+the latency model above is replaced by a continuous-batching engine stepped in
+real time (:mod:`overnight.mock_engine.batching`,
+:mod:`overnight.mock_engine.batching_driver`): each request generates
+``min(max tokens, a sample of output_len)`` tokens (``tokens=N`` forces N),
+waits for one of ``max_num_seqs`` slots, and runs one step per output token
+while every step slows with the number running. A full waiting queue
+(``max_waiting``) answers 429 ``rate_limit_exceeded`` with ``Retry-After: 1``;
+a client that disconnects frees its slot and KV cache. ``running``, ``waiting``,
+``kv_usage`` and ``preemptions_total`` come from the engine. Scripted failures
+are answered at once without entering the engine, and ``sleep_ms`` stands in
+for the engine's service time.
 
 Deterministic test triggers
 ---------------------------
@@ -117,6 +136,8 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
+from overnight.mock_engine.batching import BatchingEngine, BatchingParams
+from overnight.mock_engine.batching_driver import BatchingDriver
 from overnight.mock_engine.sse import sse_send
 
 __all__ = ["MockEngineApp", "MockEngineConfig", "MockEngineStats", "create_app", "run", "serve"]
@@ -155,6 +176,12 @@ class MockEngineConfig:
     """Seed for jitter and random failures."""
     model: str = "mock-model"
     """Model name listed by ``/v1/models`` and used in the metric labels."""
+    batching: BatchingParams | None = None
+    """Model a continuous-batching engine (see :mod:`overnight.mock_engine.batching`):
+    latency, jitter, ``max_concurrency``/``max_queue``, ``ms_per_output_token``,
+    ``load_slowdown`` and ``output_tokens`` are then unused."""
+    metrics: str = "vllm"
+    """``/metrics`` flavour: ``"vllm"``, ``"sglang"`` or ``"off"`` (404)."""
 
     def __post_init__(self) -> None:
         if self.latency_ms < 0 or self.jitter_ms < 0 or self.ms_per_output_token < 0:
@@ -171,6 +198,13 @@ class MockEngineConfig:
             raise ValueError("output_tokens must be >= 0")
         if not self.model:
             raise ValueError("model must be a non-empty string")
+        if self.metrics not in _METRIC_FLAVOURS:
+            raise ValueError(f"metrics must be one of {', '.join(_METRIC_FLAVOURS)}, not {self.metrics!r}")
+        if self.batching is not None and not isinstance(self.batching, BatchingParams):
+            raise ValueError("batching must be a BatchingParams (or None)")
+
+
+_METRIC_FLAVOURS = ("vllm", "sglang", "off")
 
 
 # --------------------------------------------------------------------------- stats
@@ -193,11 +227,14 @@ class MockEngineStats:
         "waiting",
         "max_running_seen",
         "max_waiting_seen",
+        "preemptions_total",
+        "kv_usage",
     )
 
     def __init__(self) -> None:
         self.running = 0
         self.waiting = 0
+        self.kv_usage = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -211,6 +248,7 @@ class MockEngineStats:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.success_by_reason: dict[str, int] = {"stop": 0, "length": 0}
+        self.preemptions_total = 0
         self.max_running_seen = self.running
         self.max_waiting_seen = self.waiting
 
@@ -230,6 +268,8 @@ class MockEngineStats:
             "waiting": self.waiting,
             "max_running_seen": self.max_running_seen,
             "max_waiting_seen": self.max_waiting_seen,
+            "preemptions_total": self.preemptions_total,
+            "kv_usage": self.kv_usage,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
             "success_by_finish_reason": dict(self.success_by_reason),
@@ -393,6 +433,28 @@ class _Directives:
                 self.sse = str(value).lower() not in ("0", "false", "no", "off")
             else:
                 raise _BadRequest(f"unknown mock setting '{name}'", "mock")
+
+
+class _GenRate:
+    """Generated tokens per second over the last few seconds, from the token
+    counter as seen at each scrape (``sglang:gen_throughput``)."""
+
+    __slots__ = ("_marks",)
+
+    def __init__(self) -> None:
+        self._marks: deque[tuple[float, int]] = deque()
+
+    def update(self, now: float, total: int) -> float:
+        marks = self._marks
+        if marks and total < marks[-1][1]:
+            marks.clear()  # the counters were reset
+        if not marks or now - marks[-1][0] >= 0.25:
+            marks.append((now, total))
+        # Measure from the newest mark at least a second old (or the oldest one).
+        while len(marks) > 2 and now - marks[1][0] >= 1.0:
+            marks.popleft()
+        t0, n0 = marks[0]
+        return (total - n0) / (now - t0) if now > t0 else 0.0
 
 
 def _embedding(data: bytes, dims: int) -> list[float]:
@@ -593,6 +655,9 @@ class MockEngineApp:
         self._started = int(time.time())
         #: Names for /v1/models: the configured one, then those answered (any is accepted).
         self._models: dict[str, None] = {config.model: None}
+        self._driver = BatchingDriver(config.batching, self._engine_gauges) if config.batching else None
+        self._preempt_seen = 0
+        self._gen_rate = _GenRate()
         label = config.model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         self._label = f'model_name="{label}"'
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
@@ -680,30 +745,68 @@ class MockEngineApp:
         await _send(send, 200, orjson.dumps(self.stats.snapshot()), rid)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send, rid: bytes) -> None:
+        flavour = self.config.metrics
+        if flavour == "off":
+            # As if the engine exposed no metrics (or they were unreachable).
+            body = _error_body(f"Unknown path: {scope['path']}", "not_found_error", None, "not_found")
+            await _send(send, 404, body, rid)
+            return
         st = self.stats
         lbl = self._label
-        usage = st.running / self._max_concurrency if self._max_concurrency else 0.0
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{{{lbl}}} {float(st.running)}",
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{{{lbl}}} {float(st.waiting)}",
-            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{lbl}}} {float(usage)}",
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
-            "# TYPE vllm:prompt_tokens_total counter",
-            f"vllm:prompt_tokens_total{{{lbl}}} {float(st.prompt_tokens_total)}",
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
-            "# TYPE vllm:generation_tokens_total counter",
-            f"vllm:generation_tokens_total{{{lbl}}} {float(st.generation_tokens_total)}",
-            "# HELP vllm:request_success_total Count of successfully processed requests.",
-            "# TYPE vllm:request_success_total counter",
-        ]
-        for reason, count in st.success_by_reason.items():
-            lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{lbl}}} {float(count)}')
+        if self._driver is not None:
+            usage = st.kv_usage
+        else:
+            usage = st.running / self._max_concurrency if self._max_concurrency else 0.0
+        if flavour == "sglang":
+            rate = self._gen_rate.update(time.monotonic(), st.generation_tokens_total)
+            lines = [
+                "# HELP sglang:num_running_reqs The number of running requests.",
+                "# TYPE sglang:num_running_reqs gauge",
+                f"sglang:num_running_reqs{{{lbl}}} {float(st.running)}",
+                "# HELP sglang:num_queue_reqs The number of requests in the waiting queue.",
+                "# TYPE sglang:num_queue_reqs gauge",
+                f"sglang:num_queue_reqs{{{lbl}}} {float(st.waiting)}",
+                "# HELP sglang:token_usage The token usage.",
+                "# TYPE sglang:token_usage gauge",
+                f"sglang:token_usage{{{lbl}}} {float(usage)}",
+                "# HELP sglang:gen_throughput The generation throughput (token/s).",
+                "# TYPE sglang:gen_throughput gauge",
+                f"sglang:gen_throughput{{{lbl}}} {float(rate)}",
+                "# HELP sglang:prompt_tokens_total Number of prefill tokens processed.",
+                "# TYPE sglang:prompt_tokens_total counter",
+                f"sglang:prompt_tokens_total{{{lbl}}} {float(st.prompt_tokens_total)}",
+                "# HELP sglang:generation_tokens_total Number of generation tokens processed.",
+                "# TYPE sglang:generation_tokens_total counter",
+                f"sglang:generation_tokens_total{{{lbl}}} {float(st.generation_tokens_total)}",
+            ]
+        else:
+            lines = [
+                "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+                "# TYPE vllm:num_requests_running gauge",
+                f"vllm:num_requests_running{{{lbl}}} {float(st.running)}",
+                "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+                "# TYPE vllm:num_requests_waiting gauge",
+                f"vllm:num_requests_waiting{{{lbl}}} {float(st.waiting)}",
+                "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+                "# TYPE vllm:kv_cache_usage_perc gauge",
+                f"vllm:kv_cache_usage_perc{{{lbl}}} {float(usage)}",
+                "# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage (older name). 1 means 100 percent usage.",
+                "# TYPE vllm:gpu_cache_usage_perc gauge",
+                f"vllm:gpu_cache_usage_perc{{{lbl}}} {float(usage)}",
+                "# HELP vllm:num_preemptions_total Cumulative number of preemptions from the engine.",
+                "# TYPE vllm:num_preemptions_total counter",
+                f"vllm:num_preemptions_total{{{lbl}}} {float(st.preemptions_total)}",
+                "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+                "# TYPE vllm:prompt_tokens_total counter",
+                f"vllm:prompt_tokens_total{{{lbl}}} {float(st.prompt_tokens_total)}",
+                "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+                "# TYPE vllm:generation_tokens_total counter",
+                f"vllm:generation_tokens_total{{{lbl}}} {float(st.generation_tokens_total)}",
+                "# HELP vllm:request_success_total Count of successfully processed requests.",
+                "# TYPE vllm:request_success_total counter",
+            ]
+            for reason, count in st.success_by_reason.items():
+                lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{lbl}}} {float(count)}')
         body = ("\n".join(lines) + "\n").encode()
         await _send(send, 200, body, rid, content_type=b"text/plain; version=0.0.4; charset=utf-8")
 
@@ -748,6 +851,9 @@ class MockEngineApp:
             return
         if model not in self._models and len(self._models) < _MAX_LISTED_MODELS:
             self._models[model] = None
+        if self._driver is not None:
+            await self._batched(receive, send, rid, path, body, model, prep, directives)
+            return
 
         max_conc = self._max_concurrency
         task: asyncio.Task[Any] | None = None
@@ -778,25 +884,8 @@ class MockEngineApp:
 
             # ---- outcome
             cfg = self.config
-            status = 200
-            retry_after = None
-            sleep_ms = None
-            tokens = cfg.output_tokens
-            if directives is not None:
-                sleep_ms = directives.sleep_ms
-                retry_after = directives.retry_after
-                if directives.tokens is not None:
-                    tokens = directives.tokens
-                if directives.fail_times is not None:
-                    key = self._directive_key(path, directives, prep)
-                    seen = self._seen.get(key, 0) + 1
-                    self._seen[key] = seen
-                    if seen <= directives.fail_times:
-                        status = directives.status or 500
-                elif directives.status is not None:
-                    status = directives.status
-            if status == 200 and cfg.fail_rate > 0.0 and self._rng.random() < cfg.fail_rate:
-                status = 500 if self._rng.random() < 0.5 else 429
+            status, retry_after, sleep_ms, forced = self._outcome(path, prep, directives)
+            tokens = cfg.output_tokens if forced is None else forced
 
             finish = "stop"
             limit = prep.limit
@@ -836,12 +925,7 @@ class MockEngineApp:
 
             # ---- response
             if status != 200:
-                extra = ((b"retry-after", retry_after.encode()),) if retry_after else ()
-                message = f"{_STATUS_TEXT.get(status, 'Error')} (mock engine)"
-                fallback = "server_error" if status >= 500 else "invalid_request_error"
-                err_type = _ERROR_TYPES.get(status, fallback)
-                code = "rate_limit_exceeded" if status == 429 else None
-                await self._reject(send, rid, status, message, err_type, None, code, extra)
+                await self._reject_scripted(send, rid, status, retry_after)
                 return
             payload = self._render(path, body, model, prep, tokens, finish)
             st.completed_total += 1
@@ -853,28 +937,8 @@ class MockEngineApp:
         except asyncio.CancelledError:
             if task is None:
                 raise
-            if (
-                watcher is not None
-                and watcher.done()
-                and not watcher.cancelled()
-                and watcher.exception() is None
-                and watcher.result()
-            ):
-                # The client went away: drop the request quietly.
-                task.uncancel()
-                if task in self._shutdown_cancelled:
-                    self._shutdown_cancelled.discard(task)
-                    task.uncancel()
-                self._count(499)
-                st.aborted_total += 1
-                return
-            if task in self._shutdown_cancelled:
-                # serve() is shutting down: answer instead of dying mid-request.
-                self._shutdown_cancelled.discard(task)
-                task.uncancel()
-                await self._reject(send, rid, 503, "The mock engine is shutting down", "server_error")
-                return
-            raise
+            if not await self._on_cancelled(task, watcher, send, rid):
+                raise
         finally:
             if watcher is not None:
                 if not watcher.done():
@@ -882,6 +946,158 @@ class MockEngineApp:
                 self._inflight.discard(task)
             if acquired:
                 self._release()
+
+    async def _on_cancelled(
+        self, task: asyncio.Task[Any], watcher: asyncio.Task[bool] | None, send: Send, rid: bytes
+    ) -> bool:
+        """Handle a cancelled request: a client disconnect (counted as 499) or
+        shutdown (answered 503). False when the cancellation is someone else's."""
+        if (
+            watcher is not None
+            and watcher.done()
+            and not watcher.cancelled()
+            and watcher.exception() is None
+            and watcher.result()
+        ):
+            # The client went away: drop the request quietly.
+            task.uncancel()
+            if task in self._shutdown_cancelled:
+                self._shutdown_cancelled.discard(task)
+                task.uncancel()
+            self._count(499)
+            self.stats.aborted_total += 1
+            return True
+        if task in self._shutdown_cancelled:
+            # serve() is shutting down: answer instead of dying mid-request.
+            self._shutdown_cancelled.discard(task)
+            task.uncancel()
+            await self._reject(send, rid, 503, "The mock engine is shutting down", "server_error")
+            return True
+        return False
+
+    def _outcome(
+        self, path: str, prep: _Prepared, directives: _Directives | None
+    ) -> tuple[int, str | None, float | None, int | None]:
+        """The scripted or random outcome: (status, retry_after, sleep_ms, forced tokens)."""
+        status = 200
+        retry_after = None
+        sleep_ms = None
+        tokens = None
+        if directives is not None:
+            sleep_ms = directives.sleep_ms
+            retry_after = directives.retry_after
+            tokens = directives.tokens
+            if directives.fail_times is not None:
+                key = self._directive_key(path, directives, prep)
+                seen = self._seen.get(key, 0) + 1
+                self._seen[key] = seen
+                if seen <= directives.fail_times:
+                    status = directives.status or 500
+            elif directives.status is not None:
+                status = directives.status
+        fail_rate = self.config.fail_rate
+        if status == 200 and fail_rate > 0.0 and self._rng.random() < fail_rate:
+            status = 500 if self._rng.random() < 0.5 else 429
+        return status, retry_after, sleep_ms, tokens
+
+    # ------------------------------------------------------------------ batching mode
+
+    async def _batched(
+        self,
+        receive: Receive,
+        send: Send,
+        rid: bytes,
+        path: str,
+        body: dict[str, Any],
+        model: str,
+        prep: _Prepared,
+        directives: _Directives | None,
+    ) -> None:
+        """One inference request through the batching engine: it queues, runs
+        beside the others for one step per output token, then is answered."""
+        st = self.stats
+        driver = self._driver
+        assert driver is not None
+        task: asyncio.Task[Any] | None = None
+        watcher: asyncio.Task[bool] | None = None
+        req = None
+        try:
+            status, retry_after, sleep_ms, forced = self._outcome(path, prep, directives)
+            if forced is None:
+                forced = driver.engine.params.output_len.sample(self._rng)
+            tokens, finish = forced, "stop"
+            if prep.limit is not None and prep.limit < tokens:
+                tokens, finish = prep.limit, "length"
+            if not prep.choices:
+                tokens = 0  # embeddings: prefill only
+            if self._closing and (sleep_ms or (status == 200 and sleep_ms is None)):
+                await self._reject(send, rid, 503, "The mock engine is shutting down", "server_error")
+                return
+            if sleep_ms:
+                # A scripted service time stands in for the engine.
+                task, watcher = self._watch(receive)
+                await asyncio.sleep(sleep_ms / 1000.0)
+            elif status == 200 and sleep_ms is None:
+                submitted = driver.submit(prep.prompt_tokens, tokens)
+                if submitted is None:
+                    st.rejected_total += 1
+                    await self._reject(
+                        send, rid, 429,
+                        "The mock engine's waiting queue is full; retry later",
+                        "rate_limit_error", None, "rate_limit_exceeded",
+                        ((b"retry-after", b"1"),),
+                    )
+                    return
+                req, done = submitted
+                task, watcher = self._watch(receive)
+                await done
+                req = None
+            if watcher is not None:
+                if watcher.done():
+                    await asyncio.sleep(0)  # let a pending disconnect land as an abort
+                watcher.cancel()
+                self._inflight.discard(task)
+            if status != 200:
+                await self._reject_scripted(send, rid, status, retry_after)
+                return
+            payload = self._render(path, body, model, prep, tokens, finish)
+            st.completed_total += 1
+            self._count(200)
+            st.prompt_tokens_total += prep.prompt_tokens
+            st.generation_tokens_total += tokens * prep.choices
+            st.success_by_reason[finish] += 1
+            await _send(send, 200, payload, rid)
+        except asyncio.CancelledError:
+            if req is not None:
+                driver.abort(req)
+            if task is None:
+                raise
+            if not await self._on_cancelled(task, watcher, send, rid):
+                raise
+        finally:
+            if watcher is not None:
+                if not watcher.done():
+                    watcher.cancel()
+                self._inflight.discard(task)
+
+    def _engine_gauges(self, eng: BatchingEngine) -> None:
+        """Mirror the engine's state into the stats (called by the step loop)."""
+        st = self.stats
+        st.running = running = eng.num_running
+        st.waiting = waiting = eng.num_waiting
+        if running > st.max_running_seen:
+            st.max_running_seen = running
+        if waiting > st.max_waiting_seen:
+            st.max_waiting_seen = waiting
+        st.kv_usage = eng.kv_usage()
+        if eng.preemptions_total != self._preempt_seen:
+            st.preemptions_total += eng.preemptions_total - self._preempt_seen
+            self._preempt_seen = eng.preemptions_total
+
+    async def aclose(self) -> None:
+        """Stop background work (the batching step loop)."""
+        if self._driver is not None:
+            await self._driver.aclose()
 
     def _watch(self, receive: Receive) -> tuple[asyncio.Task[Any], asyncio.Task[bool]]:
         """Start watching for a client disconnect while the request waits or sleeps."""
@@ -938,6 +1154,14 @@ class MockEngineApp:
                 fut.set_result(None)
                 return
         st.running -= 1
+
+    async def _reject_scripted(self, send: Send, rid: bytes, status: int, retry_after: str | None) -> None:
+        extra = ((b"retry-after", retry_after.encode()),) if retry_after else ()
+        message = f"{_STATUS_TEXT.get(status, 'Error')} (mock engine)"
+        fallback = "server_error" if status >= 500 else "invalid_request_error"
+        err_type = _ERROR_TYPES.get(status, fallback)
+        code = "rate_limit_exceeded" if status == 429 else None
+        await self._reject(send, rid, status, message, err_type, None, code, extra)
 
     def _count(self, status: int) -> None:
         by_status = self.stats.by_status
@@ -1195,6 +1419,7 @@ async def serve(
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             app.abort_inflight()
             await super().shutdown(sockets=sockets)
+            await app.aclose()
 
     server = _Server(uv_config)
     sock = _bind(host, port)

@@ -21,7 +21,8 @@ Optional limits a real engine has:
   their prompt; when decoding grows the cache past its size, the newest running
   request is preempted: it goes back to the front of the queue and loses its
   progress (vLLM's recompute preemption), wasted work that overshooting costs;
-* ``max_waiting``: a bounded queue; beyond it ``add`` refuses (the HTTP layer
+* ``max_waiting``: a bounded queue (not counting arrivals that free running
+  slots take at the next step); beyond it ``add`` refuses (the HTTP layer
   answers 429).
 
 ``BatchingEngine`` is plain code with no clock and no asyncio: ``begin_step``
@@ -92,6 +93,16 @@ class OutputLength:
             n = self.a * math.exp(rng.gauss(0.0, self.b))
         return max(1, int(n))
 
+    def mean(self) -> float:
+        """Expected tokens (before ``max_tokens``), for describing a shape."""
+        if self.kind == "fixed":
+            return max(1.0, self.a)
+        if self.kind == "uniform":
+            return max(1.0, (self.a + self.b) / 2)
+        if self.kind == "exp":
+            return max(1.0, self.a)
+        return max(1.0, self.a * math.exp(self.b * self.b / 2))
+
     def __str__(self) -> str:
         if self.kind in ("fixed", "exp"):
             return f"{self.kind}:{self.a:g}"
@@ -112,8 +123,10 @@ class BatchingParams:
     output_len: OutputLength = field(default_factory=OutputLength)
 
     def __post_init__(self) -> None:
-        if min(self.step_base_ms, self.step_per_seq_ms, self.step_per_prefill_token_ms) < 0:
-            raise ValueError("step times must be >= 0")
+        for name in ("step_base_ms", "step_per_seq_ms", "step_per_prefill_token_ms"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a number >= 0, not {v!r}")
         if self.step_base_ms + self.step_per_seq_ms <= 0:
             raise ValueError("a step must take some time (step_base_ms or step_per_seq_ms > 0)")
         if self.max_num_seqs < 1:
@@ -138,6 +151,26 @@ class BatchingParams:
             + self.step_per_prefill_token_ms * prompt_tokens * n / max(1.0, output_tokens)
         )
         return n / (max(1.0, output_tokens) * per_step / 1000.0)
+
+    def describe(self) -> str:
+        """One line for humans: the step formula, the limits and the rates it gives."""
+        def lim(v: int | None) -> str:
+            return "unlimited" if v is None else str(v)
+
+        def rate(n: int) -> str:
+            r = self.rate_at(n, out)
+            return f"{r:.1f}" if r < 10 else f"{r:.0f}"
+
+        out = self.output_len.mean()
+        knee = self.max_num_seqs
+        return (
+            f"t_step = {self.step_base_ms:g} + {self.step_per_seq_ms:g} x running"
+            f" + {self.step_per_prefill_token_ms:g} x prefill_tokens ms;"
+            f" max_num_seqs {knee}, max_num_batched_tokens {lim(self.max_num_batched_tokens)},"
+            f" kv_cache_tokens {lim(self.kv_cache_tokens)}, max_waiting {lim(self.max_waiting)};"
+            f" output {self.output_len} (mean {out:.0f});"
+            f" about {rate(1)} req/s at 1 in flight, {rate(knee)} at {knee}"
+        )
 
 
 #: Named shapes. ``h200-llama-1b`` is calibrated to what Hugging Face
@@ -232,10 +265,14 @@ class BatchingEngine:
 
     # -- requests -------------------------------------------------------------
     def add(self, req: SimRequest) -> bool:
-        """Queue a request; False when the waiting queue is full."""
+        """Queue a request; False when the waiting queue is full. Requests that
+        free running slots will take at the next step do not count against
+        ``max_waiting`` (an idle engine takes ``max_num_seqs`` arrivals at once)."""
         mw = self.params.max_waiting
-        if mw is not None and len(self.waiting) >= mw:
-            return False
+        if mw is not None:
+            free = self.params.max_num_seqs - len(self.running)
+            if len(self.waiting) >= mw + max(0, free):
+                return False
         req.state = "waiting"
         self.waiting.append(req)
         return True
@@ -336,9 +373,13 @@ class BatchingEngine:
 
 
 def preset(name: str, **overrides: Any) -> BatchingParams:
-    """A named shape with some fields replaced (``None`` values are ignored)."""
-    try:
-        base = PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown batching preset {name!r}; known: {', '.join(PRESETS)}") from None
+    """A named shape with some fields replaced (``None`` values are ignored);
+    ``custom`` starts from :class:`BatchingParams`' defaults."""
+    if name == "custom":
+        base = BatchingParams()
+    else:
+        try:
+            base = PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown batching preset {name!r}; known: {', '.join(PRESETS)}, custom") from None
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
