@@ -420,6 +420,16 @@ async def test_scripted_failures_answer_at_once() -> None:
     assert app.stats.max_running_seen == 0  # never entered the engine
 
 
+async def test_sse_trigger_works_in_batching_mode() -> None:
+    app = _app()
+    async with _client(app) as client:
+        resp = await client.post(CHAT, json=_chat("[[mock:sse]]"))
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert resp.text.rstrip().endswith("data: [DONE]")
+    assert '"completion_tokens":8' in resp.text
+
+
 async def test_full_waiting_queue_answers_429() -> None:
     app = _app(max_num_seqs=1, max_waiting=1, step_base_ms=20.0)
     async with _client(app) as client:
