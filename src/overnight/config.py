@@ -8,6 +8,7 @@ from pydantic import PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from overnight import defaults
+from overnight.executor.limiter import ConcurrencyLimits
 
 __all__ = ["Settings"]
 
@@ -44,6 +45,10 @@ class Settings(BaseSettings):
     validate_on_create: bool = False
 
     initial_concurrency: int = defaults.INITIAL_CONCURRENCY
+    #: Floor of each engine's adaptive limit (requests in flight).
+    min_concurrency: int = defaults.MIN_CONCURRENCY
+    #: Fixed requests in flight per engine: no adaptation (unset: adaptive).
+    concurrency: int | None = None
     max_concurrency_per_batch: int = defaults.MAX_CONCURRENCY_PER_BATCH
     max_concurrency_global: int = defaults.MAX_CONCURRENCY_GLOBAL
     max_attempts: int = defaults.MAX_ATTEMPTS
@@ -85,6 +90,15 @@ class Settings(BaseSettings):
         if v is None or v == "":
             return None
         return v.rstrip("/")
+
+    def concurrency_limits(self) -> ConcurrencyLimits:
+        """The per-engine concurrency bounds these settings ask for."""
+        if self.concurrency:
+            n = max(1, self.concurrency)
+            return ConcurrencyLimits(initial=n, min=n, max=n, fixed=True)
+        top = max(1, self.max_concurrency_per_batch)
+        low = min(max(1, self.min_concurrency), top)
+        return ConcurrencyLimits(initial=min(max(self.initial_concurrency, low), top), min=low, max=top)
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{(self.data_dir / 'overnight.db').resolve()}"

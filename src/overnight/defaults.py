@@ -35,11 +35,6 @@ REQUEST_TIMEOUT_S = 600.0
 #: engine cannot fill the service's memory with a few answers.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
-#: The largest engine answer read: far above any real completion or embedding
-#: (a 128k-token answer is well under 1 MiB of JSON), low enough that a runaway
-#: engine cannot fill the service's memory with a few answers.
-MAX_RESPONSE_BYTES = 32 * 1024 * 1024
-
 #: A lease must outlive a few missed heartbeats (GC pauses, slow store) but be short
 #: enough that a dead replica's batches move within seconds.
 LEASE_S = 15.0
@@ -74,7 +69,7 @@ READ_CHUNK_BYTES = 1024 * 1024
 #: max(METRICS_MIN_WAITING, METRICS_WAITING_FRACTION x running): enough that the
 #: engine never idles between our requests, short enough not to add latency.
 METRICS_MIN_WAITING = 4
-METRICS_WAITING_FRACTION = 0.05
+METRICS_WAITING_FRACTION = 0.10
 #: How often the engine's /metrics is read while batches use it.
 METRICS_POLL_S = 0.5
 #: Overload answers with no success for this long (or two round trips, if longer)

@@ -188,3 +188,50 @@ async def test_closing_a_share_removes_it_from_the_engine() -> None:
 @pytest.mark.parametrize("priority", [0, 100])
 async def test_weight_is_one_plus_priority(priority: int) -> None:
     assert capacity(1).join(priority=priority).weight == 1 + priority
+
+
+async def test_a_floor_is_granted_even_when_the_adaptive_limit_is_lower() -> None:
+    cap = capacity(2)
+    low = cap.join(cap=100)
+    floored = cap.join(cap=100, floor=5)
+    assert [low.try_acquire() for _ in range(3)] == [True, True, False]
+    assert [floored.try_acquire() for _ in range(6)] == [True] * 5 + [False]
+    assert cap.inflight == 7
+
+
+async def test_a_fixed_batch_gets_exactly_its_level() -> None:
+    cap = capacity(100)
+    fixed = cap.join(cap=8, floor=8)
+    assert sum(fixed.try_acquire() for _ in range(20)) == 8
+
+
+async def test_a_yielding_batch_backs_off_while_others_queue_and_returns_when_they_stop() -> None:
+    from overnight.executor.limiter import EngineLoad
+
+    cap = capacity(64)
+    bg = cap.join(cap=64, yield_to_others=True)
+    assert sum(bg.try_acquire() for _ in range(64)) == 64
+    # another client's requests wait at the engine: give up that many slots
+    cap.on_metrics(EngineLoad(64, 10), inflight=64)
+    assert bg.snapshot()["yield_cap"] == 54
+    for _ in range(64):
+        bg.release()
+    assert sum(bg.try_acquire() for _ in range(64)) == 54
+    # still queueing: shrinks further
+    cap.on_metrics(EngineLoad(64, 20), inflight=54)
+    assert bg.snapshot()["yield_cap"] == 34
+    # the queue is gone: grows back by a quarter per sample
+    for _ in range(54):
+        bg.release()
+    assert sum(bg.try_acquire() for _ in range(64)) == 34
+    cap.on_metrics(EngineLoad(34, 0), inflight=34)
+    assert bg.snapshot()["yield_cap"] == 42
+
+
+async def test_a_batch_that_does_not_yield_ignores_the_queue() -> None:
+    from overnight.executor.limiter import EngineLoad
+
+    cap = capacity(64)
+    share = cap.join(cap=64)
+    cap.on_metrics(EngineLoad(64, 30), inflight=64)
+    assert sum(share.try_acquire() for _ in range(64)) == 64

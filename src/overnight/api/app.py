@@ -73,7 +73,7 @@ def build_scheduler(  # type: ignore[no-untyped-def]
         heartbeat_s=settings.heartbeat_s,
         checkpoint_interval_s=settings.checkpoint_interval_s,
         limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
-        concurrency=ConcurrencyLimits(initial=settings.initial_concurrency, max=settings.max_concurrency_per_batch),
+        concurrency=settings.concurrency_limits(),
         policy=RetryPolicy(
             max_attempts=settings.max_attempts,
             base_delay_s=settings.backoff_base_s,

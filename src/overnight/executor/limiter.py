@@ -4,42 +4,62 @@
 uses it (``executor/sharing.py`` splits it between them). It is plain code with
 an injectable clock, so tests drive it without sleeping.
 
-The law, per round (about one round trip):
+What it optimises is **delivered throughput**, not latency. A batching engine
+(vLLM, SGLang, TGI, transformers) answers each request more slowly the more it
+runs at once, yet finishes more requests per second, up to a knee where its
+batch is full (``max_num_seqs``, KV cache, compute); beyond the knee more in
+flight only queues. Latency rising is therefore no sign of congestion here, and
+the law never lowers the limit because of latency.
 
-* **Slow start**: the limit doubles each round while the limit is actually in
-  use and no congestion signal has been seen.
-* **Additive increase** afterwards: back towards the level where congestion was
-  last seen in halving steps (fast while far below it), then probing beyond it
-  in steps of 1, 2, 4 ... (capped), like BIC-TCP.
-* **Multiplicative decrease** on congestion, at most once per round:
-  429/502/503/504 and timeouts cut to ``backoff_ratio`` of the limit (half in
-  slow start); each further refusal in the same round while in-flight is already
+The law works in **epochs** at one in-flight level: wait about one round trip
+for the pipe to settle at the new level, then count completions for about one
+more round trip (and at least a handful). Each measured level's rate goes into a
+small table (an average per level, forgotten after ``table_ttl_s``):
+
+* **Startup** (BBR's startup): double the level each epoch while the rate grows
+  by at least ``startup_gain`` (25%) per doubling; the first doubling that does
+  not pays for itself ends startup.
+* **Cruise**: run at the *smallest* measured level whose rate is within
+  ``knee_tolerance`` of the best rate in the table: the knee, where more in
+  flight adds latency but no throughput. Every few epochs probe one step
+  (``probe_ratio``) above it, and now and then one step below it, so the table
+  stays current when the knee moves (a different request mix, another client on
+  the engine). A probe up that gains a lot goes back to startup.
+* **Refusals** (429/502/503/504), timeouts and dropped connections, at most one
+  cut a round: the limit drops below the level the engine refused at
+  (``backoff_ratio``), and that level becomes a ceiling until ``ceiling_ttl_s``
+  has passed; each further refusal in the same round while in-flight is already
   within the limit takes one more slot away, so a refused slot is not refilled
-  just to be refused again. Rising latency (a round's mean round trip above
-  ``latency_tolerance`` x the baseline) cuts gently (``latency_backoff``).
+  just to be refused again.
 * **Outage**: failures with no success in between for a while (a second, or
-  two round trips), or twice the limit of them in a row over two round trips,
-  stop all new sends until
-  ``Retry-After`` (or an exponential backoff) has passed, then the limit
-  restarts from the minimum in slow start.
-  Overload answers while other requests still succeed only cut the limit; the
-  rejected request itself waits its ``Retry-After`` (``executor/retry.py``).
-* **Engine queue** (when the engine publishes vLLM's ``/metrics``): the waiting
-  queue replaces latency as the signal. Growth stops while
-  ``vllm:num_requests_waiting`` is above a small target (a few % of running,
-  at least ``metrics_min_waiting``); well above it, the limit is cut by the
-  excess, so the engine keeps a short queue instead of a long one.
-* **Baseline probe**: without metrics, the latency baseline (a windowed minimum)
-  is refreshed every ``baseline_window_s`` by halving the limit for two round
-  trips, so a standing queue at the engine cannot become the new baseline.
+  two round trips), or twice the limit of them in a row, stop all new sends
+  until ``Retry-After`` (or an exponential backoff) has passed; the table is
+  forgotten (a restarted engine may be another engine) and startup begins again
+  from half the last good level.
+* **Engine metrics** (vLLM ``num_requests_running/waiting``,
+  ``kv_cache_usage_perc``, ``num_preemptions_total``; SGLang
+  ``num_running_reqs/num_queue_reqs``): a waiting queue above a small target
+  (``max(metrics_min_waiting, metrics_waiting_fraction x running)``) ends
+  startup and forbids probing up, and a queue well above it is removed at once
+  (the limit drops by the excess); a rising preemption count caps the level at
+  what runs now. Throughput still decides below that: an engine whose queue is
+  empty but whose compute is saturated is found by its rate.
 
-The limit never leaves ``[min, max]``. Hard caps (per batch, global) are applied
-by the callers on top of it.
+Ideas taken: BBR's (the delivery rate is the thing to measure, a startup that
+doubles until the rate stops growing, then periodic probes above the operating
+point); Vegas's (compare delivered rate with the rate more in flight should
+give); not the gradient or Vegas law itself, which read latency above a minimum
+as queueing and on a batching engine shrink the limit while throughput still
+rises (the failure this module replaced). See ``docs/architecture.md``.
+
+The limit never leaves ``[min, max]``. Hard caps, floors and fixed levels per
+batch are applied by ``sharing.py`` on top of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -48,7 +68,9 @@ from dataclasses import dataclass
 
 from overnight import defaults
 
-__all__ = ["AdaptiveLimit", "ConcurrencyLimits", "Gate", "Signal"]
+__all__ = ["AdaptiveLimit", "ConcurrencyLimits", "EngineLoad", "Gate", "Signal"]
+
+log = logging.getLogger("overnight.concurrency")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,31 +80,42 @@ class ConcurrencyLimits:
     initial: int = defaults.INITIAL_CONCURRENCY
     min: int = defaults.MIN_CONCURRENCY
     max: int = defaults.MAX_CONCURRENCY_PER_BATCH
+    #: ``initial`` forever: no adaptation (refusals are still retried per request).
+    fixed: bool = False
     #: Cut on the first overload answer or timeout of a round. Mild, because every
     #: further refusal in the round takes one more slot away.
     backoff_ratio: float = 0.9
-    #: Cut on rising latency (a softer, earlier signal).
-    latency_backoff: float = 0.9
-    #: A round's mean latency above this multiple of the baseline is congestion.
-    latency_tolerance: float = 1.5
-    #: ... and only when it is also this much above it (tiny latencies are noisy).
-    latency_floor_s: float = 0.002
-    #: How long the latency baseline (a minimum) is remembered.
-    baseline_window_s: float = 10.0
-    #: Shortest round, so a very fast engine is not re-evaluated every request.
-    min_round_s: float = 0.01
+    #: A doubling in startup must raise the rate by this much to continue.
+    startup_gain: float = 0.25
+    #: Cruise at the smallest level whose rate is within this of the best.
+    knee_tolerance: float = 0.04
+    #: A probe up that raises the rate by this much restarts the doubling.
+    regrow_gain: float = 0.15
+    #: Probe step: one level up is ``level x probe_ratio`` (at least +1).
+    probe_ratio: float = 1.25
+    #: Epochs at the operating level between probes; every ``probe_down_every``th
+    #: probe goes down instead of up.
+    cruise_epochs: int = 3
+    probe_down_every: int = 3
+    #: Measured rates are forgotten after this long (the knee moves).
+    table_ttl_s: float = 60.0
+    #: A refusal level stays a ceiling this long, then may be probed again.
+    ceiling_ttl_s: float = 30.0
+    #: Shortest settle / measurement phase, and fewest completions measured.
+    min_round_s: float = 0.02
+    min_epoch_samples: int = 8
+    #: Longest settle phase (very long requests must not freeze the law).
+    max_settle_s: float = 10.0
     #: Engine queue target: max(metrics_min_waiting, metrics_waiting_fraction * running).
     metrics_min_waiting: int = defaults.METRICS_MIN_WAITING
     metrics_waiting_fraction: float = defaults.METRICS_WAITING_FRACTION
-    #: Metrics older than this are ignored (latency becomes the signal again).
+    #: Metrics older than this are ignored.
     metrics_stale_s: float = 3.0
     #: Outage backoff (no new sends) without a Retry-After: base doubling to max.
     outage_backoff_base_s: float = defaults.BACKOFF_BASE_S
     outage_backoff_max_s: float = defaults.BACKOFF_MAX_S
 
 
-#: Rounds to stay at the level of the last congestion before probing beyond it.
-_PLATEAU_ROUNDS = 4
 #: Failures in a row that mean an outage: twice the limit, and at least twice this.
 _OUTAGE_MIN_IN_A_ROW = 16
 
@@ -95,14 +128,41 @@ class Signal:
     UNREACHABLE = "unreachable"  #: no connection / reset: the engine is down
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One sample of an engine's own view of its load (``engine_metrics.py``)."""
+
+    running: float
+    waiting: float
+    #: KV cache in use, 0..1 (None: not published).
+    kv_usage: float | None = None
+    #: Preemptions since the engine started (None: not published).
+    preemptions: float | None = None
+
+
+class _Rate:
+    __slots__ = ("rate", "tokens", "n", "at")
+
+    def __init__(self, rate: float, tokens: float, at: float) -> None:
+        self.rate, self.tokens, self.n, self.at = rate, tokens, 1, at
+
+
+# Modes
+STARTUP = "startup"
+CRUISE = "cruise"
+PROBE_UP = "probe_up"
+PROBE_DOWN = "probe_down"
+
+
 class AdaptiveLimit:
     """The adaptive in-flight limit of one engine (see the module docstring).
 
     Callers report every finished request (``on_success`` / ``on_overload``) with
-    the engine's in-flight count, and ``note_inflight`` when it rises, and read
-    ``value`` (the integer limit now) and ``hold_until`` (monotonic time before
-    which nothing new may be sent). ``on_change`` is called whenever ``value``
-    grows, so waiters can be woken.
+    the engine's in-flight count, ``note_inflight`` when it rises, and engine
+    metrics samples (``on_metrics``); they read ``value`` (the integer limit now)
+    and ``hold_until`` (monotonic time before which nothing new may be sent).
+    ``on_change`` is called whenever ``value`` grows, so waiters can be woken.
+    ``reason`` says why the limit last changed (also logged at DEBUG).
     """
 
     def __init__(
@@ -111,60 +171,78 @@ class AdaptiveLimit:
         *,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
+        name: str = "engine",
     ) -> None:
         self.limits = limits = limits or ConcurrencyLimits()
         self.clock = clock
         self.on_change = on_change
+        self.name = name
         self.limit = float(min(max(limits.initial, limits.min), limits.max))
         self.value = int(self.limit)
-        self.slow_start = True
-        #: The limit at the last congestion signal (0: none yet).
+        self.mode = CRUISE if limits.fixed else STARTUP
+        self.reason = "fixed" if limits.fixed else "initial"
+        #: Level refused at (0: none) and until when it stays a ceiling.
         self.ceiling = 0.0
-        self._probe_step = 1.0
-        self._plateau = 0
+        self._ceiling_until = 0.0
         #: No new sends before this monotonic time (outage / Retry-After).
         self.hold_until = 0.0
         self._outage_streak = 0
         now = clock()
-        # one round of samples
-        self._round_start = now
-        self._round_n = 0
-        self._round_rtt_sum = 0.0
-        self._round_peak = 0
-        self._round_overloads = 0
+        self._table: dict[int, _Rate] = {}
+        #: The level with the best measured rate, kept across outages.
+        self._good_level = 0
+        self._good_rate = 0.0
+        self._startup_prev: float | None = None
+        self._cruise_left = limits.cruise_epochs
+        self._probes = 0
+        self._probe_base = 0
+        # the epoch being measured
+        self._epoch_start = now
+        self._settle_until = now
+        self._first_at = None
+        self._n = 0
+        self._tokens = 0
+        self._if_area = 0.0
+        self._if_t = now
+        self._if_last = 0
+        self._epoch_overloads = 0
+        self._wait_sum = 0.0
+        self._run_sum = 0.0
+        self._wait_n = 0
+        #: Requests the engine ran while a real queue waited there (its capacity), and when.
+        self._capacity = 0.0
+        self._capacity_at = -math.inf
         self._last_cut = -math.inf
         #: Since when every answer has been a failure (None: the last one succeeded),
         #: how many failures in a row, and the limit when the run of failures began.
         self._failing_since: float | None = None
         self._failing_count = 0
         self._failing_from = 0
-        #: Smoothed round trip (s) and completions per second.
+        #: Smoothed round trip (s) and completions per second (measured).
         self.rtt_s: float | None = None
         self.rate = 0.0
-        # latency baseline: minimum over two half-windows
-        self._base_cur = math.inf
-        self._base_prev = math.inf
-        self._base_since = now
-        self._probe_rtt_until = 0.0
+        self.tokens_rate = 0.0
         # engine metrics
         self.running: float | None = None
         self.waiting: float | None = None
+        self.kv_usage: float | None = None
+        self._preemptions: float | None = None
         self._metrics_at = -math.inf
         self._metrics_visible = False
         # counters, for progress reports and tests
         self.overloads = 0
         self.cuts = 0
+        self.changes = 0
 
     # -- reading --------------------------------------------------------------
     @property
-    def baseline_s(self) -> float:
-        return min(self._base_cur, self._base_prev)
+    def slow_start(self) -> bool:
+        """Still doubling (the metrics probe samples faster meanwhile)."""
+        return self.mode == STARTUP
 
     def metrics_fresh(self, now: float | None = None) -> bool:
-        """Use the engine's queue (not latency) as the signal: the sample is recent,
-        and the engine saw at least half of what we had in flight. When it saw much
-        less, our requests wait somewhere the metrics cannot see (the engine's HTTP
-        front end, a proxy, the network): latency is the better signal then."""
+        """The engine's metrics are recent and saw at least half of what we had in
+        flight (else our requests wait somewhere the metrics cannot see)."""
         now = self.clock() if now is None else now
         return now - self._metrics_at <= self.limits.metrics_stale_s and self._metrics_visible
 
@@ -172,27 +250,62 @@ class AdaptiveLimit:
         lim = self.limits
         return max(float(lim.metrics_min_waiting), lim.metrics_waiting_fraction * (self.running or 0.0))
 
-    def _round_len(self) -> float:
-        return max(self.limits.min_round_s, self.rtt_s or 0.0)
+    def table(self) -> dict[int, float]:
+        """Measured requests/s per in-flight level (fresh entries only)."""
+        now = self.clock()
+        return {k: r.rate for k, r in sorted(self._table.items()) if now - r.at <= self.limits.table_ttl_s}
+
+    def snapshot(self) -> dict[str, object]:
+        """For the batch object and logs."""
+        return {
+            "limit": self.value, "mode": self.mode, "reason": self.reason,
+            "rate_rps": round(self.rate, 2), "tokens_per_s": round(self.tokens_rate, 1),
+            "engine_running": self.running, "engine_waiting": self.waiting,
+        }
+
+    def _settle_s(self) -> float:
+        lim = self.limits
+        return min(lim.max_settle_s, max(lim.min_round_s, self.rtt_s or 0.0))
 
     # -- signals --------------------------------------------------------------
     def note_inflight(self, inflight: int) -> None:
         """The engine's in-flight count just rose to ``inflight``."""
-        if inflight > self._round_peak:
-            self._round_peak = inflight
+        self._track(self.clock(), inflight)
 
-    def on_success(self, latency_s: float, inflight: int) -> None:
-        """An answer came back (any status but overload). ``inflight`` excludes it."""
-        self._round_n += 1
-        self._round_rtt_sum += latency_s
-        if latency_s < self._base_cur:
-            self._base_cur = latency_s
-        now = self.clock()
+    def _track(self, now: float, inflight: int) -> None:
+        # time-weighted in-flight count over the epoch's measurement phase
+        if now > self._if_t:
+            if self._if_t >= self._settle_until:
+                self._if_area += self._if_last * (now - self._if_t)
+            self._if_t = now
+        self._if_last = inflight
+
+    def on_success(self, latency_s: float, inflight: int, tokens: int | None = None) -> None:
+        """An answer came back (any status but overload). ``inflight`` excludes it;
+        ``tokens``: completion tokens, when the answer said."""
+        self.rtt_s = latency_s if self.rtt_s is None else 0.9 * self.rtt_s + 0.1 * latency_s
         self._failing_since = None
         self._failing_count = 0
         self._outage_streak = 0
-        if now - self._round_start >= self._round_len():
-            self._end_round(now, inflight)
+        if self.limits.fixed:
+            return
+        now = self.clock()
+        self._track(now, inflight)
+        if now < self._settle_until:
+            return
+        if self._first_at is None:
+            # The rate is counted between answers, from this one on: (n - 1) / span
+            # has no bias from where the span starts.
+            self._first_at = now
+            return
+        self._n += 1
+        if tokens:
+            self._tokens += tokens
+        lim = self.limits
+        elapsed = now - self._first_at
+        need_s = max(lim.min_round_s, self.rtt_s)
+        if (elapsed >= need_s and self._n >= lim.min_epoch_samples) or elapsed >= 4 * need_s + 1.0:
+            self._end_epoch(now, elapsed)
 
     def on_overload(
         self, kind: str = Signal.OVERLOAD, *, retry_after_s: float | None = None, inflight: int | None = None
@@ -201,6 +314,8 @@ class AdaptiveLimit:
         how many we had at the engine, so the engine refused at that level."""
         self.overloads += 1
         now = self.clock()
+        if now < self.hold_until:
+            return  # requests sent before the pause failing now: already known
         # An outage is "nothing but failures for a while, or many in a row"
         # (whatever the kind of failure): a reset among thousands of successes is
         # only congestion; a stream of instant refusals must not wait a second.
@@ -210,154 +325,269 @@ class AdaptiveLimit:
         failing_s = now - self._failing_since
         two_rtt = 2.0 * (self.rtt_s or 0.0)
         in_a_row = self._failing_count >= 2 * max(self._failing_from, _OUTAGE_MIN_IN_A_ROW)
-        # (Many in a row only count once they span two round trips, when a round
-        # trip is known: right after a pause, instant refusals of the extra slots
-        # arrive before any success can.)
         if failing_s > max(two_rtt, defaults.OUTAGE_AFTER_S) or (in_a_row and failing_s >= two_rtt):
-            # Nothing is getting through: stop sending until the engine can take
-            # requests again, then start over carefully.
-            if retry_after_s is not None:
-                pause = retry_after_s
-            else:
-                lim = self.limits
-                pause = min(lim.outage_backoff_max_s, lim.outage_backoff_base_s * 2**self._outage_streak)
-            self._outage_streak += 1
-            self.hold_until = max(self.hold_until, now + pause)
-            if self.limit > self.limits.min:
-                self.ceiling = max(self.ceiling, self.limit)
-            self.limit = float(self.limits.min)
-            self.slow_start = True
+            self._outage(now, retry_after_s)
+            return
+        if self.limits.fixed:
+            return
+        self._epoch_overloads += 1
+        refused = kind == Signal.OVERLOAD  # the engine said it is full; else it failed us
+        if now - self._last_cut >= self._settle_s():
+            refused_at = inflight if inflight is not None else self.value
+            level = float(max(self.limits.min, min(self.value, refused_at - 1)))
+            if refused:
+                # The level the engine refused at stays a ceiling for a while.
+                self.ceiling, self._ceiling_until = level, now + self.limits.ceiling_ttl_s
             self._last_cut = now
             self.cuts += 1
-            self._apply()
-            return
-        self._round_overloads += 1
-        if now - self._last_cut >= self._round_len():
-            self._cut(now, self.limits.backoff_ratio, refused_at=inflight)
-        elif inflight is not None and inflight <= self.limit:
-            # Refused again within the round although we are already at the cut
-            # limit: give up this slot too, or a refused request's slot would be
-            # refilled at once and refused again, in a loop as fast as the engine
-            # can say 429. (Refusals of requests sent before the cut, while in-flight
-            # is still above the limit, are the same signal and cost nothing more.)
-            self.limit = max(float(self.limits.min), self.limit - 1.0)
-            self._apply()
+            if self.mode == STARTUP:
+                self.mode = CRUISE
+            self._set(min(self.limit, level) * self.limits.backoff_ratio, f"{kind} at {refused_at} in flight")
+            self._restart_epoch(now)
+        elif refused and inflight is not None and inflight <= self.limit:
+            # Refused again within the round although already at the cut limit:
+            # give up this slot too, or it would be refilled and refused in a loop.
+            self._set(self.limit - 1.0, f"{kind} again at {inflight} in flight", quiet=True)
 
-    def on_metrics(self, running: float, waiting: float, *, inflight: int | None = None) -> None:
-        """A fresh sample of the engine's ``num_requests_running`` / ``_waiting``;
-        ``inflight`` is what we had in flight to it at that moment."""
+    def on_metrics(self, running: float | EngineLoad, waiting: float | None = None, *,
+                   inflight: int | None = None) -> None:
+        """A fresh sample of the engine's load; ``inflight`` is what we had in
+        flight to it at that moment."""
+        load = running if isinstance(running, EngineLoad) else EngineLoad(float(running), float(waiting or 0.0))
         now = self.clock()
-        self.running, self.waiting, self._metrics_at = running, waiting, now
-        self._metrics_visible = inflight is None or running + waiting >= 0.5 * inflight
-        if not self._metrics_visible:
+        self.running, self.waiting, self.kv_usage, self._metrics_at = load.running, load.waiting, load.kv_usage, now
+        self._metrics_visible = inflight is None or load.running + load.waiting >= 0.5 * inflight
+        preempted = (
+            load.preemptions is not None and self._preemptions is not None and load.preemptions > self._preemptions
+        )
+        if load.preemptions is not None:
+            self._preemptions = load.preemptions
+        if not self._metrics_visible or self.limits.fixed:
             return
+        if load.waiting > max(self.waiting_target(), 0.15 * (inflight or 0)):
+            if load.running >= self._capacity or now - self._capacity_at > self.limits.table_ttl_s:
+                self._capacity, self._capacity_at = load.running, now
+        if now >= self._settle_until:
+            self._wait_sum += load.waiting
+            self._run_sum += load.running
+            self._wait_n += 1
         target = self.waiting_target()
-        if waiting > 2.0 * target and now - self._last_cut >= self._round_len():
+        if now - self._last_cut < self._settle_s():
+            return
+        if load.waiting > 2.0 * target:
             # Remove the excess queue (at most half the limit at once).
-            new = max(float(self.limits.min), self.limit - (waiting - target), self.limit * 0.5)
-            if new < self.limit:
-                self.limit = new
-                self.ceiling = new
-                self.slow_start = False
-                self._probe_step = 1.0
-                self._last_cut = now
-                self.cuts += 1
-                self._apply()
+            new = max(self.limit - (load.waiting - target), self.limit * 0.5)
+            self._metrics_cut(now, new, f"engine queue {load.waiting:g} > target {target:g}")
+        elif preempted and self.mode in (STARTUP, PROBE_UP):
+            # The KV cache is full: what runs now is all the engine can hold.
+            self._metrics_cut(now, min(self.limit, max(load.running, 1.0) + target),
+                              f"engine preempted requests (KV cache {load.kv_usage or 0:.0%})")
 
     # -- the law --------------------------------------------------------------
-    def _end_round(self, now: float, inflight: int) -> None:
-        n = self._round_n
-        dt = now - self._round_start
-        mean_rtt = self._round_rtt_sum / n
-        self.rtt_s = mean_rtt if self.rtt_s is None else 0.5 * self.rtt_s + 0.5 * mean_rtt
-        rate = n / dt if dt > 0 else 0.0
-        self.rate = rate if self.rate == 0.0 else 0.7 * self.rate + 0.3 * rate
-        utilized = self._round_peak >= self.value - max(1, self.value // 20)
-        overloads = self._round_overloads
-        self._round_start = now
-        self._round_n = 0
-        self._round_rtt_sum = 0.0
-        self._round_peak = inflight
-        self._round_overloads = 0
-        if overloads:
-            return  # no growth in a round with refusals
-        probing = now < self._probe_rtt_until
-        if self._probe_rtt_until and not probing:
-            self._probe_rtt_until = 0.0
-            self._apply()  # the baseline probe is over: back to the full limit
-        lim = self.limits
-        if now - self._base_since >= lim.baseline_window_s / 2:
-            self._base_prev, self._base_cur, self._base_since = self._base_cur, math.inf, now
-            if not self.slow_start and not self.metrics_fresh(now) and not probing:
-                self._probe_rtt_until = now + 2.0 * self._round_len()
-                self._apply()
-                return
-        if probing or now < self.hold_until:
+    def _metrics_cut(self, now: float, new: float, why: str) -> None:
+        if new >= self.limit:
             return
-        if self.metrics_fresh(now):
-            if self.waiting is not None and self.waiting > self.waiting_target():
-                return  # the engine already has its queue: do not add to it
-        else:
-            base = self.baseline_s
-            # In slow start a smaller rise already ends the doubling (as HyStart does).
-            tolerance = 1.0 + (lim.latency_tolerance - 1.0) / (2.0 if self.slow_start else 1.0)
-            if mean_rtt > base * tolerance and mean_rtt - base > lim.latency_floor_s:
-                if now - self._last_cut >= self._round_len():
-                    self._cut(now, lim.latency_backoff)
-                return
-        if utilized:
-            self._grow()
-
-    def _grow(self) -> None:
-        lim = self.limits
-        if self.slow_start:
-            new = self.limit * 2.0
-            if self.ceiling and new >= self.ceiling:
-                new = max(self.limit, self.ceiling)
-                self.slow_start = False
-        elif self.ceiling and self.limit < self.ceiling - 0.5:
-            # Back towards the level of the last congestion in halving steps.
-            new = min(self.ceiling, self.limit + max(1.0, (self.ceiling - self.limit) / 2.0))
-            self._probe_step = 1.0
-            self._plateau = _PLATEAU_ROUNDS
-        elif self._plateau > 0:
-            self._plateau -= 1  # stay at the known-good level for a few rounds
-            return
-        else:
-            # Beyond it: probe in growing steps (1, 2, 4 ... up to 5% of the limit).
-            new = self.limit + self._probe_step
-            self._probe_step = min(self._probe_step * 2.0, max(1.0, self.limit * 0.05))
-        self.limit = min(new, float(lim.max))
-        self._apply()
-
-    def _cut(self, now: float, ratio: float, *, refused_at: int | None = None) -> None:
-        # The level to come back to: where congestion showed, or one below the
-        # in-flight count the engine refused at, whichever is lower.
-        self.ceiling = self.limit if refused_at is None else max(
-            float(self.limits.min), min(self.limit, refused_at - 1.0)
-        )
-        if self.slow_start:
-            # Feedback lags a round behind: the limit has doubled at least once since
-            # the congestion began, so halve it (the last level that was fine).
-            ratio = min(ratio, 0.5)
-        self.limit = max(float(self.limits.min), self.limit * ratio)
-        self.slow_start = False
-        self._probe_step = 1.0
-        self._plateau = 0
+        self.ceiling = max(float(self.limits.min), new)
+        self._ceiling_until = now + self.limits.ceiling_ttl_s
         self._last_cut = now
         self.cuts += 1
-        self._apply()
+        if self.mode in (STARTUP, PROBE_UP):
+            self.mode = CRUISE
+            self._cruise_left = self.limits.cruise_epochs
+        self._set(new, why)
+        self._restart_epoch(now)
 
-    def _apply(self) -> None:
+    def _outage(self, now: float, retry_after_s: float | None) -> None:
+        """Nothing is getting through: stop sending until the engine can take
+        requests again, then start over carefully."""
         lim = self.limits
-        self.limit = min(max(self.limit, float(lim.min)), float(lim.max))
-        value = int(self.limit)
-        if self._probe_rtt_until:
-            value = max(lim.min, value // 2)
-        grew = value > self.value
+        if retry_after_s is not None:
+            pause = retry_after_s
+        else:
+            pause = min(lim.outage_backoff_max_s, lim.outage_backoff_base_s * 2**self._outage_streak)
+        self._outage_streak += 1
+        self.hold_until = max(self.hold_until, now + pause)
+        self._failing_since, self._failing_count = None, 0
+        if lim.fixed:
+            return
+        good = self._good_level or int(self.limit)
+        self._table.clear()
+        self._capacity, self._capacity_at = 0.0, -math.inf
+        self.ceiling, self._ceiling_until = 0.0, 0.0
+        self.mode = STARTUP
+        self._startup_prev = None
+        self._last_cut = now
+        self.cuts += 1
+        self._set(max(float(lim.min), good / 2.0), f"engine unreachable or refusing everything; pause {pause:.1f}s")
+        self._restart_epoch(self.hold_until)
+
+    def _restart_epoch(self, now: float, *, settle: bool = True) -> None:
+        self._epoch_start = now
+        self._settle_until = now + self._settle_s() if settle else now
+        self._first_at: float | None = None if settle else now
+        self._n = 0
+        self._tokens = 0
+        self._if_area = 0.0
+        self._if_t = max(self._if_t, self._settle_until) if settle else now
+        self._epoch_overloads = 0
+        self._wait_sum = 0.0
+        self._run_sum = 0.0
+        self._wait_n = 0
+
+    def _end_epoch(self, now: float, elapsed: float) -> None:
+        n = self._n
+        rate = n / elapsed if elapsed > 0 else 0.0
+        tokens_rate = self._tokens / elapsed if elapsed > 0 else 0.0
+        self.rate = rate if self.rate == 0.0 else 0.5 * self.rate + 0.5 * rate
+        self.tokens_rate = tokens_rate if self.tokens_rate == 0.0 else 0.5 * self.tokens_rate + 0.5 * tokens_rate
+        level = self.value
+        self._track(now, self._if_last)
+        span = now - self._settle_until
+        mean_inflight = self._if_area / span if span > 0 else 0.0
+        overloads = self._epoch_overloads
+        queue = None
+        if self._wait_n and self.metrics_fresh(now):
+            # Requests that arrived during a step wait for the next one even when
+            # the engine has room: waiting means the engine is full only when the
+            # queue is a good part of the level, or the engine runs as many as it
+            # did when a real queue was seen (its capacity).
+            running = self._run_sum / self._wait_n
+            waiting = self._wait_sum / self._wait_n
+            fresh_capacity = now - self._capacity_at <= self.limits.table_ttl_s
+            if waiting > max(self.waiting_target(), 0.15 * level) or (
+                fresh_capacity and running >= 0.97 * self._capacity
+            ):
+                queue = waiting
+        self._restart_epoch(now, settle=False)
+        if overloads:
+            return  # no decisions on an epoch with refusals
+        # An epoch that did not keep the level busy (the input ran dry, other
+        # batches' caps, the batch's tail) says nothing about the level.
+        if mean_inflight < 0.85 * level:
+            return
+        self._record(level, rate, tokens_rate, now)
+        self._decide(now, level, rate, queue)
+        if self.value != level:
+            self._restart_epoch(now)  # let the pipe settle at the new level first
+
+    def _record(self, level: int, rate: float, tokens_rate: float, now: float) -> None:
+        if rate >= self._good_rate or level == self._good_level:
+            self._good_level, self._good_rate = level, rate
+        r = self._table.get(level)
+        if r is None or now - r.at > self.limits.table_ttl_s:
+            self._table[level] = _Rate(rate, tokens_rate, now)
+        else:
+            r.rate = 0.5 * r.rate + 0.5 * rate
+            r.tokens = 0.5 * r.tokens + 0.5 * tokens_rate
+            r.n += 1
+            r.at = now
+
+    def _cap(self, now: float) -> float:
+        """The highest level allowed now (refusal / metrics ceiling, max)."""
+        top = float(self.limits.max)
+        if self.ceiling and now < self._ceiling_until:
+            top = min(top, self.ceiling)
+        return top
+
+    def _step_up(self, level: int) -> int:
+        return max(level + 1, int(round(level * self.limits.probe_ratio)))
+
+    def _step_down(self, level: int) -> int:
+        return min(level - 1, int(round(level / self.limits.probe_ratio)))
+
+    def _knee(self, now: float) -> int | None:
+        """Smallest fresh level whose rate is within tolerance of the best one."""
+        ttl, cap = self.limits.table_ttl_s, self._cap(now)
+        fresh = [(k, r.rate) for k, r in self._table.items() if now - r.at <= ttl and k <= cap]
+        if not fresh:
+            return None
+        best = max(rate for _, rate in fresh)
+        good = [k for k, rate in fresh if rate >= (1.0 - self.limits.knee_tolerance) * best]
+        return min(good)
+
+    def _decide(self, now: float, level: int, rate: float, queue: float | None) -> None:
+        lim = self.limits
+        cap = self._cap(now)
+        if queue is not None:
+            # The engine is full and says how many wait: the knee is what it runs
+            # plus a short queue, whatever the rates say.
+            target = self.waiting_target()
+            if queue > target / 2.0:
+                new = max(float(lim.min), level - (queue - target / 2.0), level * 0.5)
+                if self.mode != CRUISE or int(new) != level:
+                    self._set(new, f"engine queue {queue:.1f}, target {target / 2.0:.1f}")
+                self.mode = CRUISE
+                self._cruise_left = lim.cruise_epochs
+                return
+        if self.mode == STARTUP:
+            prev = self._startup_prev
+            grew = prev is None or rate >= prev * (1.0 + lim.startup_gain)
+            if grew and level < cap:
+                self._startup_prev = rate
+                self._set(min(cap, level * 2.0), f"startup: {rate:.1f} req/s at {level}")
+                return
+            self.mode = CRUISE
+            self._cruise_left = lim.cruise_epochs
+            knee = self._knee(now) or level
+            self._set(knee, f"startup over: best rate at {knee}")
+            return
+        if self.mode in (PROBE_UP, PROBE_DOWN):
+            base = self._table.get(self._probe_base)
+            was_up = self.mode == PROBE_UP
+            self.mode = CRUISE
+            self._cruise_left = lim.cruise_epochs
+            if was_up and base is not None and rate >= base.rate * (1.0 + lim.regrow_gain) and level < cap:
+                # Much more throughput one step up: the knee moved up; double again.
+                self.mode = STARTUP
+                self._startup_prev = rate
+                self._set(min(cap, level * 2.0), f"probe up gained {rate / base.rate - 1:.0%}: startup again")
+                return
+            knee = self._knee(now) or self._probe_base
+            self._set(knee, f"{'probe up' if was_up else 'probe down'} done: knee at {knee}")
+            return
+        # cruise
+        knee = self._knee(now) or level
+        if knee != level:
+            self._set(knee, f"knee at {knee}")
+            return
+        self._cruise_left -= 1
+        if self._cruise_left > 0:
+            return
+        self._probes += 1
+        self._probe_base = level
+        down = self._probes % lim.probe_down_every == 0
+        if queue is not None:
+            # The engine is full and says so: nothing to learn above or below.
+            self._cruise_left = lim.cruise_epochs
+            return
+        if not down:
+            up = min(cap, float(self._step_up(level)))
+            if up > level:
+                self.mode = PROBE_UP
+                self._set(up, f"probe up from {level}")
+                return
+            down = True  # nothing to learn above: look below instead
+        low = max(float(lim.min), float(self._step_down(level)))
+        if low < level:
+            self.mode = PROBE_DOWN
+            self._set(low, f"probe down from {level}")
+        else:
+            self._cruise_left = lim.cruise_epochs
+
+    def _set(self, new: float, reason: str, *, quiet: bool = False) -> None:
+        lim = self.limits
+        new = min(max(new, float(lim.min)), float(lim.max))
+        old = self.value
+        self.limit = new
+        value = int(new)
         self.value = value
-        if grew and self.on_change is not None:
-            self.on_change()
+        if value != old:
+            self.changes += 1
+            self.reason = reason
+            if not quiet and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: concurrency %d -> %d (%s)", self.name, old, value, reason)
+            if value > old and self.on_change is not None:
+                self.on_change()
 
 
 class Gate:

@@ -105,6 +105,16 @@ def _read_answer(endpoint: str, reply: EngineReply) -> _Answer:
     return _Answer(body, parsed.get("usage") if ok and isinstance(parsed, dict) else None)
 
 
+def _completion_tokens(usage: object) -> int | None:
+    """The answer's completion tokens for the concurrency law (untrusted: any
+    odd value is no value)."""
+    if isinstance(usage, dict):
+        n = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 31:
+            return n
+    return None
+
+
 class _Dispatcher:
     def __init__(
         self, *, storage: Storage, spool: Spool, engine: EngineClient, limiter: BatchShare,
@@ -171,7 +181,7 @@ class _Dispatcher:
                     answer = _read_answer(path, reply)
                     retry_after = None
                     if 200 <= status < 300:
-                        limiter.on_success(time.monotonic() - started)
+                        limiter.on_success(time.monotonic() - started, _completion_tokens(answer.usage))
                         if answer.error is None:
                             self._write_reply(index, cid_json, reply, answer, True)
                             return

@@ -14,7 +14,15 @@ they go, in this order:
    conserving (a batch that cannot use its share leaves it to the others).
 
 A batch never exceeds its own cap, and every slot also takes one from each
-shared ``Gate`` (the replica-wide global cap).
+shared ``Gate`` (the replica-wide global cap). A batch's floor
+(``min_concurrency``, or ``concurrency`` for a fixed level) is granted even when
+the adaptive limit is lower: it is the user's word that the engine can take it.
+
+A batch that yields to other traffic (``yield_to_others``) on an engine that
+publishes its queue gets at most ``yield_cap`` slots: the cap shrinks by the
+engine's waiting count whenever anything waits there, and grows by a quarter
+per metrics sample while nothing does, so interactive users of the same engine
+never queue behind the batch for long. Without engine metrics it has no effect.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 
 from overnight import defaults
-from overnight.executor.limiter import AdaptiveLimit, ConcurrencyLimits, Gate, Signal
+from overnight.executor.limiter import AdaptiveLimit, ConcurrencyLimits, EngineLoad, Gate, Signal
 
 __all__ = ["BatchShare", "EngineCapacity"]
 
@@ -44,10 +52,17 @@ class BatchShare:
         deadline: float | None,
         window_s: float | None,
         remaining: int,
+        floor: int = 0,
+        yield_to_others: bool = False,
     ) -> None:
         self.capacity = capacity
         self.name = name
         self.cap = max(1, cap)
+        #: Slots this batch gets whatever the adaptive limit says.
+        self.floor = min(max(0, floor), self.cap)
+        self.yield_to_others = yield_to_others
+        #: Slots allowed while yielding (grows and shrinks with the engine's queue).
+        self.yield_cap = float(self.cap)
         self.weight = 1.0 + max(0, priority)
         #: Epoch seconds by which the batch must finish (None: no deadline).
         self.deadline = deadline
@@ -119,10 +134,26 @@ class BatchShare:
             g.release()
         cap._give_back(self)
 
-    def on_success(self, latency_s: float) -> None:
-        """An answer came back (call before ``release``)."""
+    def on_success(self, latency_s: float, tokens: int | None = None) -> None:
+        """An answer came back (call before ``release``); ``tokens``: completion tokens."""
         cap = self.capacity
-        cap.limit.on_success(latency_s, cap.inflight - 1)
+        cap.limit.on_success(latency_s, cap.inflight - 1, tokens)
+
+    def _allowed(self) -> int:
+        if self.yield_to_others:
+            return max(self.floor, 1, min(self.cap, int(self.yield_cap)))
+        return self.cap
+
+    def snapshot(self) -> dict[str, object]:
+        """The concurrency state shown on the batch object."""
+        out = dict(self.capacity.limit.snapshot())
+        out["inflight"] = self.inflight
+        out["engine_inflight"] = self.capacity.inflight
+        if self.floor:
+            out["floor"] = self.floor
+        if self.yield_to_others:
+            out["yield_cap"] = self._allowed()
+        return out
 
     def on_overload(self, kind: str = Signal.OVERLOAD, retry_after_s: float | None = None) -> None:
         self.capacity.limit.on_overload(kind, retry_after_s=retry_after_s, inflight=self.capacity.inflight)
@@ -163,27 +194,37 @@ class EngineCapacity:
         deadline: float | None = None,
         window_s: float | None = None,
         remaining: int = 0,
+        floor: int = 0,
+        yield_to_others: bool = False,
     ) -> BatchShare:
-        """Register a batch; ``cap`` defaults to the limit's maximum."""
+        """Register a batch; ``cap`` defaults to the limit's maximum; ``floor`` slots
+        are granted whatever the adaptive limit says (``floor == cap``: fixed)."""
         share = BatchShare(
             self, name=name, cap=cap or self.limit.limits.max, priority=priority, deadline=deadline,
-            window_s=window_s, remaining=remaining,
+            window_s=window_s, remaining=remaining, floor=floor, yield_to_others=yield_to_others,
         )
         self.shares.append(share)
         return share
 
     # -- slot accounting ------------------------------------------------------
-    def _room(self) -> bool:
+    def _held(self) -> bool:
         lim = self.limit
-        if self.inflight >= lim.value:
-            return False
         if lim.hold_until and self.clock() < lim.hold_until:
             self._arm_hold_timer()
+            return True
+        return False
+
+    def _room(self) -> bool:
+        return self.inflight < self.limit.value and not self._held()
+
+    def _may_take(self, share: BatchShare, room: bool) -> bool:
+        """May ``share`` have one more slot (``room``: the adaptive limit has one)?"""
+        if share.inflight >= share._allowed():
             return False
-        return True
+        return room or (share.inflight < share.floor and not self._held())
 
     def _try_take(self, share: BatchShare) -> bool:
-        if share.waiters or share.inflight >= share.cap or not self._room():
+        if share.waiters or not self._may_take(share, self._room()):
             return False
         gates = self.gates
         for i, g in enumerate(gates):
@@ -211,8 +252,8 @@ class EngineCapacity:
 
     def _grant(self) -> None:
         """Hand free slots to waiting batches: urgent first, then fair by weight."""
-        while self._room():
-            share = self._pick()
+        while True:
+            share = self._pick(self._room())
             if share is None:
                 return
             fut = share.waiters.popleft()
@@ -221,21 +262,37 @@ class EngineCapacity:
             self._take(share)
             fut.set_result(None)
 
-    def _pick(self) -> BatchShare | None:
+    def _pick(self, room: bool) -> BatchShare | None:
         shares = self.shares
         if len(shares) == 1:
             s = shares[0]
-            return s if s.waiters and s.inflight < s.cap else None
+            return s if s.waiters and self._may_take(s, room) else None
         now = self.wall()
         best: BatchShare | None = None
         best_key: tuple[int, float] | None = None
         for s in shares:
-            if not s.waiters or s.inflight >= s.cap:
+            if not s.waiters or not self._may_take(s, room):
                 continue
             key = (0, s.deadline) if s.urgent(now) else (1, s.inflight / s.weight)  # type: ignore[assignment]
             if best_key is None or key < best_key:
                 best, best_key = s, key
         return best
+
+    def on_metrics(self, load: EngineLoad, *, inflight: int | None = None) -> None:
+        """A sample of the engine's load: feed the limit, and size yielding shares."""
+        self.limit.on_metrics(load, inflight=self.inflight if inflight is None else inflight)
+        grew = False
+        for s in self.shares:
+            if not s.yield_to_others:
+                continue
+            if load.waiting >= 1:
+                # Somebody queues at the engine: give back at least that many slots.
+                s.yield_cap = max(1.0, min(s.yield_cap, float(s.inflight)) - load.waiting)
+            elif s.inflight >= int(s.yield_cap) - 1:
+                s.yield_cap = min(float(s.cap), max(s.yield_cap + 1.0, s.yield_cap * 1.25))
+                grew = True
+        if grew:
+            self._grant()
 
     def _leave(self, share: BatchShare) -> None:
         try:

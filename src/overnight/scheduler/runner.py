@@ -238,8 +238,13 @@ class BatchRunner:
 
     async def _dispatch(self, b: BatchRecord, spool: Spool) -> Outcome:
         cap = self.cfg.concurrency.max
-        if b.options.get("max_concurrency"):
-            cap = min(cap, int(b.options["max_concurrency"]))
+        opts = b.options
+        if opts.get("max_concurrency"):
+            cap = min(cap, int(opts["max_concurrency"]))
+        floor = int(opts.get("min_concurrency") or 0)
+        if opts.get("concurrency"):
+            cap = floor = int(opts["concurrency"])  # fixed: no adaptation for this batch
+        floor = min(floor, cap)
         capacity = self.capacity
         if capacity is None:
             c = self.cfg.concurrency
@@ -254,6 +259,7 @@ class BatchRunner:
         share = capacity.join(
             name=b.id, cap=cap, priority=int(b.options.get("priority") or 0), deadline=float(b.expires_at),
             window_s=float(b.completion_window_s), remaining=spool.cp.done.missing(),
+            floor=floor, yield_to_others=bool(opts.get("yield_to_others")),
         )
         self.limiter = share
         watch = asyncio.create_task(self._watch_engine(time.time())) if self.health is not None else None
