@@ -23,7 +23,9 @@ StoreOption = Annotated[
     typer.Option(
         "--store",
         envvar="OVERNIGHT_STORE_URL",
-        help="Record store URL (default: the SQLite file in the data directory). [env: OVERNIGHT_STORE_URL]",
+        show_envvar=True,
+        help="Record store URL.",
+        show_default="sqlite:///<data-dir>/overnight.db, data dir from OVERNIGHT_DATA_DIR",
     ),
 ]
 
