@@ -48,9 +48,41 @@ class SchedulerCollector(Collector):
         yield overloads
 
 
+class EngineCollector(Collector):
+    """Each engine's shared concurrency: the adaptive limit, what it is doing, how
+    many are in flight and the rate it measured (label: ``default`` or a hash)."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Any]:
+        engines = getattr(self.scheduler, "engines", None)
+        caps = engines.capacities() if engines is not None and hasattr(engines, "capacities") else {}
+        limit = GaugeMetricFamily("overnight_engine_concurrency_limit",
+                                  "Requests an engine may have in flight now (the adaptive limit).", labels=["engine"])
+        inflight = GaugeMetricFamily("overnight_engine_requests_inflight", "Requests in flight to an engine.",
+                                     labels=["engine"])
+        rate = GaugeMetricFamily("overnight_engine_measured_rate",
+                                 "Answers per second the concurrency law last measured.", labels=["engine"])
+        mode = GaugeMetricFamily("overnight_engine_concurrency_mode",
+                                 "1 for the phase the concurrency law is in.", labels=["engine", "mode"])
+        for label, cap in caps.items():
+            lim = cap.limit
+            limit.add_metric([label], lim.value)
+            inflight.add_metric([label], cap.inflight)
+            rate.add_metric([label], lim.rate)
+            for m in ("startup", "cruise", "probe_up", "probe_down"):
+                mode.add_metric([label, m], 1.0 if lim.mode == m else 0.0)
+        yield limit
+        yield inflight
+        yield rate
+        yield mode
+
+
 def build_registry(scheduler: Any) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SchedulerCollector(scheduler))
+    registry.register(EngineCollector(scheduler))
     ProcessCollector(registry=registry)
     return registry
 

@@ -85,6 +85,8 @@ def _overnight_section(rec: BatchRecord) -> dict[str, Any]:
     section: dict[str, Any] = {}
     if rec.engine:
         section["engine"] = rec.engine
+    if rec.concurrency and rec.status in ("in_progress", "cancelling"):
+        section["concurrency"] = rec.concurrency
     if rec.not_before > time.time() and rec.status == "in_progress":
         section["waiting_until"] = int(rec.not_before)
     return {"overnight": section} if section else {}

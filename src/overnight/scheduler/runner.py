@@ -280,6 +280,7 @@ class BatchRunner:
                 rec.completed, rec.failed, rec.usage = head["completed"], head["failed"], head["usage"]
                 rec.lease_expires_at = time.time() + self.cfg.lease_s
                 rec.engine = self._engine_view()
+                rec.concurrency = share.snapshot()
                 return rec
 
             rec = await update_batch(self.store, b.id, mutate, fence=self.token, checkpoint=encoded)

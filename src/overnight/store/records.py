@@ -64,6 +64,9 @@ class BatchRecord:
     #: Its engine's state as last seen by its runner (``executor/health.py``):
     #: shown in the batch object and carried over when another run takes over.
     engine: dict[str, Any] | None = None
+    #: Its concurrency as of the last checkpoint (limit, why it last changed,
+    #: measured rate, in flight): shown in the batch object.
+    concurrency: dict[str, Any] | None = None
     #: Epoch seconds before which no scheduler claims it (it gave its running
     #: slot up while its engine was unreachable).
     not_before: float = 0.0
