@@ -71,7 +71,7 @@ READ_CHUNK_BYTES = 1024 * 1024
 METRICS_MIN_WAITING = 4
 METRICS_WAITING_FRACTION = 0.10
 #: How often the engine's /metrics is read while batches use it.
-METRICS_POLL_S = 0.5
+METRICS_POLL_S = 0.25
 #: Overload answers with no success for this long (or two round trips, if longer)
 #: mean an outage: nothing new is sent until Retry-After / a backoff has passed.
 OUTAGE_AFTER_S = 1.0

@@ -57,7 +57,7 @@ class Simulation:
         limits: ConcurrencyLimits,
         *,
         metrics: bool = True,
-        metrics_interval_s: float = 0.5,
+        metrics_interval_s: float = 0.25,
         prompt_tokens: int = 30,
         max_tokens: Callable[[random.Random], int] | None = None,
         seed: int = 1,

@@ -143,7 +143,7 @@ def test_a_refusal_level_is_a_ceiling_for_a_while_then_probed_again() -> None:
     for _ in range(40):  # 20 s of good epochs: never above the refusal level
         epoch(lim, clock, rate=10 * lim.value)
         assert lim.value <= 69
-    for _ in range(60):  # the ceiling expires: growth resumes above it
+    for _ in range(120):  # the ceiling expires: growth resumes above it
         epoch(lim, clock, rate=10 * lim.value)
     assert lim.value > 69
 
@@ -230,14 +230,29 @@ def test_a_burst_of_instant_refusals_before_any_answer_is_not_an_outage() -> Non
     assert lim.hold_until == 0.0
 
 
-def test_metrics_cut_an_excess_queue_at_once() -> None:
+def test_one_sample_with_a_queue_is_no_reason_to_cut() -> None:
+    """A burst waits a step before the engine admits it, whatever its room."""
     clock = FakeClock()
-    lim = make(clock, initial=600)
-    epoch(lim, clock, rate=6000)
+    lim = make(clock, initial=64)
+    epoch(lim, clock, rate=640)
+    before = lim.value
+    lim.on_metrics(EngineLoad(10, 54), inflight=before)
+    assert lim.value == before
+
+
+def test_a_queue_at_an_engine_known_to_be_full_is_cut_to_what_it_runs() -> None:
+    clock = FakeClock()
+    lim = make(clock, initial=128)
+    # an epoch at 128 with the engine running 100 and 28 waiting: it is full at 100
+    for _ in range(4):
+        lim.on_metrics(EngineLoad(100, 28), inflight=128)
+    epoch(lim, clock, rate=lambda n: 10.0 * min(n, 100), seconds=0.12)
+    assert lim.value == 128 - (28 - 5)  # the queue above half the target goes
+    assert not lim.slow_start
     clock.advance(1.0)
-    lim.on_metrics(EngineLoad(256, 344), inflight=600)
-    # 344 waiting against a target of max(4, 10% of 256): the excess goes, at most half at once
-    assert lim.value == 300
+    lim.value = lim.limit = 200.0  # something pushed it up again (a probe)
+    lim.on_metrics(EngineLoad(100, 100), inflight=200)
+    assert lim.value == int(100 + lim.waiting_target() / 2)
     assert "engine queue" in lim.reason
 
 

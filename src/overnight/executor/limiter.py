@@ -22,9 +22,10 @@ small table (an average per level, forgotten after ``table_ttl_s``):
 * **Cruise**: run at the *smallest* measured level whose rate is within
   ``knee_tolerance`` of the best rate in the table: the knee, where more in
   flight adds latency but no throughput. Every few epochs probe one step
-  (``probe_ratio``) above it, and now and then one step below it, so the table
-  stays current when the knee moves (a different request mix, another client on
-  the engine). A probe up that gains a lot goes back to startup.
+  (``probe_ratio``) above it, or below it, when the table has nothing recent
+  (``probe_refresh_s``) about that neighbour, so the table stays current when the
+  knee moves (a different request mix, another client on the engine). A probe up
+  that gains a lot goes back to startup.
 * **Refusals** (429/502/503/504), timeouts and dropped connections, at most one
   cut a round: the limit drops below the level the engine refused at
   (``backoff_ratio``), and that level becomes a ceiling until ``ceiling_ttl_s``
@@ -61,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,6 +99,8 @@ class ConcurrencyLimits:
     #: probe goes down instead of up.
     cruise_epochs: int = 3
     probe_down_every: int = 3
+    #: A neighbour level measured more recently than this is not probed again.
+    probe_refresh_s: float = 20.0
     #: Measured rates are forgotten after this long (the knee moves).
     table_ttl_s: float = 60.0
     #: A refusal level stays a ceiling this long, then may be probed again.
@@ -206,9 +210,8 @@ class AdaptiveLimit:
         self._if_t = now
         self._if_last = 0
         self._epoch_overloads = 0
-        self._wait_sum = 0.0
-        self._run_sum = 0.0
-        self._wait_n = 0
+        #: The epoch's metrics samples (waiting, running).
+        self._samples: list[tuple[float, float]] = []
         #: Requests the engine ran while a real queue waited there (its capacity), and when.
         self._capacity = 0.0
         self._capacity_at = -math.inf
@@ -364,19 +367,21 @@ class AdaptiveLimit:
             self._preemptions = load.preemptions
         if not self._metrics_visible or self.limits.fixed:
             return
-        if load.waiting > max(self.waiting_target(), 0.15 * (inflight or 0)):
-            if load.running >= self._capacity or now - self._capacity_at > self.limits.table_ttl_s:
-                self._capacity, self._capacity_at = load.running, now
         if now >= self._settle_until:
-            self._wait_sum += load.waiting
-            self._run_sum += load.running
-            self._wait_n += 1
+            self._samples.append((load.waiting, load.running))
+            if len(self._samples) > 16:
+                del self._samples[0]
         target = self.waiting_target()
         if now - self._last_cut < self._settle_s():
             return
-        if load.waiting > 2.0 * target:
-            # Remove the excess queue (at most half the limit at once).
-            new = max(self.limit - (load.waiting - target), self.limit * 0.5)
+        # One sample is not enough to cut on: a burst of requests waits a step
+        # before the engine admits it, whatever its room. Only an engine known to
+        # be full (running at its measured capacity) with a long queue is cut at once.
+        full = now - self._capacity_at <= self.limits.table_ttl_s and load.running >= 0.97 * self._capacity
+        if full and load.waiting > 2.0 * target:
+            # What it runs plus a short queue (at most half the limit at once; the
+            # same answer however often the sample is seen before the queue drains).
+            new = max(load.running + target / 2.0, self.limit * 0.5)
             self._metrics_cut(now, new, f"engine queue {load.waiting:g} > target {target:g}")
         elif preempted and self.mode in (STARTUP, PROBE_UP):
             # The KV cache is full: what runs now is all the engine can hold.
@@ -385,10 +390,9 @@ class AdaptiveLimit:
 
     # -- the law --------------------------------------------------------------
     def _metrics_cut(self, now: float, new: float, why: str) -> None:
+        # (No ceiling: the queue itself says when the engine is full again.)
         if new >= self.limit:
             return
-        self.ceiling = max(float(self.limits.min), new)
-        self._ceiling_until = now + self.limits.ceiling_ttl_s
         self._last_cut = now
         self.cuts += 1
         if self.mode in (STARTUP, PROBE_UP):
@@ -430,9 +434,8 @@ class AdaptiveLimit:
         self._if_area = 0.0
         self._if_t = max(self._if_t, self._settle_until) if settle else now
         self._epoch_overloads = 0
-        self._wait_sum = 0.0
-        self._run_sum = 0.0
-        self._wait_n = 0
+        if settle:
+            self._samples = []  # a new level: what the engine showed before is moot
 
     def _end_epoch(self, now: float, elapsed: float) -> None:
         n = self._n
@@ -446,17 +449,18 @@ class AdaptiveLimit:
         mean_inflight = self._if_area / span if span > 0 else 0.0
         overloads = self._epoch_overloads
         queue = None
-        if self._wait_n and self.metrics_fresh(now):
+        if len(self._samples) >= 3 and self.metrics_fresh(now):
             # Requests that arrived during a step wait for the next one even when
-            # the engine has room: waiting means the engine is full only when the
-            # queue is a good part of the level, or the engine runs as many as it
-            # did when a real queue was seen (its capacity).
-            running = self._run_sum / self._wait_n
-            waiting = self._wait_sum / self._wait_n
-            fresh_capacity = now - self._capacity_at <= self.limits.table_ttl_s
-            if waiting > max(self.waiting_target(), 0.15 * level) or (
-                fresh_capacity and running >= 0.97 * self._capacity
-            ):
+            # the engine has room, and a burst shows as a queue for a step: the
+            # medians of the samples at this level, not one sample, say whether the engine is full. It is
+            # full when the queue is a good part of the level (then what it runs is
+            # its capacity), or when it runs as many as that capacity.
+            waiting = statistics.median(w for w, _ in self._samples)
+            running = statistics.median(r for _, r in self._samples)
+            if waiting > max(self.waiting_target(), 0.15 * level):
+                self._capacity, self._capacity_at = running, now
+                queue = waiting
+            elif now - self._capacity_at <= self.limits.table_ttl_s and running >= 0.97 * self._capacity:
                 queue = waiting
         self._restart_epoch(now, settle=False)
         if overloads:
@@ -553,26 +557,29 @@ class AdaptiveLimit:
         self._cruise_left -= 1
         if self._cruise_left > 0:
             return
-        self._probes += 1
-        self._probe_base = level
-        down = self._probes % lim.probe_down_every == 0
+        self._cruise_left = lim.cruise_epochs
         if queue is not None:
-            # The engine is full and says so: nothing to learn above or below.
-            self._cruise_left = lim.cruise_epochs
-            return
-        if not down:
-            up = min(cap, float(self._step_up(level)))
-            if up > level:
-                self.mode = PROBE_UP
-                self._set(up, f"probe up from {level}")
-                return
-            down = True  # nothing to learn above: look below instead
-        low = max(float(lim.min), float(self._step_down(level)))
-        if low < level:
+            return  # the engine is full and says so: nothing to learn above or below
+        # Probe a neighbour only when the table has nothing recent about it: a
+        # probe down costs throughput, a probe up beyond the knee latency.
+        up = int(min(cap, float(self._step_up(level))))
+        down = int(max(float(lim.min), float(self._step_down(level))))
+        want_up = up > level and not self._known(now, level + 1, up)
+        want_down = down < level and not self._known(now, down, level - 1)
+        self._probes += 1
+        if want_down and (not want_up or self._probes % lim.probe_down_every == 0):
+            self._probe_base = level
             self.mode = PROBE_DOWN
-            self._set(low, f"probe down from {level}")
-        else:
-            self._cruise_left = lim.cruise_epochs
+            self._set(down, f"probe down from {level}")
+        elif want_up:
+            self._probe_base = level
+            self.mode = PROBE_UP
+            self._set(up, f"probe up from {level}")
+
+    def _known(self, now: float, low: int, high: int) -> bool:
+        """A recent measurement exists for a level in ``[low, high]``."""
+        fresh = self.limits.probe_refresh_s
+        return any(low <= k <= high and now - r.at <= fresh for k, r in self._table.items())
 
     def _set(self, new: float, reason: str, *, quiet: bool = False) -> None:
         lim = self.limits
