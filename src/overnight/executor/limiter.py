@@ -306,7 +306,9 @@ class AdaptiveLimit:
             self._tokens += tokens
         lim = self.limits
         elapsed = now - self._first_at
-        need_s = max(lim.min_round_s, self.rtt_s)
+        # Startup measures half a round trip: it only asks whether a doubling paid
+        # (a 25% step), and every round trip saved there is throughput.
+        need_s = max(lim.min_round_s, self.rtt_s * (0.5 if self.mode == STARTUP else 1.0))
         if (elapsed >= need_s and self._n >= lim.min_epoch_samples) or elapsed >= 4 * need_s + 1.0:
             self._end_epoch(now, elapsed)
 
