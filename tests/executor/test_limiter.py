@@ -141,10 +141,10 @@ def test_a_refusal_level_is_a_ceiling_for_a_while_then_probed_again() -> None:
     epoch(lim, clock, rate=640)
     lim.on_overload(Signal.OVERLOAD, inflight=70)
     for _ in range(40):  # 20 s of good epochs: never above the refusal level
-        epoch(lim, clock, rate=10 * lim.value)
+        epoch(lim, clock, rate=lambda n: 10.0 * n)
         assert lim.value <= 69
     for _ in range(120):  # the ceiling expires: growth resumes above it
-        epoch(lim, clock, rate=10 * lim.value)
+        epoch(lim, clock, rate=lambda n: 10.0 * n)
     assert lim.value > 69
 
 
@@ -276,7 +276,7 @@ def test_stale_metrics_are_ignored() -> None:
 def test_kv_preemption_stops_startup_at_what_the_engine_holds() -> None:
     clock = FakeClock()
     lim = make(clock, initial=64)
-    epoch(lim, clock, rate=lambda n: 10.0 * n, seconds=0.25)
+    epoch(lim, clock, rate=lambda n: 10.0 * n, seconds=0.1)
     assert lim.value == 128
     lim.on_metrics(EngineLoad(90, 0, 0.99, 10.0), inflight=128)
     clock.advance(1.0)
