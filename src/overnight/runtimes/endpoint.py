@@ -2,35 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
-from overnight.errors import RuntimeStartError
-from overnight.executor.engine import HttpEngineClient
-from overnight.runtimes.base import Endpoint, RuntimeState
+from overnight.runtimes.base import Endpoint, RecordHandle, RuntimeHandle, RuntimeSpec, _ignore
 
-__all__ = ["EndpointRuntime"]
+__all__ = ["EndpointRuntime", "EndpointSpec"]
+
+
+class EndpointSpec(RuntimeSpec):
+    """``{"type": "endpoint", "url": "http://host:port", "api_key": "..."}``."""
+
+    type: str = "endpoint"
+    url: str
+    api_key: str | None = None
 
 
 class EndpointRuntime:
-    def __init__(self, url: str, api_key: str | None = None) -> None:
-        self.endpoint = Endpoint(url.rstrip("/"), api_key)
-        self.state = RuntimeState.NEW
+    type: ClassVar[str] = "endpoint"
+    spec_model: ClassVar[type[RuntimeSpec]] = EndpointSpec
 
-    async def start(self, template: dict[str, Any] | None = None) -> Endpoint:
-        if self.state is not RuntimeState.NEW:
-            raise RuntimeStartError(f"runtime for {self.endpoint.url} was already started")
-        self.state = RuntimeState.RUNNING
-        return self.endpoint
+    async def acquire(self, spec: RuntimeSpec, *, owner: str, record: RecordHandle = _ignore) -> RuntimeHandle:
+        assert isinstance(spec, EndpointSpec)
+        # The key is not part of the handle: handles are stored, secrets are not.
+        handle = {"type": self.type, "owner": owner, "url": spec.url.rstrip("/")}
+        await record(handle)
+        return handle
 
-    async def stop(self) -> None:
-        self.state = RuntimeState.STOPPED
+    async def wait_ready(self, handle: RuntimeHandle, *, timeout_s: float) -> Endpoint:
+        # An endpoint someone else runs is as ready as it will get; whether it
+        # answers is the executor's business (engine health, outage handling).
+        return Endpoint(handle["url"])
 
-    async def health(self) -> bool:
-        client = HttpEngineClient(self.endpoint.url, api_key=self.endpoint.api_key)
-        try:
-            status, _ = await client.get_json("/v1/models")
-            return status == 200
-        except Exception:
-            return False
-        finally:
-            await client.aclose()
+    async def alive(self, handle: RuntimeHandle) -> bool:
+        return True
+
+    async def release(self, handle: RuntimeHandle) -> None:
+        return None
+
+    async def sweep(self, live_owners: set[str]) -> list[RuntimeHandle]:
+        return []
+
+    async def aclose(self) -> None:
+        return None
