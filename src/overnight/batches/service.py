@@ -23,6 +23,8 @@ from overnight.errors import (
 )
 from overnight.files.service import get_file, parse_expires_after
 from overnight.ids import new_id
+from overnight.runtimes.egress import EndpointPolicy, EndpointRefused, check_endpoint_url, check_header_value
+from overnight.secret_box import SecretBox
 from overnight.storage.base import Storage
 from overnight.store.base import Store
 from overnight.store.records import BatchRecord
@@ -47,10 +49,16 @@ SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embedding
 EXTENSION_KEYS = ("overnight", "aibrix")
 EXTENSION_FIELDS = frozenset({"runtime", "max_concurrency", "priority", "job_id"})
 RUNTIME_FIELDS = frozenset({"endpoint", "api_key", "type"})
+#: Where a runtime's api_key lives in a stored record: encrypted, never in plain text.
+SEALED_API_KEY = "api_key_sealed"
 _WINDOW_RE = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: A batch window between one second and thirty days.
 MAX_WINDOW_S = 30 * 86400
+#: Far above any engine's useful concurrency; the server's own caps apply on top.
+MAX_EXTENSION_CONCURRENCY = 1_000_000
+#: Longer than any real bearer token, short enough for one header line.
+MAX_API_KEY_CHARS = 4096
 
 
 class LeaseLost(ConflictError):
@@ -65,6 +73,8 @@ class BatchCreate:
     metadata: dict[str, Any] | None = None
     output_expires_after: dict[str, Any] | None = None
     extension: dict[str, Any] | None = None
+    #: The name the client used for the extension (``overnight`` or ``aibrix``), for error params.
+    extension_key: str = "overnight"
 
 
 def parse_completion_window(window: str) -> int:
@@ -134,20 +144,24 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
             raise InvalidRequestError(
                 f"Unsupported runtime type {rtype!r}; supported: 'endpoint'.", param=f"{key}.runtime.type"
             )
-        endpoint = rt.get("endpoint")
-        if not isinstance(endpoint, str) or not re.match(r"^https?://", endpoint):
-            raise InvalidRequestError(
-                f"'{key}.runtime.endpoint' must be an http(s) URL.", param=f"{key}.runtime.endpoint"
-            )
+        try:
+            endpoint = check_endpoint_url(rt.get("endpoint"))
+        except EndpointRefused as exc:
+            raise InvalidRequestError(f"'{key}.runtime.endpoint' {exc}.", param=f"{key}.runtime.endpoint") from None
         api_key = rt.get("api_key")
-        if api_key is not None and not isinstance(api_key, str):
-            raise InvalidRequestError(f"'{key}.runtime.api_key' must be a string.", param=f"{key}.runtime.api_key")
-        out["runtime"] = {"type": "endpoint", "endpoint": endpoint.rstrip("/"), "api_key": api_key}
+        if api_key is not None:
+            why = check_header_value(api_key) if isinstance(api_key, str) else "must be a string"
+            if why is None and not 1 <= len(api_key) <= MAX_API_KEY_CHARS:
+                why = f"must be 1-{MAX_API_KEY_CHARS} characters"
+            if why:  # the value is a secret: never echo it
+                raise InvalidRequestError(f"'{key}.runtime.api_key' {why}.", param=f"{key}.runtime.api_key")
+        out["runtime"] = {"type": "endpoint", "endpoint": endpoint, "api_key": api_key}
     if ext.get("max_concurrency") is not None:
         mc = ext["max_concurrency"]
-        if not isinstance(mc, int) or isinstance(mc, bool) or mc < 1:
+        if not isinstance(mc, int) or isinstance(mc, bool) or not 1 <= mc <= MAX_EXTENSION_CONCURRENCY:
             raise InvalidRequestError(
-                f"'{key}.max_concurrency' must be a positive integer.", param=f"{key}.max_concurrency"
+                f"'{key}.max_concurrency' must be an integer from 1 to {MAX_EXTENSION_CONCURRENCY}.",
+                param=f"{key}.max_concurrency",
             )
         out["max_concurrency"] = mc
     if ext.get("priority") is not None:
@@ -173,9 +187,14 @@ async def create_batch(
     body: BatchCreate,
     limits: ValidationLimits,
     validate_now: bool = False,
+    policy: EndpointPolicy | None = None,
+    secrets: SecretBox | None = None,
 ) -> BatchRecord:
     """Create a batch in ``validating``. With ``validate_now`` the input is checked
-    before anything is recorded and a bad line is an ``InputError`` (HTTP 400)."""
+    before anything is recorded and a bad line is an ``InputError`` (HTTP 400).
+
+    A tenant-named engine endpoint must pass ``policy`` (the SSRF allowlist); its
+    ``api_key`` is stored sealed by ``secrets``, and refused when there is no key."""
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidRequestError(
             f"Unsupported endpoint {body.endpoint!r}; supported: {', '.join(SUPPORTED_ENDPOINTS)}.",
@@ -183,7 +202,10 @@ async def create_batch(
         )
     window_s = parse_completion_window(body.completion_window)
     metadata = _check_metadata(body.metadata)
-    options = parse_extension(body.extension)
+    options = parse_extension(body.extension, key=body.extension_key)
+    rt = options.get("runtime")
+    if rt is not None:
+        await _check_runtime(rt, key=body.extension_key, policy=policy, secrets=secrets)
     out_exp = body.output_expires_after or {}
     if not isinstance(out_exp, dict):
         raise InvalidRequestError("output_expires_after must be an object.", param="output_expires_after")
@@ -225,6 +247,28 @@ async def create_batch(
     )
     await store.insert_batch(rec)
     return rec
+
+
+async def _check_runtime(
+    rt: dict[str, Any], *, key: str, policy: EndpointPolicy | None, secrets: SecretBox | None
+) -> None:
+    if policy is not None:
+        try:
+            rt["endpoint"] = await policy.check(rt["endpoint"])
+        except EndpointRefused as exc:
+            raise InvalidRequestError(
+                f"'{key}.runtime.endpoint' {exc}.", param=f"{key}.runtime.endpoint", code="endpoint_not_allowed"
+            ) from None
+    api_key = rt.pop("api_key", None)
+    if api_key is None:
+        return
+    if secrets is None or not secrets.enabled:
+        raise InvalidRequestError(
+            f"'{key}.runtime.api_key' cannot be stored: this server has no OVERNIGHT_SECRET_KEY to encrypt "
+            "it with. Ask the operator to set one, or send the batch without an api_key.",
+            param=f"{key}.runtime.api_key",
+        )
+    rt[SEALED_API_KEY] = secrets.seal(api_key)
 
 
 async def get_batch(*, store: Store, tenant: str, batch_id: str) -> BatchRecord:

@@ -9,11 +9,16 @@ from enum import Enum
 from overnight import defaults
 from overnight.executor.limiter import Signal
 
-__all__ = ["Decision", "RetryPolicy", "classify_status", "classify_no_answer", "overload_signal"]
+__all__ = ["Decision", "RetryPolicy", "UNSENDABLE_CODES", "classify_status", "classify_no_answer", "overload_signal"]
 
 #: Answers that mean "the engine (or a proxy in front of it) is full or restarting":
 #: they shrink the concurrency limit. Other errors are about the request itself.
 OVERLOAD_STATUSES = frozenset({429, 502, 503, 504})
+#: No answer because the request cannot be sent at all (the engine may not be used,
+#: the body cannot be serialized): another attempt would end the same way.
+UNSENDABLE_CODES = frozenset({"engine_unusable", "endpoint_not_allowed", "secret_unavailable", "no_engine"})
+#: An answer over the size limit: another attempt would only read it again.
+TOO_LARGE_CODES = frozenset({"response_too_large"})
 
 
 class Decision(Enum):
@@ -51,16 +56,12 @@ def classify_status(status: int) -> Decision:
     return Decision.FAIL
 
 
-#: An answer over the size limit: another attempt would only read it again.
-TOO_LARGE_CODES = frozenset({"response_too_large"})
-
-
 def classify_no_answer(code: str | None) -> Decision:
     """No usable HTTP answer. Only an engine no connection could be opened to is an
     outage (waited for until the deadline). A connection that was accepted and then
     reset, cut short or answered garbage, and a timeout, may be caused by the request
     itself, so they count against the attempts."""
-    if code in TOO_LARGE_CODES:
+    if code in UNSENDABLE_CODES or code in TOO_LARGE_CODES:
         return Decision.FAIL
     return Decision.RETRY_UNTIL_DEADLINE if code == "engine_unreachable" else Decision.RETRY
 

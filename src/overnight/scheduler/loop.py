@@ -13,16 +13,19 @@ import time
 from collections import Counter, deque
 
 from overnight import defaults
-from overnight.batches.service import transition
-from overnight.batches.states import BatchStatus
+from overnight.batches.service import SEALED_API_KEY, transition
+from overnight.batches.states import TERMINAL, BatchStatus
 from overnight.errors import OvernightError, RetryableEngineError
-from overnight.executor.engine import EngineClient, HttpEngineClient, engine_base_url
+from overnight.executor.engine import EngineClient, EngineReply, HttpEngineClient, engine_base_url
 from overnight.executor.engine_metrics import MetricsProbe
 from overnight.executor.health import EngineHealth, TrackedEngine
 from overnight.executor.limiter import ConcurrencyLimits, Gate
+from overnight.executor.retry import UNSENDABLE_CODES
 from overnight.executor.sharing import EngineCapacity
 from overnight.scheduler.leases import claim_batch, lease_is_free
+from overnight.runtimes.egress import EndpointPolicy, EndpointRefused
 from overnight.scheduler.runner import BatchRunner, RunnerConfig
+from overnight.secret_box import SecretBox, SecretError
 from overnight.storage.base import Storage
 from overnight.store.base import Store
 from overnight.store.records import BatchRecord
@@ -33,6 +36,36 @@ log = logging.getLogger("overnight.scheduler")
 
 #: Longest wait before a batch whose runner crashed is claimed again.
 _MAX_CRASH_BACKOFF_S = 60.0
+#: Consecutive non-outage crashes after which a batch ends with the error.
+_MAX_BATCH_FAULTS = 3
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Store, storage or network trouble: worth retrying for as long as it lasts."""
+    return isinstance(exc, (OvernightError, OSError, asyncio.TimeoutError))
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    """(code, message) for a batch's ``errors``: overnight's own text, or the exception's."""
+    if isinstance(exc, OvernightError):
+        return exc.code or "engine_unusable", exc.message
+    return "engine_unusable", f"{type(exc).__name__}: {exc}"
+
+
+class _UnusableEngine:
+    """Stands in for an engine that cannot be used: every request ends, unsent, with
+    the reason (``classify_no_answer`` does not retry these codes)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.code, self.message = _describe(exc)
+        if self.code not in UNSENDABLE_CODES:
+            self.code = "engine_unusable"
+
+    async def send(self, path: str, body: bytes) -> EngineReply:
+        raise RetryableEngineError(f"Not sent: {self.message}", code=self.code)
+
+    async def aclose(self) -> None:
+        return None
 
 
 class EnginePool:
@@ -50,8 +83,12 @@ class EnginePool:
         limits: ConcurrencyLimits | None = None,
         gates: tuple[Gate, ...] = (),
         metrics_poll_s: float = defaults.METRICS_POLL_S,
+        policy: EndpointPolicy | None = None,
+        secrets: SecretBox | None = None,
     ) -> None:
         self.default_url = default_url
+        self.policy = policy
+        self.secrets = secrets
         self.default_api_key = default_api_key
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
@@ -71,14 +108,31 @@ class EnginePool:
         if gates is not None:
             self.gates = gates
 
+    async def check(self, batch: BatchRecord) -> None:
+        """Check a tenant-named endpoint against the policy again right before it is
+        used: a DNS name may point elsewhere than it did at create time."""
+        rt = batch.options.get("runtime")
+        if self.policy is not None and rt and rt.get("endpoint"):
+            try:
+                await self.policy.check(rt["endpoint"])
+            except EndpointRefused as exc:
+                raise OvernightError(f"runtime.endpoint {exc}.", code="endpoint_not_allowed") from None
+
     def endpoint_for(self, batch: BatchRecord) -> tuple[str, str | None]:
         rt = batch.options.get("runtime")
         if rt and rt.get("endpoint"):
-            return rt["endpoint"], rt.get("api_key")
+            sealed = rt.get(SEALED_API_KEY)
+            if sealed is None:
+                return rt["endpoint"], rt.get("api_key")  # records from before keys were sealed
+            try:
+                return rt["endpoint"], (self.secrets or SecretBox(None)).open(sealed)
+            except SecretError as exc:
+                raise OvernightError(f"runtime.api_key: {exc}.", code="secret_unavailable") from None
         if not self.default_url:
             raise OvernightError(
                 "No engine for this batch: start the service with --engine-url (or OVERNIGHT_ENGINE_URL), "
-                "or pass extra_body={'overnight': {'runtime': {'endpoint': URL}}}."
+                "or pass extra_body={'overnight': {'runtime': {'endpoint': URL}}}.",
+                code="no_engine",
             )
         return self.default_url, self.default_api_key
 
@@ -195,6 +249,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         #: batch id -> (monotonic time before which it is not claimed again, last delay)
         self._crash_backoff: dict[str, tuple[float, float]] = {}
+        #: batch id -> consecutive crashes that were not an outage (see ``_is_outage``)
+        self._faults: dict[str, int] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._check_task: asyncio.Task[bool | None] | None = None
         self._idle = asyncio.Event()
@@ -236,8 +292,11 @@ class Scheduler:
                 log.warning("scheduler tick failed: %s", exc)
             except Exception:
                 log.exception("scheduler tick crashed")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel
+            # that stop() sends when the wait ends at the same moment (a hung shutdown).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def tick(self) -> int:
@@ -298,12 +357,15 @@ class Scheduler:
         claimed = await claim_batch(self.store, rec, owner=self.replica_id, lease_s=self.cfg.lease_s)
         if claimed is None:
             return False
+        capacity: EngineCapacity | None
         try:
+            await self.engines.check(claimed)
             engine = self.engines.client_for(claimed)
             capacity = self.engines.capacity_for(claimed)
-        except OvernightError as exc:
-            await self._fail_unrunnable(claimed, exc)
-            return False
+        except Exception as exc:  # one batch's engine must never stop the others
+            if not await self._fail_unrunnable(claimed, exc):
+                return False
+            engine, capacity = _UnusableEngine(exc), None
         runner = BatchRunner(
             batch=claimed, store=self.store, storage=self.storage, engine=engine,
             gates=(self.global_gate,), config=self.cfg, capacity=capacity,
@@ -314,20 +376,37 @@ class Scheduler:
         self._tasks[claimed.id] = task
         return True
 
-    async def _fail_unrunnable(self, rec: BatchRecord, exc: OvernightError) -> None:
-        log.error("batch %s cannot run: %s", rec.id, exc)
-        error = {"code": "no_engine", "message": exc.message, "line": None, "param": None}
-        with contextlib.suppress(OvernightError):
-            if rec.status in ("cancelling",):
+    async def _fail_unrunnable(self, rec: BatchRecord, exc: Exception) -> bool:
+        """A batch whose engine cannot be used. Before ``in_progress`` it fails (or is
+        cancelled) at once; after, True: run it on an engine that answers nothing, so
+        every remaining line still gets its error line, saying why."""
+        code, message = _describe(exc)
+        log.error("batch %s cannot run: %s", rec.id, message)
+        if rec.in_progress_at is not None:
+            return True
+        error = {"code": code, "message": message, "line": None, "param": None}
+        try:
+            if rec.status == BatchStatus.CANCELLING.value:
                 await transition(self.store, rec.id, BatchStatus.CANCELLED, fence=rec.lease_token)
             else:
                 await transition(self.store, rec.id, BatchStatus.FAILED, fence=rec.lease_token, errors=[error])
+        except Exception:
+            log.exception("batch %s: could not record that it cannot run", rec.id)
+        return False
 
     async def _run(self, runner: BatchRunner) -> None:
         batch_id = runner.batch.id
         try:
             await runner.run()
-        except Exception:
+        except Exception as exc:
+            if not _is_outage(exc):
+                # A fault of this batch (a bug, a value it carries): a few tries, then
+                # it ends with the reason instead of crash-looping for good.
+                self._faults[batch_id] = self._faults.get(batch_id, 0) + 1
+                if self._faults[batch_id] >= _MAX_BATCH_FAULTS:
+                    self._faults.pop(batch_id, None)
+                    await self._give_up(runner, exc)
+                    return
             # Back off before claiming it again, so a persistent fault (storage down, a
             # missing object) is a slow retry with a log line, not a hot loop.
             delay = min(_MAX_CRASH_BACKOFF_S, 2 * self._crash_backoff.get(batch_id, (0.0, 0.5))[1])
@@ -335,10 +414,29 @@ class Scheduler:
             log.exception("batch %s: runner crashed; retrying in %.0f s", batch_id, delay)
         else:
             self._crash_backoff.pop(batch_id, None)
+            self._faults.pop(batch_id, None)
         finally:
             self.runners.pop(runner.batch.id, None)
             self._tasks.pop(runner.batch.id, None)
             self._wake.set()
+
+    async def _give_up(self, runner: BatchRunner, exc: Exception) -> None:
+        batch_id = runner.batch.id
+        _, message = _describe(exc)
+        log.error("batch %s: runner crashed %d times; ending it: %s", batch_id, _MAX_BATCH_FAULTS, message,
+                  exc_info=exc)
+        error = {"code": "internal_error", "message": f"The batch could not be run: {message}",
+                 "line": None, "param": None}
+        try:
+            cur = await self.store.get_batch(batch_id)
+            if cur is None or BatchStatus(cur.status) in TERMINAL:
+                return
+            if cur.status == BatchStatus.CANCELLING.value:
+                await transition(self.store, batch_id, BatchStatus.CANCELLED, fence=runner.token, errors=[error])
+            else:
+                await transition(self.store, batch_id, BatchStatus.FAILED, fence=runner.token, errors=[error])
+        except Exception:
+            log.exception("batch %s: could not record its failure", batch_id)
 
     async def drain(self, timeout_s: float = 60.0) -> None:
         """Run until no batch is active (tests): tick, then wait on running batches."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from overnight.api.deps import SchedulerDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from overnight.api.schemas import BatchCreateBody, batch_object, list_object
@@ -17,6 +17,7 @@ router = APIRouter(prefix="/batches", tags=["batches"])
 
 @router.post("")
 async def create_batch(
+    request: Request,
     body: BatchCreateBody,
     store: StoreDep,
     storage: StorageDep,
@@ -47,9 +48,12 @@ async def create_batch(
             metadata=body.metadata,
             output_expires_after=body.output_expires_after,
             extension=ext,
+            extension_key=ext_key,
         ),
         limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
         validate_now=settings.validate_on_create,
+        policy=request.app.state.endpoint_policy,
+        secrets=request.app.state.secrets,
     )
     scheduler.wake()
     return batch_object(rec)

@@ -1,0 +1,94 @@
+"""One batch's fault stays in that batch: a poisoned engine endpoint, a crashing
+runner or a cancel of such a batch never stops other tenants' batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from overnight.batches import service
+from tests.scheduler.test_loop import Harness
+
+POISONS = [
+    {"endpoint": "http://127.0.0.1:99999"},
+    {"endpoint": "http://"},
+    {"endpoint": "http://[::1"},
+    {"endpoint": "http://127.0.0.1:8000", "api_key": "caf\u2603"},
+]
+
+
+async def poison(h: Harness, batch_id: str, runtime: dict, **changes) -> None:
+    """Write a bad runtime straight into the store, as if create validation were bypassed."""
+    rec = await h.store.get_batch(batch_id)
+    rec.options = {"runtime": {"type": "endpoint", **runtime}}
+    for k, v in changes.items():
+        setattr(rec, k, v)
+    await h.store.update_batch(rec)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path):
+    h = Harness(tmp_path)
+    yield h
+    await h.scheduler.stop()
+    await h.scheduler.engines.aclose()
+
+
+@pytest.mark.parametrize("runtime", POISONS, ids=lambda r: repr(r)[:40])
+async def test_a_poisoned_endpoint_fails_its_batch_and_others_complete(harness: Harness, runtime) -> None:
+    bad = await harness.batch("bad", 3)  # the oldest active batch: the first one each pass looks at
+    await poison(harness, bad, runtime, tenant="mallory")
+    good = await harness.batch("good", 20)
+    await harness.scheduler.drain(15)
+    assert (await harness.store.get_batch(good)).status == "completed"
+    rec = await harness.store.get_batch(bad)
+    assert rec.status == "failed", rec.status
+    assert rec.errors[0]["code"] == "engine_unusable" and rec.errors[0]["message"]
+    assert "\u2603" not in rec.errors[0]["message"] or "api_key" not in runtime
+
+
+async def test_cancel_of_a_poisoned_batch_reaches_a_terminal_status(harness: Harness) -> None:
+    bad = await harness.batch("bad", 3)
+    await poison(harness, bad, POISONS[0], tenant="mallory")
+    await service.cancel_batch(store=harness.store, tenant="mallory", batch_id=bad)
+    await harness.scheduler.drain(15)
+    assert (await harness.store.get_batch(bad)).status == "cancelled"
+
+
+async def test_a_poisoned_batch_already_in_progress_ends_every_line_with_the_reason(harness: Harness) -> None:
+    bad = await harness.batch("bad", 4)
+    await poison(harness, bad, POISONS[0], status="in_progress", in_progress_at=int(time.time()), total=4, model="m")
+    await harness.scheduler.drain(15)
+    rec = await harness.store.get_batch(bad)
+    assert rec.status == "completed" and rec.failed == 4 and rec.output_file_id is None
+    lines = [orjson.loads(x) for x in harness.storage.objects[f"files/{rec.error_file_id}"].splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == [f"bad{i}" for i in range(4)]
+    assert {x["error"]["code"] for x in lines} == {"engine_unusable"}
+    assert "Port out of range" in lines[0]["error"]["message"]
+
+
+async def test_a_runner_that_keeps_crashing_ends_its_batch_and_others_run(harness: Harness) -> None:
+    bad = await harness.batch("bad", 3)
+    original = harness.scheduler._run
+
+    async def crash_bad(runner):
+        if runner.batch.id == bad:
+            async def boom() -> None:
+                raise KeyError("a bug that only this batch hits")
+            runner._advance = boom  # type: ignore[method-assign]
+        await original(runner)
+
+    harness.scheduler._run = crash_bad  # type: ignore[method-assign]
+    good = await harness.batch("good", 20)
+    await harness.scheduler.start()
+    deadline = time.monotonic() + 15
+    while (await harness.store.get_batch(bad)).status != "failed" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    rec = await harness.store.get_batch(bad)
+    assert rec.status == "failed" and rec.errors[0]["code"] == "internal_error"
+    assert "a bug that only this batch hits" in rec.errors[0]["message"]
+    assert (await harness.store.get_batch(good)).status == "completed"
