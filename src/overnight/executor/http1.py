@@ -18,6 +18,7 @@ overnight's own errors. A body is bounded while it is read: past
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections import deque
@@ -32,6 +33,30 @@ __all__ = ["ConnectFailed", "ConnectionFailed", "HttpPool", "RawReply", "Request
 #: idle keep-alive connections (uvicorn after 5 s), and a request written into a
 #: connection the server is closing fails for nothing.
 _IDLE_REUSE_S = 3.0
+
+
+#: RFC 9110 token characters (header names, methods).
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#: Control characters other than HTAB: a CR or LF would end the header early and let
+#: a value inject headers or a whole second request (request smuggling).
+_CTL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """``name: value\r\n``, or ValueError for anything that is not one header line.
+    The value is never put in the message: it may be a secret."""
+    try:
+        n, v = name.encode("ascii"), value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"refusing to send header {name[:40]!r}: not encodable as one HTTP header") from None
+    if not _TOKEN_RE.match(n) or _CTL_RE.search(v):
+        raise ValueError(f"refusing to send header {name[:40]!r}: it contains control characters (CR, LF, NUL ...)")
+    return b"%b: %b\r\n" % (n, v)
+
+
+def _check_target(target: bytes) -> None:
+    if _CTL_RE.search(target) or b" " in target or b"\t" in target:
+        raise ValueError("refusing to send a request whose path contains spaces or control characters")
 
 
 class ConnectionFailed(Exception):
@@ -219,9 +244,11 @@ class HttpPool:
         self.port = u.port or (443 if u.scheme == "https" else 80)
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if u.scheme == "https" else None
         self.prefix = u.path.rstrip("/").encode()
-        host_header = u.netloc.rsplit("@", 1)[-1].encode()
-        extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in (headers or {}).items())
-        self._head_tail = b"\r\nHost: " + host_header + b"\r\n" + extra
+        _check_target(self.prefix)
+        host = _header_line("Host", u.netloc.rsplit("@", 1)[-1])
+        extra = b"".join(_header_line(k, v) for k, v in (headers or {}).items())
+        self._head_tail = b"\r\n" + host + extra
+        self._checked: set[tuple[str, str, bytes]] = set()
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
@@ -252,6 +279,12 @@ class HttpPool:
         """Send one request and return the whole answer, whatever its status."""
         if self._closed:
             raise ConnectionFailed("the client is closed")
+        shape = (method, path, content_type)
+        if shape not in self._checked:  # a few distinct shapes per pool: check each once
+            _check_target(path.encode())
+            if not _TOKEN_RE.match(method.encode()) or _CTL_RE.search(content_type):
+                raise ValueError("refusing to send a request with a malformed method or content type")
+            self._checked.add(shape)
         head = b"%b %b%b HTTP/1.1%bContent-Type: %b\r\nContent-Length: %d\r\n\r\n" % (
             method.encode(), self.prefix, path.encode(), self._head_tail, content_type, len(body),
         )
