@@ -11,6 +11,7 @@
      │    ├── RetryableEngineError   worth another attempt (429, 5xx, connection, timeout)
      │    └── FatalEngineError       not worth retrying (4xx other than 408/409/429)
      ├── RuntimeStartError        a runtime could not bring its engine up
+     ├── GpusBusy                 not enough free GPUs now (wait and try again)
      ├── StoreError               a record store is unreachable or misconfigured
      └── StorageError             a byte storage backend failed
           └── StorageFullError    no space left to write (HTTP 507)
@@ -25,6 +26,7 @@ __all__ = [
     "ConflictError",
     "EngineError",
     "FatalEngineError",
+    "GpusBusy",
     "InputError",
     "InvalidRequestError",
     "NotFoundError",
@@ -116,6 +118,20 @@ class FatalEngineError(EngineError):
 
 class RuntimeStartError(OvernightError):
     pass
+
+
+class GpusBusy(OvernightError):
+    """The host has enough GPUs but not enough are free now: retry once some are
+    released (the batch waits its turn; it is not a failure)."""
+
+    code = "gpus_busy"
+    retryable = True
+
+    def __init__(self, message: str, *, needed: int, free: int, total: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+        self.total = total
 
 
 class StoreError(OvernightError):
