@@ -92,3 +92,25 @@ async def test_a_runner_that_keeps_crashing_ends_its_batch_and_others_run(harnes
     assert rec.status == "failed" and rec.errors[0]["code"] == "internal_error"
     assert "a bug that only this batch hits" in rec.errors[0]["message"]
     assert (await harness.store.get_batch(good)).status == "completed"
+
+
+async def test_an_engine_usage_out_of_range_never_wedges_a_checkpoint(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+
+    async def huge_usage(path: str, body: dict) -> tuple[int, dict]:
+        return 200, {"object": "chat.completion", "usage": {"prompt_tokens": 1e30, "completion_tokens": 2}}
+
+    from overnight.executor.engine import FakeEngine
+    from tests.scheduler.test_loop import ENGINE
+
+    h.scheduler.engines.set_client(ENGINE, None, FakeEngine(huge_usage))
+    try:
+        bid = await h.batch("a", 10)
+        await h.scheduler.drain(15)
+        rec = await h.store.get_batch(bid)
+        assert rec.status == "completed" and rec.completed == 10
+        assert rec.usage["input_tokens"] == 0 and rec.usage["output_tokens"] == 20
+        assert rec.usage["ignored_values"] == 10
+    finally:
+        await h.scheduler.stop()
+        await h.scheduler.engines.aclose()
