@@ -20,6 +20,8 @@ __all__ = ["ValidationLimits", "ValidationResult", "validate_input", "MAX_REPORT
 
 #: Stop collecting after this many errors: enough to fix a file, small enough to return.
 MAX_REPORTED_ERRORS = 100
+#: Deepest body the dispatch serializer (orjson) writes; ``loads`` alone accepts 1,024.
+MAX_BODY_DEPTH = 254
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +100,13 @@ def check_line(raw: bytes, lineno: int, endpoint: str) -> tuple[dict[str, Any] |
         return None, _err(
             "invalid_request", f"Line {lineno}: streaming ('body.stream': true) is not supported in batches.",
             lineno, "body.stream",
+        )
+    try:
+        orjson.dumps(body)  # exactly what dispatch does: a body it cannot send is refused here
+    except orjson.JSONEncodeError:
+        return None, _err(
+            "invalid_request", f"Line {lineno}: 'body' is nested too deeply to send; at most "
+            f"{MAX_BODY_DEPTH} levels of objects and arrays are supported.", lineno, "body",
         )
     return obj, None
 

@@ -149,6 +149,17 @@ class _Dispatcher:
         line = b'{"id":"%b","custom_id":%b,"response":null,"error":%b}' % (self._line_id(index), cid_json, err)
         self.spool.write(index, line, error=True)
 
+    def write_unsendable(self, index: int, raw: bytes, exc: Exception) -> None:
+        """A line whose request cannot be built: it alone ends, in the error file."""
+        try:
+            cid = orjson.loads(raw).get("custom_id")
+            cid_json = orjson.dumps(cid if isinstance(cid, str) else None)
+        except Exception:
+            cid_json = b"null"
+        why = "is nested too deeply to send" if "Recursion" in str(exc) else f"cannot be sent ({type(exc).__name__}: {exc})"
+        log.warning("batch line %d: the request %s", index + 1, why)
+        self.write_no_answer(index, cid_json, "invalid_request_body", f"The request body {why}.")
+
     async def send_one(self, index: int, cid_json: bytes, body: bytes) -> None:
         """Own one request from first attempt to its line; holds a limiter slot
         while a request is on the wire (not while backing off)."""
@@ -228,9 +239,13 @@ class _Dispatcher:
             index = lineno - 1
             if index in done:
                 continue
-            obj = loads(raw)
-            cid_json = dumps(obj["custom_id"])
-            body = dumps(obj["body"])
+            try:
+                obj = loads(raw)
+                cid_json = dumps(obj["custom_id"])
+                body = dumps(obj["body"])
+            except Exception as exc:  # validation rules this out; still, one line never stops a batch
+                self.write_unsendable(index, raw, exc)
+                continue
             if len(tasks) >= self.max_tasks:
                 self._task_room.clear()
                 await self._task_room.wait()
