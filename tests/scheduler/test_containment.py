@@ -114,3 +114,19 @@ async def test_an_engine_usage_out_of_range_never_wedges_a_checkpoint(tmp_path: 
     finally:
         await h.scheduler.stop()
         await h.scheduler.engines.aclose()
+
+
+async def test_the_endpoint_policy_is_checked_again_before_dispatch(harness: Harness) -> None:
+    from overnight.runtimes.egress import EndpointPolicy
+    from tests.scheduler.test_loop import ENGINE
+
+    # Accepted at create under an older policy (or a DNS name that moved since).
+    harness.scheduler.engines.policy = EndpointPolicy("none", keyed=True, default_url=ENGINE)
+    bad = await harness.batch("bad", 3)
+    await poison(harness, bad, {"endpoint": "http://169.254.169.254:80"}, tenant="mallory")
+    good = await harness.batch("good", 5)
+    await harness.scheduler.drain(15)
+    assert (await harness.store.get_batch(good)).status == "completed"
+    rec = await harness.store.get_batch(bad)
+    assert rec.status == "failed" and rec.errors[0]["code"] == "endpoint_not_allowed"
+    assert "metadata" in rec.errors[0]["message"]
