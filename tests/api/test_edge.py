@@ -148,3 +148,13 @@ async def test_sdk_with_wrong_key_gets_authentication_error(keyed):
     client = AsyncOpenAI(base_url="http://t/v1", api_key="nope", http_client=http, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         await client.batches.create(input_file_id="file-x", endpoint="/v1/chat/completions", completion_window="24h")
+
+
+async def test_invalid_json_body_names_the_line_not_a_char_offset(open_app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=open_app), base_url="http://t") as c:
+        r = await c.post("/v1/batches", content=b'{\n  "endpoint": "/v1/chat/completions",\n  oops}',
+                         headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["line"] == 3 and err["param"] is None and err["code"] == "invalid_json"
+    assert "line 3, column 3" in err["message"]

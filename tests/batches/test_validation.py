@@ -66,3 +66,38 @@ async def test_uniqueness_bookkeeping_is_compact(n):
     assert r.ok and r.total == n
     # 8-byte hashes plus a sort copy and read chunks; far below a set of strings.
     assert peak < 4 * 1024 * 1024 + 40 * n, peak
+
+
+async def test_bom_and_trailing_blank_lines_are_accepted():
+    data = b"\xef\xbb\xbf" + _lines(request_line(i) for i in range(3)) + b"\n  \r\n\n"
+    r = await _validate(data)
+    assert r.ok, r.errors
+    assert r.total == 3
+
+
+async def test_blank_line_before_more_requests_is_still_an_error():
+    data = _lines([request_line(0)]) + b"\n" + _lines([request_line(1)])
+    r = await _validate(data)
+    assert [(e["code"], e["line"]) for e in r.errors] == [("empty_line", 2)]
+
+
+async def test_u2028_inside_a_custom_id_does_not_split_the_line():
+    objs = [request_line(0), {**request_line(1), "custom_id": "a\u2028b\u2029c\x85d"}]
+    r = await _validate(_lines(objs))
+    assert r.ok and r.total == 2
+
+
+async def test_duplicates_are_reported_with_other_errors_in_one_pass():
+    objs = [request_line(0), request_line(1), request_line(0)]
+    data = _lines(objs[:2]) + b"{not json\n" + _lines(objs[2:])
+    r = await _validate(data)
+    assert [(e["code"], e["line"]) for e in r.errors] == [("invalid_json_line", 3), ("duplicate_custom_id", 4)]
+
+
+async def test_json_error_names_the_line_and_column_not_an_offset():
+    data = _lines([request_line(0), request_line(1)]) + b'{"custom_id": oops}\n'
+    r = await _validate(data)
+    (e,) = r.errors
+    assert e["line"] == 3 and e["param"] is None
+    assert e["message"].startswith("Line 3 is not valid JSON at column 15")
+    assert "(char " not in e["message"]

@@ -184,3 +184,13 @@ def test_file_expires_after(client):
 def test_server_stays_up_after_bad_input(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     assert client.batches.list().object == "list"
+
+
+def test_bom_trailing_blank_lines_and_u2028_run_to_completion(client, tmp_path):
+    first = json.dumps(request_line(0, custom_id="a\u2028b"), ensure_ascii=False).encode()
+    lines = [b"\xef\xbb\xbf" + first, json.dumps(request_line(1)), b"", b"  \r"]
+    b = run_lines(client, tmp_path, lines)
+    assert b.status == "completed", b.errors
+    assert b.request_counts.total == 2 and b.request_counts.completed == 2
+    out = [json.loads(x) for x in client.files.content(b.output_file_id).content.splitlines() if x]
+    assert sorted(r["custom_id"] for r in out) == sorted(["a\u2028b", "req-1"])

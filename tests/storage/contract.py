@@ -92,6 +92,15 @@ class StorageContract(WriterStateContract):
         await storage.put_bytes("lines2.jsonl", b"one\ntwo\n")
         assert await _lines(storage, "lines2.jsonl") == [(1, b"one"), (2, b"two")]
 
+    async def test_read_lines_skips_a_bom_and_trailing_blank_lines_and_splits_on_newline_only(
+        self, storage: Storage
+    ) -> None:
+        data = b"\xef\xbb\xbf" + 'one \u2028 \u2029 \x85 x\n\n two\n \r\n\n'.encode()
+        await storage.put_bytes("lenient.jsonl", data)
+        assert await _lines(storage, "lenient.jsonl") == [
+            (1, "one \u2028 \u2029 \x85 x".encode()), (2, b""), (3, b" two")
+        ]
+
     async def test_read_lines_joins_a_line_spanning_chunks(self, storage: Storage) -> None:
         # The default read chunk is 1 MiB; a 3 MiB line crosses several chunk borders.
         long_line = b"x" * (3 * 1024 * 1024 + 17)

@@ -73,6 +73,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            # FastAPI's loc is a character offset; name the line and column instead.
+            doc = exc.body if isinstance(exc.body, str) else ""
+            pos = first["loc"][-1] if isinstance(first["loc"][-1], int) else 0
+            line = doc.count("\n", 0, pos) + 1
+            col = pos - (doc.rfind("\n", 0, pos) + 1) + 1
+            reason = (first.get("ctx") or {}).get("error") or "invalid JSON"
+            return error_response(
+                400, f"The request body is not valid JSON: {reason} at line {line}, column {col}.",
+                code="invalid_json", line=line,
+            )
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
         msg = first.get("msg", "Invalid request")

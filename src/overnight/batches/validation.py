@@ -63,7 +63,9 @@ def check_line(raw: bytes, lineno: int, endpoint: str) -> tuple[dict[str, Any] |
             raw.decode("utf-8")
         except UnicodeDecodeError:
             return None, _err("invalid_encoding", f"Line {lineno} is not valid UTF-8.", lineno)
-        return None, _err("invalid_json_line", f"Line {lineno} is not valid JSON: {exc}.", lineno)
+        return None, _err(
+            "invalid_json_line", f"Line {lineno} is not valid JSON at column {exc.colno}: {exc.msg}.", lineno
+        )
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         return None, _err("invalid_json_line", f"Line {lineno} must be a JSON object, got {kind}.", lineno)
@@ -124,12 +126,14 @@ async def validate_input(
         return result
     hashes = array("Q")
     lines = 0
+    stopped = False  # hit an error cap: the file was not read to the end
     async for lineno, raw in storage.read_lines(key):
         lines = lineno
         obj, error = check_line(raw, lineno, endpoint)
         if error is not None:
             result.errors.append(error)
             if len(result.errors) >= MAX_REPORTED_ERRORS:
+                stopped = True
                 break
             continue
         assert obj is not None
@@ -146,6 +150,9 @@ async def validate_input(
                     "body.model",
                 )
             )
+            if len(result.errors) >= MAX_REPORTED_ERRORS:
+                stopped = True
+                break
         hashes.append(_id_hash(obj["custom_id"]))
         if lineno > limits.max_requests:
             result.errors.append(
@@ -155,12 +162,17 @@ async def validate_input(
                     lineno,
                 )
             )
+            stopped = True
             break
     if lines == 0:
         result.errors.append(_err("empty_file", "The input file is empty; it must contain at least one request."))
     result.total = lines
-    if not result.errors:
-        result.errors.extend(await _duplicate_errors(storage, key, hashes))
+    if not stopped:
+        # Duplicates are reported with the other errors, not only once those are fixed.
+        dups = await _duplicate_errors(storage, key, hashes)
+        if dups:
+            merged = sorted(result.errors + dups, key=lambda e: e["line"] or 0)
+            result.errors = merged[:MAX_REPORTED_ERRORS]
     return result
 
 
@@ -178,8 +190,12 @@ async def _duplicate_errors(storage: Storage, key: str, hashes: array) -> list[d
     first_line: dict[str, int] = {}
     errors: list[dict[str, Any]] = []
     async for lineno, raw in storage.read_lines(key):
-        cid = orjson.loads(raw)["custom_id"]
-        if _id_hash(cid) not in suspects:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue  # reported by the first pass
+        cid = obj.get("custom_id") if isinstance(obj, dict) else None
+        if not isinstance(cid, str) or _id_hash(cid) not in suspects:
             continue
         if cid in first_line:
             errors.append(

@@ -10,6 +10,8 @@ from overnight.defaults import READ_CHUNK_BYTES
 
 __all__ = ["Storage", "StorageWriter"]
 
+_BOM = b"\xef\xbb\xbf"
+
 
 class StorageWriter(abc.ABC):
     """Receives an object's bytes in order. The object becomes visible only when
@@ -74,12 +76,30 @@ class Storage(abc.ABC):
 
     # -- helpers built on the core -----------------------------------------
     async def read_lines(self, key: str) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield ``(1-based line number, line bytes without the newline)``.
-
-        A line may span many chunks; it is assembled with one join, so a 10 MB line
-        costs 10 MB once, never quadratic copies. A final line without a newline
-        is yielded too.
+        """Yield ``(1-based line number, line bytes without the newline)`` of a JSONL
+        object, leniently where that is harmless: a leading UTF-8 BOM is skipped and
+        trailing blank (whitespace-only) lines are dropped. A blank line followed by
+        more content is yielded, as ``b""``. Lines split on ``\\n`` only, never on
+        U+2028 or other Unicode separators. A final line without a newline is
+        yielded too.
         """
+        blank_from, blanks = 0, 0
+        async for lineno, raw in self._split_lines(key):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if not raw.strip():
+                if not blanks:
+                    blank_from = lineno
+                blanks += 1  # a count, not a list: memory stays flat
+                continue
+            for n in range(blank_from, blank_from + blanks):
+                yield n, b""
+            blanks = 0
+            yield lineno, raw
+
+    async def _split_lines(self, key: str) -> AsyncIterator[tuple[int, bytes]]:
+        # A line may span many chunks; it is assembled with one join, so a 10 MB
+        # line costs 10 MB once, never quadratic copies.
         parts: list[bytes] = []
         lineno = 0
         async for chunk in self.read(key):
