@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from overnight.errors import GpusBusy, OvernightError, RuntimeStartError
 from overnight.runtimes import runtime_class
 from overnight.runtimes.gpus import GpuPool
-from overnight.runtimes.local import ID_ENV, OWNER_ENV, LocalRuntime, LocalSpec
+from overnight.runtimes.local import ID_ENV, OWNER_ENV, LocalRuntime, LocalSpec, _log_name, read_tail
 
 HERE = Path(__file__).parent
 FAKE = str(HERE / "fake_engine.py")
@@ -163,6 +163,25 @@ async def test_ready_timeout_quotes_the_log(runtime: LocalRuntime) -> None:
     # wait_ready leaves the engine to the caller's release.
     assert await runtime.alive(handle)
     await runtime.release(handle)
+
+
+async def test_a_503_health_is_not_ready(runtime: LocalRuntime) -> None:
+    # SGLang answers /health with 503 while it warms up.
+    handle = await runtime.acquire(fake("--health-status", "503"), owner="b_503")
+    try:
+        with pytest.raises(RuntimeStartError, match="not ready within 1 s"):
+            await runtime.wait_ready(handle, timeout_s=1)
+    finally:
+        await runtime.release(handle)
+
+
+def test_logs_are_per_owner_and_tails_are_bounded(tmp_path: Path) -> None:
+    assert _log_name("batch_abc") == "batch_abc.log"
+    assert _log_name("tenant/a") != _log_name("tenant_a") != _log_name("tenant:a")
+    log = tmp_path / "x.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100_000)))
+    assert read_tail(log, 3) == "line 99997\nline 99998\nline 99999"
+    assert read_tail(tmp_path / "missing.log", 3) == ""
 
 
 async def test_engine_exiting_at_start_names_code_and_log(runtime: LocalRuntime) -> None:

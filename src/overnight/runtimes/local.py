@@ -282,6 +282,7 @@ class LocalRuntime:
             "port": port,
             "url": f"http://{HOST}:{port}",
             "health_endpoint": spec.health_endpoint,
+            "ready_timeout_seconds": spec.ready_timeout_seconds,
             "log_path": str(log_path),
             "gpus": gpus,
             "host": self.hostname,
@@ -362,7 +363,8 @@ class LocalRuntime:
                         f"last lines of {handle['log_path']}:\n{self.log_tail(handle, ERROR_TAIL_LINES)}"
                     )
                 await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * 1.5, 0.5)
+                # Capped low: the poll interval adds to every batch's time to first request.
+                delay = min(delay * 1.5, 0.25)
         finally:
             await pool.aclose()
         self._adopt(handle)
