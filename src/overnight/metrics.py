@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["SchedulerCollector", "build_registry", "render"]
@@ -22,30 +22,29 @@ class SchedulerCollector(Collector):
         self.scheduler = scheduler
 
     def collect(self) -> Iterator[Any]:
+        # Replica-wide sums only: batch and tenant ids are other tenants' business
+        # and unbounded label values (``/metrics`` may be served without a key).
         runners = dict(self.scheduler.runners)
         running = GaugeMetricFamily("overnight_batches_running", "Batches this replica is executing.")
         running.add_metric([], len(runners))
         yield running
-        inflight = GaugeMetricFamily(
-            "overnight_batch_requests_inflight", "Requests of a batch on the wire now.", labels=["batch_id"]
-        )
-        peak = GaugeMetricFamily(
-            "overnight_batch_requests_inflight_max", "Most requests a batch had in flight.", labels=["batch_id"]
-        )
-        overloads = CounterMetricFamily(
-            "overnight_batch_engine_overloads", "Overload signals (429/503/timeouts) seen by a batch.",
-            labels=["batch_id"],
-        )
-        for batch_id, runner in runners.items():
+        inflight = overloads = 0
+        for runner in runners.values():
             share = getattr(runner, "limiter", None)
             if share is None:
                 continue
-            inflight.add_metric([batch_id], getattr(share, "inflight", 0))
-            peak.add_metric([batch_id], getattr(share, "max_inflight_seen", 0))
-            overloads.add_metric([batch_id], getattr(share, "overloads", 0))
-        yield inflight
-        yield peak
-        yield overloads
+            inflight += getattr(share, "inflight", 0)
+            overloads += getattr(share, "overloads", 0)
+        g = GaugeMetricFamily("overnight_requests_inflight", "Requests of running batches on the wire now.")
+        g.add_metric([], inflight)
+        yield g
+        # A gauge, not a counter: the sum drops when a batch finishes.
+        o = GaugeMetricFamily(
+            "overnight_running_batches_engine_overloads",
+            "Overload signals (429/503/timeouts) seen so far by the batches running now.",
+        )
+        o.add_metric([], overloads)
+        yield o
 
 
 class EngineCollector(Collector):

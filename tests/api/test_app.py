@@ -60,3 +60,23 @@ async def test_metrics_exposition(app):
     assert r.status_code == 200
     names = {f.name for f in text_string_to_metric_families(r.text)}
     assert "overnight_batches_running" in names and "process_cpu_seconds" in names
+
+
+async def test_metrics_carry_no_batch_or_tenant_ids(app):
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    share = SimpleNamespace(inflight=3, max_inflight_seen=7, overloads=2)
+    app.state.scheduler.runners["batch_secret123"] = SimpleNamespace(limiter=share)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            r = await c.get("/metrics")
+    finally:
+        del app.state.scheduler.runners["batch_secret123"]
+    assert "batch_secret123" not in r.text and "alice" not in r.text
+    fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert fams["overnight_requests_inflight"].samples[0].value == 3
+    assert fams["overnight_running_batches_engine_overloads"].samples[0].value == 2
+    labels = {k for f in fams.values() if f.name.startswith("overnight_") for s in f.samples for k in s.labels}
+    assert labels <= {"engine", "mode"}
