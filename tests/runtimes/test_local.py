@@ -222,6 +222,19 @@ async def test_release_kills_grandchildren(runtime: LocalRuntime, installation: 
     assert not marked(installation + "/")
 
 
+async def test_sigterm_to_the_guard_stops_the_group(runtime: LocalRuntime) -> None:
+    handle = await runtime.acquire(fake("--child"), owner="b_term")
+    await runtime.wait_ready(handle, timeout_s=20)
+    os.kill(handle["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while await runtime.alive(handle) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not await runtime.alive(handle)
+    assert wait_until(lambda: group_pids(handle["pgid"]) == [], 2)
+    assert "stopping the engine (SIGTERM)" in runtime.log_tail(handle)
+    await runtime.release(handle)
+
+
 async def test_release_escalates_to_sigkill(runtime: LocalRuntime, installation: str) -> None:
     handle = await runtime.acquire(fake("--child", "--ignore-term", stop_grace_seconds=0.5), owner="b_stubborn")
     await runtime.wait_ready(handle, timeout_s=20)
