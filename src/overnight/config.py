@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     allowed_endpoints: str | None = None
     #: Fernet key(s), comma-separated (first encrypts), for secrets stored in records.
     secret_key: str | None = None
+    #: Directory of model deployment template and profile YAML files (docs/templates.md).
+    templates_dir: Path | None = None
 
     model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
 

@@ -13,6 +13,7 @@ import typer
 
 from overnight import __version__
 from overnight.cli.db import db_app
+from overnight.cli.templates import templates_app
 from overnight.config import Settings
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
+app.add_typer(templates_app, name="templates", help="Model deployment templates and profiles: list, show, validate.")
 
 
 def _print_version(value: bool) -> None:
