@@ -81,7 +81,8 @@ def test_parse_completion_window(window, seconds):
     assert service.parse_completion_window(window) == seconds
 
 
-@pytest.mark.parametrize("window", ["", "24", "h", "-1h", "31d", "1.5h", "0s"])
+@pytest.mark.parametrize("window", ["", "24", "h", "-1h", "31d", "1.5h", "0s", " 24h", "24 h", "24h ", "24h\n",
+                                    "\uff12\uff14h", "\u0662\u0664h", "24H"])
 def test_bad_completion_window(window):
     with pytest.raises(InvalidRequestError):
         service.parse_completion_window(window)
@@ -90,3 +91,14 @@ def test_bad_completion_window(window):
 def test_extension_normalizes_runtime():
     opts = service.parse_extension({"runtime": {"endpoint": "http://e:1/"}, "priority": 3})
     assert opts == {"runtime": {"type": "endpoint", "endpoint": "http://e:1", "api_key": None}, "priority": 3}
+
+
+async def test_one_second_window_lasts_a_second_not_the_rest_of_one(env, monkeypatch):
+    store, storage, f = env
+    monkeypatch.setattr(service.time, "time", lambda: 1000.6)
+    body = service.BatchCreate(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="1s")
+    b = await service.create_batch(store=store, storage=storage, tenant="t", body=body, limits=LIMITS)
+    assert (b.created_at, b.expires_at) == (1000, 1001)  # the API keeps integer epoch seconds
+    assert b.deadline == pytest.approx(1001.6)
+    stored = await store.get_batch(b.id)
+    assert stored is not None and stored.deadline == pytest.approx(1001.6)

@@ -194,3 +194,18 @@ def test_bom_trailing_blank_lines_and_u2028_run_to_completion(client, tmp_path):
     assert b.request_counts.total == 2 and b.request_counts.completed == 2
     out = [json.loads(x) for x in client.files.content(b.output_file_id).content.splitlines() if x]
     assert sorted(r["custom_id"] for r in out) == sorted(["a\u2028b", "req-1"])
+
+
+def test_one_second_window_is_not_cut_short_by_whole_second_timestamps(client, tmp_path):
+    import time
+
+    path = write_lines(tmp_path / "slow.jsonl", [request_line(0, content="[[mock:sleep_ms=5000]]")])
+    with path.open("rb") as f:
+        fobj = client.files.create(file=f, purpose="batch")
+    while time.time() % 1 < 0.8:  # late in a second: whole-second deadlines would leave < 0.2 s
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    b = client.batches.create(input_file_id=fobj.id, endpoint="/v1/chat/completions", completion_window="1s")
+    b = wait_status(client, b.id, timeout_s=30)
+    assert b.status == "expired", b
+    assert time.monotonic() - t0 >= 0.95

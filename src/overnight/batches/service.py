@@ -51,7 +51,9 @@ EXTENSION_FIELDS = frozenset({"runtime", "max_concurrency", "priority", "job_id"
 RUNTIME_FIELDS = frozenset({"endpoint", "api_key", "type"})
 #: Where a runtime's api_key lives in a stored record: encrypted, never in plain text.
 SEALED_API_KEY = "api_key_sealed"
-_WINDOW_RE = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+#: ASCII digits then a unit, nothing else: ``\d`` would admit other scripts' digits
+#: (``２４h``) and ``$`` a trailing newline.
+_WINDOW_RE = re.compile(r"([0-9]+)([smhd])", re.ASCII)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: A batch window between one second and thirty days.
 MAX_WINDOW_S = 30 * 86400
@@ -79,7 +81,7 @@ class BatchCreate:
 
 def parse_completion_window(window: str) -> int:
     """``24h``, ``90s``, ``10m``, ``2d`` -> seconds."""
-    m = _WINDOW_RE.match(window) if isinstance(window, str) else None
+    m = _WINDOW_RE.fullmatch(window) if isinstance(window, str) else None
     if not m:
         raise InvalidRequestError(
             f"Invalid completion_window {window!r}: use a duration such as '24h', '90s', '10m' or '2d'.",
@@ -228,7 +230,8 @@ async def create_batch(
             e = result.errors[0]
             raise InputError(e["message"], line=e.get("line"), param=e.get("param"), code=e["code"])
         total, model = result.total, result.model
-    now = int(time.time())
+    t = time.time()
+    now = int(t)
     rec = BatchRecord(
         id=new_id("batch"),
         tenant=tenant,
@@ -239,6 +242,7 @@ async def create_batch(
         status=BatchStatus.VALIDATING.value,
         created_at=now,
         expires_at=now + window_s,
+        expires_at_exact=t + window_s,
         metadata=metadata,
         model=model,
         total=total,

@@ -143,7 +143,7 @@ class BatchRunner:
                 return
             if now - max(h.unreachable_since, started) >= cfg.engine_yield_after_s:
                 not_before = min(now + cfg.engine_recheck_s, h.unreachable_since + cfg.engine_unreachable_timeout_s,
-                                 float(self.batch.expires_at))
+                                 self.batch.deadline)
                 self.yield_slot(f"its engine {h.url} is unreachable; back in {not_before - now:.0f} s",
                                 not_before=not_before)
                 return
@@ -257,7 +257,7 @@ class BatchRunner:
             if e.get("state") == "unreachable" and e.get("unreachable_since"):
                 self.health.adopt(float(e["unreachable_since"]), e.get("last_error"))
         share = capacity.join(
-            name=b.id, cap=cap, priority=int(b.options.get("priority") or 0), deadline=float(b.expires_at),
+            name=b.id, cap=cap, priority=int(b.options.get("priority") or 0), deadline=b.deadline,
             window_s=float(b.completion_window_s), remaining=spool.cp.done.missing(),
             floor=floor, yield_to_others=bool(opts.get("yield_to_others")),
         )
@@ -291,7 +291,7 @@ class BatchRunner:
             endpoint=b.endpoint,
             input_key=storage_key_for(b.input_file_id),
             batch_suffix=b.id.split("_", 1)[1],
-            deadline=float(b.expires_at),
+            deadline=b.deadline,
             checkpoint_interval_s=self.cfg.checkpoint_interval_s,
             persist=persist,
         )

@@ -40,6 +40,9 @@ class BatchRecord:
     status: str
     created_at: int
     expires_at: int
+    #: The deadline to the sub-second (``expires_at``, the API's integer epoch
+    #: seconds, is its floor): a ``1s`` window lasts a second, not what is left of one.
+    expires_at_exact: float | None = None
     metadata: dict[str, str] | None = None
     model: str | None = None
     output_file_id: str | None = None
@@ -77,6 +80,12 @@ class BatchRecord:
     lease_owner: str | None = None
     lease_expires_at: float = 0.0
     lease_token: int = 0
+
+    @property
+    def deadline(self) -> float:
+        """When the completion window ends (records made before ``expires_at_exact``
+        existed fall back to ``expires_at``)."""
+        return self.expires_at_exact if self.expires_at_exact is not None else float(self.expires_at)
 
 
 def record_to_doc(rec: FileRecord | BatchRecord) -> dict[str, Any]:
