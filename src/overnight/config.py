@@ -86,6 +86,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
 
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _check_allowed_endpoints(cls, v: str | None) -> str | None:
+        if v is not None:
+            from overnight.runtimes.egress import EndpointPolicy
+
+            EndpointPolicy(v)  # a bad entry is a ValueError naming it, at start
+        return v
+
     @field_validator("engine_url")
     @classmethod
     def _strip_slash(cls, v: str | None) -> str | None:

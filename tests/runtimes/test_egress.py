@@ -111,3 +111,13 @@ def test_none_refuses_every_tenant_endpoint_and_bad_entries_are_reported() -> No
         EndpointPolicy("10.0.0.0/99")
     with pytest.raises(ValueError, match="entry"):
         EndpointPolicy("http://[::1")
+
+
+def test_a_bad_allowlist_setting_stops_the_server_at_start() -> None:
+    from pydantic import ValidationError
+
+    from overnight.config import Settings
+
+    with pytest.raises(ValidationError, match="10.0.0.0/99"):
+        Settings(allowed_endpoints="10.0.0.0/99")
+    assert Settings(allowed_endpoints="*, 10.0.0.0/8").allowed_endpoints
