@@ -166,6 +166,11 @@ def test_key_is_stable_and_tells_engines_apart(source) -> None:  # type: ignore[
     # Overrides that change nothing resolve to the same engine.
     same = resolve(source, {"name": "llama", "overrides": {"engine_args": {"max_num_seqs": 64}}}, {"name": "gpu-box"})
     assert same.key() == a.key()
+    # Deprecating the version changes the catalog, not the engine.
+    f = source.directory / "t.yaml"
+    f.write_text(f.read_text().replace('name: llama\nversion: "1.0"\nstatus: active', 'name: llama\nversion: "1.0"\nstatus: deprecated'))
+    deprecated = resolve(source, {"name": "llama", "version": "1.0"}, {"name": "gpu-box"})
+    assert deprecated.template.status == "deprecated" and deprecated.key() == a.key()
 
 
 def test_from_record_names_the_bad_field() -> None:

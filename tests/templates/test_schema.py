@@ -159,6 +159,9 @@ def test_a_good_profile_with_kubernetes_spellings() -> None:
     ("/data/models/llama-3.1-8b", False),
     ("meta-llama/Llama-3.1-8B-Instruct", False),
     ("nvidia.com/gpu", False),
+    ("q8Xk2Lm9Pz4Rt7Wv3Ny6", True),
+    ('{"architectures":["Qwen2VLForConditionalGeneration"]}', False),
+    ("/templates/Llama3ChatTemplate2024v1.jinja", False),
 ])
 def test_looks_like_secret(value: str, secret: bool) -> None:
     assert looks_like_secret(value) is secret

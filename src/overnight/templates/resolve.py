@@ -204,7 +204,10 @@ class Resolved:
     def __init__(self, record: Mapping[str, Any]) -> None:
         # Private: use resolve() or from_record().
         self._json = _canonical(record)
-        body = {"template": record["template"], "profile": record["profile"]}
+        # ``status`` labels the catalog entry, not the engine: deprecating a version
+        # must not split the batches that share its engine.
+        template = {k: v for k, v in record["template"].items() if k != "status"}
+        body = {"template": template, "profile": record["profile"]}
         self._key = hashlib.sha256(_canonical(body).encode()).hexdigest()[:32]
         self._keep = float(record["keep_alive_seconds"])
         self.template: ModelDeploymentTemplate = parse_template(record["template"], where="record: template")
@@ -240,7 +243,8 @@ class Resolved:
         return self._keep
 
     def key(self) -> str:
-        """Same for every batch resolving to the same template and profile."""
+        """Same for every batch resolving to the same template and profile
+        (``status`` aside); what engine reuse goes by."""
         return self._key
 
     def summary(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ __all__ = [
     "looks_like_secret",
     "parse_profile",
     "parse_template",
+    "validation_issues",
 ]
 
 #: Engine types overnight derives a command for; any other type needs ``spec.engine.command``.
@@ -89,14 +90,23 @@ _SECRET_PREFIX = re.compile(r"^(hf_|sk-|sk_|ghp_|gho_|ghs_|github_pat_|glpat-|xo
 _HARMLESS = {"", "0", "1", "true", "false", "yes", "no", "on", "off", "none", "auto"}
 
 
+def _class(c: str) -> int:
+    return 0 if c.islower() else 1 if c.isupper() else 2
+
+
 def looks_like_secret(value: str) -> bool:
     """A heuristic for credentials written where only references belong: a known
-    token prefix, or a long unbroken run of mixed-case letters and digits (names,
-    paths and model ids break every few characters at '-', '.', '/' or '_')."""
+    token prefix, or a long unbroken run of letters and digits that switches
+    between lower case, upper case and digits as often as random text does (a
+    CamelCase name such as ``Qwen2VLForConditionalGeneration`` switches at word
+    boundaries only; names, paths and model ids also break at '-', '.', '/')."""
     if _SECRET_PREFIX.match(value) and len(value) >= 12:
         return True
-    for run in re.findall(r"[A-Za-z0-9]{12,}", value):
-        if re.search(r"[a-z]", run) and re.search(r"[A-Z]", run) and re.search(r"[0-9]", run):
+    for run in re.findall(r"[A-Za-z0-9]{16,}", value):
+        if len({_class(c) for c in run}) < 3:
+            continue
+        switches = sum(_class(a) != _class(b) for a, b in zip(run, run[1:], strict=False))
+        if switches / (len(run) - 1) >= 0.45:
             return True
     return False
 

@@ -60,6 +60,7 @@ __all__ = [
     "TemplateNotFound",
     "TemplateSource",
     "TemplateSourceError",
+    "load_file",
     "load_text",
     "version_key",
 ]
