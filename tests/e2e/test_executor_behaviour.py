@@ -88,3 +88,77 @@ def test_a_million_line_batch_runs_with_the_limit_raised_in_flat_memory(cluster,
                 assert json.loads(line)["response"]["status_code"] == 200
                 seen += 1
     assert seen == n
+
+
+def _max_running_within(engine_url: str, seconds: float) -> int:
+    seen = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen = max(seen, mock_stats(engine_url)["running"])
+        time.sleep(0.02)
+    return seen
+
+
+def test_a_fixed_concurrency_is_exactly_what_the_engine_sees(cluster, tmp_path):
+    engine = cluster.mock_engine("--latency-ms", "20")
+    server = cluster.server(engine_url=engine.url)
+    client, b = _run(server, tmp_path, 400, concurrency=7)
+    b = wait_status(client, b.id, timeout_s=60)
+    assert b.status == "completed"
+    # Adaptive would start at 32 and grow on a flat-latency engine; fixed is 7, no more.
+    assert mock_stats(engine.url)["max_running_seen"] == 7
+
+
+def test_a_concurrency_floor_holds_from_the_first_request(cluster, tmp_path):
+    engine = cluster.mock_engine("--latency-ms", "200")
+    # The adaptive limit starts at 1 here and measures each level for a while.
+    server = cluster.server(engine_url=engine.url, env={"OVERNIGHT_INITIAL_CONCURRENCY": "1"})
+    client, b = _run(server, tmp_path, 200, min_concurrency=12)
+    wait_status(client, b.id, {"in_progress", "completed"}, timeout_s=30)
+    assert _max_running_within(engine.url, 1.0) >= 12
+    assert wait_status(client, b.id, timeout_s=60).status == "completed"
+
+
+def test_bad_concurrency_settings_are_a_400_naming_the_field(cluster, tmp_path):
+    import openai
+
+    engine = cluster.mock_engine("--latency-ms", "0")
+    server = cluster.server(engine_url=engine.url)
+    client = client_for(server.url)
+    with make_input_file(tmp_path / "in.jsonl", 3).open("rb") as f:
+        fobj = client.files.create(file=f, purpose="batch")
+    for ext, param in (
+        ({"concurrency": 0}, "overnight.concurrency"),
+        ({"concurrency": 4, "max_concurrency": 8}, "overnight.concurrency"),
+        ({"min_concurrency": 9, "max_concurrency": 8}, "overnight.min_concurrency"),
+        ({"yield_to_others": "yes"}, "overnight.yield_to_others"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.batches.create(input_file_id=fobj.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", extra_body={"overnight": ext})
+        assert info.value.body["param"] == param, ext
+
+
+def test_a_batching_engine_is_kept_full_and_the_batch_shows_its_concurrency(cluster, tmp_path):
+    engine = cluster.mock_engine("--batching", "knee-16")
+    server = cluster.server(engine_url=engine.url)
+    client, b = _run(server, tmp_path, 1200)
+    running: list[int] = []
+    shown = None
+    while True:
+        b = client.batches.retrieve(b.id)
+        if b.status in ("completed", "failed", "expired", "cancelled"):
+            break
+        extra = (b.model_extra or {}).get("overnight") or {}
+        if extra.get("concurrency"):
+            shown = extra["concurrency"]
+            running.append(mock_stats(engine.url)["running"])
+        time.sleep(0.05)
+    assert b.status == "completed" and b.request_counts.completed == 1200
+    assert shown is not None and shown["limit"] >= 1 and shown["mode"] in ("startup", "cruise", "probe_up",
+                                                                             "probe_down")
+    # The engine runs 16 at once at most; it should be full most of the time
+    # (the old latency-driven law let it sink to a few).
+    assert statistics.median(running) >= 14, running
+    metrics = httpx.get(server.url + "/metrics", timeout=5).text
+    assert 'overnight_engine_concurrency_limit{engine="default"}' in metrics

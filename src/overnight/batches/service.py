@@ -47,7 +47,9 @@ __all__ = [
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 EXTENSION_KEYS = ("overnight", "aibrix")
-EXTENSION_FIELDS = frozenset({"runtime", "max_concurrency", "priority", "job_id"})
+EXTENSION_FIELDS = frozenset(
+    {"runtime", "max_concurrency", "min_concurrency", "concurrency", "yield_to_others", "priority", "job_id"}
+)
 RUNTIME_FIELDS = frozenset({"endpoint", "api_key", "type"})
 #: Where a runtime's api_key lives in a stored record: encrypted, never in plain text.
 SEALED_API_KEY = "api_key_sealed"
@@ -166,6 +168,29 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
                 param=f"{key}.max_concurrency",
             )
         out["max_concurrency"] = mc
+    for name in ("min_concurrency", "concurrency"):
+        v = ext.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_EXTENSION_CONCURRENCY:
+            raise InvalidRequestError(
+                f"'{key}.{name}' must be an integer from 1 to {MAX_EXTENSION_CONCURRENCY}.", param=f"{key}.{name}"
+            )
+        out[name] = v
+    if "concurrency" in out and ("min_concurrency" in out or "max_concurrency" in out):
+        raise InvalidRequestError(
+            f"'{key}.concurrency' fixes the number in flight; it cannot be combined with min_concurrency or "
+            "max_concurrency.", param=f"{key}.concurrency",
+        )
+    if out.get("min_concurrency", 0) > out.get("max_concurrency", MAX_EXTENSION_CONCURRENCY):
+        raise InvalidRequestError(
+            f"'{key}.min_concurrency' ({out['min_concurrency']}) is above max_concurrency ({out['max_concurrency']}).",
+            param=f"{key}.min_concurrency",
+        )
+    if ext.get("yield_to_others") is not None:
+        if not isinstance(ext["yield_to_others"], bool):
+            raise InvalidRequestError(f"'{key}.yield_to_others' must be true or false.", param=f"{key}.yield_to_others")
+        out["yield_to_others"] = ext["yield_to_others"]
     if ext.get("priority") is not None:
         pr = ext["priority"]
         if not isinstance(pr, int) or isinstance(pr, bool) or not 0 <= pr <= 100:

@@ -7,6 +7,7 @@ make sure each batch has one executor at a time.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import contextlib
 import logging
 import time
@@ -100,6 +101,16 @@ class EnginePool:
         self._health: dict[str, EngineHealth] = {}
         self._capacities: dict[str, EngineCapacity] = {}
         self._probes: dict[str, MetricsProbe] = {}
+
+    def capacities(self) -> dict[str, EngineCapacity]:
+        """Each engine's shared capacity, by a label that does not reveal tenants'
+        URLs: ``default`` for the server's own engine, a short hash otherwise."""
+        default = engine_base_url(self.default_url) if self.default_url else None
+        out: dict[str, EngineCapacity] = {}
+        for url, cap in list(self._capacities.items()):
+            label = "default" if url == default else "engine-" + hashlib.sha256(url.encode()).hexdigest()[:8]
+            out[label] = cap
+        return out
 
     def configure(self, *, limits: ConcurrencyLimits | None = None, gates: tuple[Gate, ...] | None = None) -> None:
         """Set the engine-level limits and shared gates (before the first batch runs)."""
@@ -197,7 +208,7 @@ class EnginePool:
             if get is not None and self.metrics_poll_s > 0:
                 probe = MetricsProbe(
                     get, cap.limit, active=lambda: bool(cap.shares), inflight=lambda: cap.inflight,
-                    interval_s=self.metrics_poll_s,
+                    interval_s=self.metrics_poll_s, sink=cap.on_metrics,
                 )
                 probe.start()
                 self._probes[key] = probe
@@ -240,7 +251,8 @@ class Scheduler:
         # global cap; each batch is bounded by its own cap on top of it.
         engines.configure(
             limits=ConcurrencyLimits(
-                initial=c.initial, min=c.min, max=max(global_concurrency, 1), backoff_ratio=c.backoff_ratio
+                initial=c.initial, min=c.min, max=c.max if c.fixed else max(global_concurrency, 1),
+                backoff_ratio=c.backoff_ratio, fixed=c.fixed,
             ),
             gates=(self.global_gate,),
         )
