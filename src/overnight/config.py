@@ -104,12 +104,14 @@ class Settings(BaseSettings):
 
     def concurrency_limits(self) -> ConcurrencyLimits:
         """The per-engine concurrency bounds these settings ask for."""
+        # An outage pauses sends with the same backoff as a retried request.
+        backoff = {"outage_backoff_base_s": self.backoff_base_s, "outage_backoff_max_s": self.backoff_max_s}
         if self.concurrency:
             n = max(1, self.concurrency)
-            return ConcurrencyLimits(initial=n, min=n, max=n, fixed=True)
+            return ConcurrencyLimits(initial=n, min=n, max=n, fixed=True, **backoff)
         top = max(1, self.max_concurrency_per_batch)
         low = min(max(1, self.min_concurrency), top)
-        return ConcurrencyLimits(initial=min(max(self.initial_concurrency, low), top), min=low, max=top)
+        return ConcurrencyLimits(initial=min(max(self.initial_concurrency, low), top), min=low, max=top, **backoff)
 
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{(self.data_dir / 'overnight.db').resolve()}"

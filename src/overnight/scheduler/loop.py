@@ -7,6 +7,7 @@ make sure each batch has one executor at a time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import contextlib
 import logging
@@ -250,10 +251,7 @@ class Scheduler:
         # The adaptive limit is per engine (shared by its batches), bounded by the
         # global cap; each batch is bounded by its own cap on top of it.
         engines.configure(
-            limits=ConcurrencyLimits(
-                initial=c.initial, min=c.min, max=c.max if c.fixed else max(global_concurrency, 1),
-                backoff_ratio=c.backoff_ratio, fixed=c.fixed,
-            ),
+            limits=dataclasses.replace(c, max=c.max if c.fixed else max(global_concurrency, 1)),
             gates=(self.global_gate,),
         )
         self.runners: dict[str, BatchRunner] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import logging
 import time
@@ -249,7 +250,7 @@ class BatchRunner:
         if capacity is None:
             c = self.cfg.concurrency
             capacity = EngineCapacity(
-                ConcurrencyLimits(initial=min(c.initial, cap), min=c.min, max=cap, backoff_ratio=c.backoff_ratio),
+                dataclasses.replace(c, initial=min(c.initial, cap), max=cap),
                 gates=self.gates,
             )
         if self.health is not None:
