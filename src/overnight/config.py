@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     #: Directory of model deployment template and profile YAML files (docs/templates.md).
     templates_dir: Path | None = None
+    #: Runtime types batches may ask for (``extra_body.overnight.runtime.type``).
+    runtimes: str = "endpoint,mock,local"
+    #: Runtime type for batches that name none (unset: the default engine, or
+    #: ``local`` for a batch with a model_template).
+    default_runtime: str | None = None
 
     model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
 
@@ -94,6 +99,22 @@ class Settings(BaseSettings):
 
             EndpointPolicy(v)  # a bad entry is a ValueError naming it, at start
         return v
+
+    @field_validator("runtimes")
+    @classmethod
+    def _check_runtimes(cls, v: str) -> str:
+        known = ("endpoint", "mock", "local")
+        for t in (x.strip() for x in v.split(",")):
+            if t and t not in known:
+                raise ValueError(f"unknown runtime type {t!r}; known: {', '.join(known)}")
+        return v
+
+    @field_validator("default_runtime")
+    @classmethod
+    def _check_default_runtime(cls, v: str | None) -> str | None:
+        if v and v not in ("endpoint", "mock", "local"):
+            raise ValueError(f"unknown runtime type {v!r}; known: endpoint, mock, local")
+        return v or None
 
     @field_validator("engine_url")
     @classmethod

@@ -87,6 +87,19 @@ def _overnight_section(rec: BatchRecord) -> dict[str, Any]:
         section["engine"] = rec.engine
     if rec.concurrency and rec.status in ("in_progress", "cancelling"):
         section["concurrency"] = rec.concurrency
+    rt = rec.options.get("runtime") or {}
+    if rt.get("type") and rt.get("type") != "endpoint":
+        view: dict[str, Any] = {"type": rt["type"]}
+        if rec.runtime:
+            handle = rec.runtime.get("handle") or {}
+            view.update({k: handle[k] for k in ("pid", "port", "gpus", "host") if k in handle})
+            view["restarts"] = rec.runtime.get("restarts", 0)
+        section["runtime"] = view
+    tpl = rec.options.get("template")
+    if tpl:
+        from overnight.templates.resolve import Resolved
+
+        section["model_template"] = Resolved.from_record(tpl).summary()
     if rec.not_before > time.time() and rec.status == "in_progress":
         section["waiting_until"] = int(rec.not_before)
     return {"overnight": section} if section else {}

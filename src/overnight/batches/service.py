@@ -48,9 +48,25 @@ __all__ = [
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 EXTENSION_KEYS = ("overnight", "aibrix")
 EXTENSION_FIELDS = frozenset(
-    {"runtime", "max_concurrency", "min_concurrency", "concurrency", "yield_to_others", "priority", "job_id"}
+    {"runtime", "max_concurrency", "min_concurrency", "concurrency", "yield_to_others", "priority", "job_id",
+     "model_template", "profile"}
 )
-RUNTIME_FIELDS = frozenset({"endpoint", "api_key", "type"})
+RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args"})
+#: Runtime types a batch may name (the server may allow fewer: ``RuntimeRules``).
+RUNTIME_TYPES = ("endpoint", "local", "mock")
+
+
+@dataclass(frozen=True)
+class RuntimeRules:
+    """What the server lets batches ask for: runtime types, the default type, the
+    template source and the host's GPUs (to refuse what can never run)."""
+
+    allowed: frozenset[str] = frozenset(RUNTIME_TYPES)
+    default: str | None = None
+    templates: Any = None  # TemplateSource
+    gpus: Any = None  # GpuPool
+    #: The server has its own engine (``--engine-url`` or the built-in mock).
+    default_engine: bool = True
 #: Where a runtime's api_key lives in a stored record: encrypted, never in plain text.
 SEALED_API_KEY = "api_key_sealed"
 #: ASCII digits then a unit, nothing else: ``\d`` would admit other scripts' digits
@@ -136,6 +152,7 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
             param=f"{key}.{unknown[0]}",
         )
     out: dict[str, Any] = {}
+    rt = None
     if "runtime" in ext and ext["runtime"] is not None:
         rt = ext["runtime"]
         if not isinstance(rt, dict):
@@ -144,10 +161,28 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
         if bad:
             raise InvalidRequestError(f"Unknown field '{key}.runtime.{bad[0]}'.", param=f"{key}.runtime.{bad[0]}")
         rtype = rt.get("type", "endpoint")
-        if rtype != "endpoint":
+        if rtype not in RUNTIME_TYPES:
             raise InvalidRequestError(
-                f"Unsupported runtime type {rtype!r}; supported: 'endpoint'.", param=f"{key}.runtime.type"
+                f"Unsupported runtime type {rtype!r}; supported: {', '.join(RUNTIME_TYPES)}.",
+                param=f"{key}.runtime.type",
             )
+        if rtype != "endpoint":
+            extra = sorted(set(rt) - {"type", "args"} if rtype == "mock" else set(rt) - {"type"})
+            if extra:
+                raise InvalidRequestError(
+                    f"'{key}.runtime.{extra[0]}' does not apply to runtime type {rtype!r}.",
+                    param=f"{key}.runtime.{extra[0]}",
+                )
+            args = rt.get("args") or []
+            if not isinstance(args, list) or not all(isinstance(a, str) and len(a) < 256 for a in args) \
+                    or len(args) > 64:
+                raise InvalidRequestError(f"'{key}.runtime.args' must be a list of strings (mock-engine flags).",
+                                          param=f"{key}.runtime.args")
+            out["runtime"] = {"type": rtype, **({"args": args} if args else {})}
+            rt = None
+    if rt is not None:
+        if "url" in rt and "endpoint" not in rt:
+            rt = {**rt, "endpoint": rt["url"]}
         try:
             endpoint = check_endpoint_url(rt.get("endpoint"))
         except EndpointRefused as exc:
@@ -160,6 +195,17 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
             if why:  # the value is a secret: never echo it
                 raise InvalidRequestError(f"'{key}.runtime.api_key' {why}.", param=f"{key}.runtime.api_key")
         out["runtime"] = {"type": "endpoint", "endpoint": endpoint, "api_key": api_key}
+    for name in ("model_template", "profile"):
+        ref = ext.get(name)
+        if ref is None:
+            continue
+        if isinstance(ref, str):
+            ref = {"name": ref}
+        if not isinstance(ref, dict) or not isinstance(ref.get("name"), str) or not ref["name"]:
+            raise InvalidRequestError(f"'{key}.{name}' must be an object with a 'name'.", param=f"{key}.{name}")
+        out[name] = ref
+    if "profile" in out and "model_template" not in out:
+        raise InvalidRequestError(f"'{key}.profile' needs a model_template.", param=f"{key}.profile")
     if ext.get("max_concurrency") is not None:
         mc = ext["max_concurrency"]
         if not isinstance(mc, int) or isinstance(mc, bool) or not 1 <= mc <= MAX_EXTENSION_CONCURRENCY:
@@ -216,6 +262,7 @@ async def create_batch(
     validate_now: bool = False,
     policy: EndpointPolicy | None = None,
     secrets: SecretBox | None = None,
+    rules: RuntimeRules | None = None,
 ) -> BatchRecord:
     """Create a batch in ``validating``. With ``validate_now`` the input is checked
     before anything is recorded and a bad line is an ``InputError`` (HTTP 400).
@@ -230,8 +277,9 @@ async def create_batch(
     window_s = parse_completion_window(body.completion_window)
     metadata = _check_metadata(body.metadata)
     options = parse_extension(body.extension, key=body.extension_key)
+    _apply_runtime_rules(options, rules or RuntimeRules(), key=body.extension_key, endpoint=body.endpoint)
     rt = options.get("runtime")
-    if rt is not None:
+    if rt is not None and rt.get("type", "endpoint") == "endpoint":
         await _check_runtime(rt, key=body.extension_key, policy=policy, secrets=secrets)
     out_exp = body.output_expires_after or {}
     if not isinstance(out_exp, dict):
@@ -276,6 +324,74 @@ async def create_batch(
     )
     await store.insert_batch(rec)
     return rec
+
+
+def _apply_runtime_rules(options: dict[str, Any], rules: RuntimeRules, *, key: str, endpoint: str) -> None:
+    """Resolve and freeze the batch's template and profile, pick its runtime type
+    and check that this server allows it and this host can ever run it."""
+    rt = options.get("runtime")
+    tref = options.pop("model_template", None)
+    pref = options.pop("profile", None)
+    if tref is not None:
+        if rules.templates is None:
+            raise InvalidRequestError(
+                "This server has no model deployment templates (start it with --templates-dir).",
+                param=f"{key}.model_template",
+            )
+        from overnight.templates.resolve import check_endpoint, resolve
+
+        resolved = resolve(rules.templates, tref, pref, template_param=f"{key}.model_template",
+                           profile_param=f"{key}.profile")
+        check_endpoint(resolved, endpoint)
+        if rt is None:
+            rt = options["runtime"] = {"type": rules.default if rules.default in ("local",) else "local"}
+        if rt.get("type") != "local":
+            raise InvalidRequestError(
+                f"A model_template is started by the 'local' runtime here, not {rt.get('type')!r}.",
+                param=f"{key}.runtime.type",
+            )
+        if rules.gpus is not None and resolved.gpus > rules.gpus.total:
+            raise InvalidRequestError(
+                f"Model template {resolved.name!r} needs {resolved.gpus} GPUs; this host has {rules.gpus.total}.",
+                param=f"{key}.model_template",
+            )
+        options["template"] = resolved.to_record()
+    elif rt is not None and rt.get("type") == "local":
+        raise InvalidRequestError(f"Runtime type 'local' needs a {key}.model_template to start.",
+                                  param=f"{key}.runtime.type")
+    if rt is None:
+        if rules.default and rules.default != "endpoint" and rules.default != "local":
+            rt = options["runtime"] = {"type": rules.default}
+        elif not rules.default_engine:
+            raise InvalidRequestError(
+                "No engine is configured: start the server with --engine-url, or pass "
+                f"extra_body={{'{key}': {{'runtime': {{'endpoint': URL}}}}}} or a model_template.",
+                param=f"{key}.runtime", code="no_engine",
+            )
+    kind = rt.get("type", "endpoint") if rt is not None else "endpoint"
+    if rt is not None and kind not in rules.allowed:
+        raise InvalidRequestError(
+            f"Runtime type {kind!r} is not enabled on this server (OVERNIGHT_RUNTIMES="
+            f"{','.join(sorted(rules.allowed))}).", param=f"{key}.runtime.type", code="runtime_not_allowed",
+        )
+
+
+def engine_log_tail(rec: BatchRecord, engines: Any, lines: int) -> str | None:
+    """The tail of the log of the engine started for ``rec`` (running or not);
+    404 when overnight started none for it."""
+    from overnight.runtimes.local import read_tail
+
+    handle = (rec.runtime or {}).get("handle") or {}
+    if engines is not None:
+        key = engines.key_for(rec.options)
+        if key is not None:
+            text = engines.log_tail(key, lines)
+            if text is not None:
+                return text
+    path = handle.get("log_path")
+    if not path:
+        raise NotFoundError(f"Batch {rec.id} has no engine started by overnight.", code="no_engine_log")
+    return read_tail(path, lines)
 
 
 async def _check_runtime(

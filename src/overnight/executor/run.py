@@ -38,6 +38,7 @@ class Outcome(str, Enum):
     SHUTDOWN = "shutdown"  #: this process is stopping (or gives the slot up); the last checkpoint is stored
     #: the engine was unreachable for too long; undone requests written as engine_unreachable
     ENGINE_UNREACHABLE = "engine_unreachable"
+    ENGINE_FAILED = "engine_failed"  #: the engine overnight starts could not be started
 
 
 class StopSignal:
@@ -348,6 +349,8 @@ async def execute(
         await d.write_undone("batch_expired", "The batch's completion window ended before this request finished")
     elif outcome is Outcome.ENGINE_UNREACHABLE:
         await d.write_undone("engine_unreachable", stop.detail or "The engine was unreachable for too long")
+    elif outcome is Outcome.ENGINE_FAILED:
+        await d.write_undone("engine_failed", stop.detail or "The engine could not be started")
     await _checkpoint(spool, params, stop)
     return outcome
 

@@ -15,7 +15,7 @@ import time
 from collections import Counter, deque
 
 from overnight import defaults
-from overnight.batches.service import SEALED_API_KEY, transition
+from overnight.batches.service import SEALED_API_KEY, transition, update_batch
 from overnight.batches.states import TERMINAL, BatchStatus
 from overnight.errors import OvernightError, RetryableEngineError
 from overnight.executor.engine import EngineClient, EngineReply, HttpEngineClient, engine_base_url
@@ -26,6 +26,7 @@ from overnight.executor.retry import UNSENDABLE_CODES
 from overnight.executor.sharing import EngineCapacity
 from overnight.scheduler.leases import claim_batch, lease_is_free
 from overnight.runtimes.egress import EndpointPolicy, EndpointRefused
+from overnight.runtimes.manager import EngineManager
 from overnight.scheduler.runner import BatchRunner, RunnerConfig
 from overnight.secret_box import SecretBox, SecretError
 from overnight.storage.base import Storage
@@ -102,6 +103,15 @@ class EnginePool:
         self._health: dict[str, EngineHealth] = {}
         self._capacities: dict[str, EngineCapacity] = {}
         self._probes: dict[str, MetricsProbe] = {}
+        #: batch id -> URL of the engine overnight started for it (``runtimes/manager.py``)
+        self._bound: dict[str, str] = {}
+
+    def bind(self, batch_id: str, url: str) -> None:
+        """The batch's engine is one overnight started, at ``url``."""
+        self._bound[batch_id] = url
+
+    def unbind(self, batch_id: str) -> None:
+        self._bound.pop(batch_id, None)
 
     def capacities(self) -> dict[str, EngineCapacity]:
         """Each engine's shared capacity, by a label that does not reveal tenants'
@@ -131,6 +141,8 @@ class EnginePool:
                 raise OvernightError(f"runtime.endpoint {exc}.", code="endpoint_not_allowed") from None
 
     def endpoint_for(self, batch: BatchRecord) -> tuple[str, str | None]:
+        if batch.id in self._bound:
+            return self._bound[batch.id], None
         rt = batch.options.get("runtime")
         if rt and rt.get("endpoint"):
             sealed = rt.get(SEALED_API_KEY)
@@ -241,8 +253,11 @@ class Scheduler:
         max_running: int,
         poll_s: float,
         global_concurrency: int,
+        runtimes: EngineManager | None = None,
     ) -> None:
         self.store, self.storage, self.engines, self.cfg = store, storage, engines, config
+        #: Engines overnight starts itself (templates, the mock runtime).
+        self.runtimes = runtimes
         self.replica_id = replica_id
         self.max_running = max_running
         self.poll_s = poll_s
@@ -367,6 +382,15 @@ class Scheduler:
         claimed = await claim_batch(self.store, rec, owner=self.replica_id, lease_s=self.cfg.lease_s)
         if claimed is None:
             return False
+        if self.runtimes is not None and EngineManager.key_for(claimed.options) is not None:
+            # Its engine is started (or shared) when the runner gets to dispatch.
+            runner = BatchRunner(
+                batch=claimed, store=self.store, storage=self.storage, engine=None,
+                gates=(self.global_gate,), config=self.cfg, prepare=self._attach_engine, finalize=self._detach_engine,
+            )
+            self.runners[claimed.id] = runner
+            self._tasks[claimed.id] = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")
+            return True
         capacity: EngineCapacity | None
         try:
             await self.engines.check(claimed)
@@ -385,6 +409,31 @@ class Scheduler:
         task = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")
         self._tasks[claimed.id] = task
         return True
+
+    async def _attach_engine(self, runner: BatchRunner) -> None:
+        """Start (or share) the engine a runtime batch needs and point the runner at it."""
+        assert self.runtimes is not None
+        b = runner.batch
+
+        async def record(handle: dict) -> None:
+            def mutate(rec: BatchRecord) -> BatchRecord:
+                restarts = handle.get("restarts", 0)
+                rec.runtime = {"type": (b.options.get("runtime") or {}).get("type"), "handle": handle,
+                               "restarts": restarts}
+                return rec
+
+            await update_batch(self.store, b.id, mutate, fence=runner.token)
+
+        url = await self.runtimes.attach(b.id, b.options, record=record)
+        self.engines.bind(b.id, url)
+        runner.engine = self.engines.client_for(b)
+        runner.capacity = self.engines.capacity_for(b)
+        runner.health = self.engines.health_for(b)
+
+    async def _detach_engine(self, runner: BatchRunner) -> None:
+        assert self.runtimes is not None
+        self.engines.unbind(runner.batch.id)
+        await self.runtimes.detach(runner.batch.id, runner.batch.options)
 
     async def _fail_unrunnable(self, rec: BatchRecord, exc: Exception) -> bool:
         """A batch whose engine cannot be used. Before ``in_progress`` it fails (or is

@@ -7,6 +7,7 @@ import dataclasses
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from overnight import defaults
 from overnight.batches.service import LeaseLost, transition, update_batch
 from overnight.batches.states import BatchStatus
 from overnight.batches.validation import ValidationLimits, validate_input
-from overnight.errors import NotFoundError, OvernightError, TransitionError
+from overnight.errors import (
+    GpusBusy, NotFoundError, OvernightError, RetryableEngineError, RuntimeStartError, TransitionError,
+)
 from overnight.executor.checkpoint import Checkpoint
-from overnight.executor.engine import EngineClient
+from overnight.executor.engine import EngineClient, EngineReply
 from overnight.executor.health import EngineHealth
 from overnight.executor.limiter import ConcurrencyLimits, Gate
 from overnight.executor.retry import RetryPolicy
@@ -24,12 +27,29 @@ from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
 from overnight.executor.sharing import BatchShare, EngineCapacity
 from overnight.executor.writer import Spool
 from overnight.files.service import storage_key_for
+from overnight.runtimes.manager import EngineFailed
 from overnight.scheduler.leases import release_lease, renew_lease
 from overnight.storage.base import Storage
 from overnight.store.base import Store
 from overnight.store.records import BatchRecord, FileRecord
 
 __all__ = ["RunnerConfig", "BatchRunner"]
+
+#: A batch waiting for GPUs is tried again this often.
+_GPU_RECHECK_S = 2.0
+
+
+class _NoEngine:
+    """The engine that could not be started: nothing is sent (the stop is already set)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    async def send(self, path: str, body: bytes) -> EngineReply:
+        raise RetryableEngineError(f"Not sent: {self.message}", code="engine_failed")
+
+    async def aclose(self) -> None:
+        return None
 
 log = logging.getLogger("overnight.scheduler")
 
@@ -61,11 +81,13 @@ class BatchRunner:
         batch: BatchRecord,
         store: Store,
         storage: Storage,
-        engine: EngineClient,
+        engine: EngineClient | None,
         gates: tuple[Gate, ...],
         config: RunnerConfig,
         capacity: EngineCapacity | None = None,
         health: EngineHealth | None = None,
+        prepare: Callable[[BatchRunner], Awaitable[None]] | None = None,
+        finalize: Callable[[BatchRunner], Awaitable[None]] | None = None,
     ) -> None:
         self.batch = batch
         self.token = batch.lease_token
@@ -79,6 +101,10 @@ class BatchRunner:
         #: Set when the runner gives its slot up: claim again no sooner than this.
         self.not_before = 0.0
         self.yielding = False
+        #: Runtime batches: start (or share) the engine before dispatch, give it
+        #: back when the run ends however it ends.
+        self.prepare, self.finalize = prepare, finalize
+        self._prepared = False
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -96,6 +122,11 @@ class BatchRunner:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await heartbeat
+            if self._prepared and self.finalize is not None:
+                try:
+                    await asyncio.shield(self.finalize(self))
+                except Exception:
+                    log.exception("batch %s: releasing its engine failed", self.batch.id)
             if not lost:
                 with contextlib.suppress(OvernightError):
                     await release_lease(
@@ -228,6 +259,9 @@ class BatchRunner:
                 self.stop.set(Outcome.CANCELLED)
             outcome = Outcome.DONE
             if b.status != S.FINALIZING.value:
+                if self.prepare is not None and self.stop.reason is None:
+                    if not await self._prepare_engine():
+                        return
                 outcome = await self._dispatch(b, spool)
             if outcome in (Outcome.LEASE_LOST, Outcome.SHUTDOWN):
                 if outcome is Outcome.LEASE_LOST:
@@ -236,6 +270,23 @@ class BatchRunner:
             await self._finish(b, spool, outcome)
         finally:
             spool.close()
+
+    async def _prepare_engine(self) -> bool:
+        """Start or share this batch's engine. False: the batch waits for GPUs (its
+        slot is given back). An engine that cannot be started fails the batch, every
+        undone line saying why."""
+        assert self.prepare is not None
+        self._prepared = True
+        try:
+            await self.prepare(self)
+        except GpusBusy as exc:
+            self.yield_slot(f"waiting for GPUs: {exc.message}", not_before=time.time() + _GPU_RECHECK_S)
+            return False
+        except (RuntimeStartError, EngineFailed) as exc:
+            log.error("batch %s: its engine could not be started: %s", self.batch.id, exc.message)
+            self.engine = _NoEngine(exc.message)
+            self.stop.set(Outcome.ENGINE_FAILED, f"The engine could not be started: {exc.message}")
+        return True
 
     async def _dispatch(self, b: BatchRecord, spool: Spool) -> Outcome:
         cap = self.cfg.concurrency.max
@@ -315,6 +366,9 @@ class BatchRunner:
             final = S.FAILED
             errors["errors"] = [{"code": "engine_unreachable", "message": self.stop.detail, "line": None,
                                  "param": None}]
+        elif outcome is Outcome.ENGINE_FAILED:
+            final = S.FAILED
+            errors["errors"] = [{"code": "engine_failed", "message": self.stop.detail, "line": None, "param": None}]
         else:
             final = S.COMPLETED
         suffix = b.id.split("_", 1)[1]

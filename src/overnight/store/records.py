@@ -70,6 +70,9 @@ class BatchRecord:
     #: Its concurrency as of the last checkpoint (limit, why it last changed,
     #: measured rate, in flight): shown in the batch object.
     concurrency: dict[str, Any] | None = None
+    #: The engine overnight started for it (``runtimes/``): the runtime's handle,
+    #: recorded before the engine was waited on, and its restarts.
+    runtime: dict[str, Any] | None = None
     #: Epoch seconds before which no scheduler claims it (it gave its running
     #: slot up while its engine was unreachable).
     not_before: float = 0.0

@@ -29,14 +29,6 @@ async def create_batch(
         raise InvalidRequestError("Pass the extension as 'overnight' or 'aibrix', not both.", param="aibrix")
     ext_key = "aibrix" if body.aibrix is not None else "overnight"
     ext = body.aibrix if body.aibrix is not None else body.overnight
-    options = service.parse_extension(ext, key=ext_key)
-    if not settings.engine_url and not options.get("runtime"):
-        raise InvalidRequestError(
-            "No engine is configured: start the server with --engine-url, or pass "
-            "extra_body={'overnight': {'runtime': {'endpoint': URL}}}.",
-            param="overnight.runtime",
-            code="no_engine",
-        )
     rec = await service.create_batch(
         store=store,
         storage=storage,
@@ -54,6 +46,7 @@ async def create_batch(
         validate_now=settings.validate_on_create,
         policy=request.app.state.endpoint_policy,
         secrets=request.app.state.secrets,
+        rules=request.app.state.runtime_rules,
     )
     scheduler.wake()
     return batch_object(rec)
@@ -81,3 +74,14 @@ async def cancel_batch(batch_id: str, store: StoreDep, tenant: TenantDep, schedu
     scheduler.notify_cancel(batch_id)
     scheduler.wake()
     return batch_object(rec)
+
+
+@router.get("/{batch_id}/engine/logs")
+async def engine_logs(
+    request: Request, batch_id: str, store: StoreDep, tenant: TenantDep,
+    lines: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> dict[str, Any]:
+    """The last lines of the log of the engine overnight started for this batch."""
+    rec = await service.get_batch(store=store, tenant=tenant, batch_id=batch_id)
+    text = service.engine_log_tail(rec, request.app.state.services.engines, lines)
+    return {"object": "engine.log", "batch_id": rec.id, "lines": text.splitlines() if text else []}

@@ -1,0 +1,197 @@
+"""The composition root: everything ``overnight serve`` runs on, built from the
+settings in one place.
+
+``open_services(settings)`` opens the store and storage, starts the in-process
+mock engine when asked to, builds the engine pool, runtimes and engine manager,
+template source, scheduler and sweeper, and undoes all of it in reverse order.
+The API app (``api/app.py``) only mounts routes on what this yields; tests use it
+the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from overnight.batches.service import RUNTIME_TYPES, RuntimeRules
+from overnight.batches.validation import ValidationLimits
+from overnight.config import Settings
+from overnight.executor.retry import RetryPolicy
+from overnight.files.retention import run_sweeper
+from overnight.replica import ReplicaIdentity
+from overnight.runtimes.egress import EndpointPolicy
+from overnight.runtimes.manager import EngineManager
+from overnight.scheduler.loop import EnginePool, Scheduler
+from overnight.scheduler.runner import RunnerConfig
+from overnight.secret_box import SecretBox, load_or_create_key_file
+from overnight.storage import open_storage
+from overnight.storage.base import Storage
+from overnight.store import connect_store
+from overnight.store.base import Store
+
+__all__ = ["Services", "build_scheduler", "open_services"]
+
+log = logging.getLogger("overnight")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    storage: Storage
+    scheduler: Scheduler
+    policy: EndpointPolicy
+    secrets: SecretBox
+    rules: RuntimeRules
+    engines: EngineManager
+    api_keys: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def _mock_engine(settings: Settings) -> AsyncIterator[str]:
+    """Run the built-in mock engine in this process; yields its URL."""
+    from overnight.mock_engine import MockEngineConfig, serve
+
+    port = _free_port()
+    started = asyncio.Event()
+    task = asyncio.create_task(
+        serve(MockEngineConfig(latency_ms=settings.mock_latency_ms), host="127.0.0.1", port=port, started=started)
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    log.info("mock engine listening on 127.0.0.1:%d", port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def build_scheduler(  # type: ignore[no-untyped-def]
+    settings: Settings, *, store, storage, engine_url: str | None, replica_id: str,
+    policy: EndpointPolicy | None = None, secrets: SecretBox | None = None, runtimes: EngineManager | None = None,
+) -> Scheduler:
+    config = RunnerConfig(
+        spool_dir=settings.spool_dir(),
+        lease_s=settings.lease_s,
+        heartbeat_s=settings.heartbeat_s,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
+        limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
+        concurrency=settings.concurrency_limits(),
+        policy=RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_delay_s=settings.backoff_base_s,
+            max_delay_s=settings.backoff_max_s,
+        ),
+        output_expires_after_s=settings.output_expires_after_s,
+        engine_unreachable_timeout_s=settings.engine_unreachable_timeout_s,
+        engine_recheck_s=settings.engine_recheck_s,
+    )
+    engines = EnginePool(
+        default_url=engine_url, default_api_key=settings.engine_api_key, timeout_s=settings.request_timeout_s,
+        max_response_bytes=settings.max_response_bytes,
+        policy=policy, secrets=secrets,
+    )
+    return Scheduler(
+        store=store,
+        storage=storage,
+        engines=engines,
+        config=config,
+        replica_id=replica_id,
+        max_running=settings.max_running_batches,
+        poll_s=settings.scheduler_poll_s,
+        global_concurrency=settings.max_concurrency_global,
+        runtimes=runtimes,
+    )
+
+
+def _egress(settings: Settings, engine_url: str | None) -> tuple[EndpointPolicy, SecretBox]:
+    """Which endpoints tenants may name, and the key their engine API keys are sealed with."""
+    keyed = bool(settings.tenant_for_key())
+    policy = EndpointPolicy(settings.allowed_endpoints, keyed=keyed, default_url=engine_url)
+    key = settings.secret_key
+    if not key and not keyed:
+        key = load_or_create_key_file(settings.data_dir)  # open mode: one user, one machine
+    return policy, SecretBox(key)
+
+
+
+
+def _runtime_rules(settings: Settings, engine_url: str | None, templates: Any, gpus: Any) -> RuntimeRules:
+    allowed = frozenset(t.strip() for t in settings.runtimes.split(",") if t.strip()) & frozenset(RUNTIME_TYPES)
+    default = settings.default_runtime or None
+    if default is not None and default not in allowed:
+        raise ValueError(f"OVERNIGHT_DEFAULT_RUNTIME={default!r} is not in OVERNIGHT_RUNTIMES={settings.runtimes}")
+    return RuntimeRules(allowed=allowed, default=default, templates=templates, gpus=gpus,
+                        default_engine=bool(engine_url))
+
+
+def _engine_manager(settings: Settings, installation_id: str) -> tuple[EngineManager, Any]:
+    from overnight.runtimes.gpus import GpuPool
+    from overnight.runtimes.local import LocalRuntime
+
+    gpus = GpuPool.from_env()
+    local = LocalRuntime(log_dir=settings.data_dir / "engines", installation_id=installation_id, gpus=gpus)
+    return EngineManager({"local": local}), gpus
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Open everything ``serve`` needs; close it all on exit (engines released)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    identity = ReplicaIdentity(settings.data_dir, settings.replica_id)
+    store = connect_store(settings.resolved_store_url())
+    storage = open_storage(settings.resolved_storage_url())
+    await store.open()
+    await storage.open()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            engine_url = settings.engine_url
+            if engine_url == "mock":
+                engine_url = await stack.enter_async_context(_mock_engine(settings))
+            policy, secrets = _egress(settings, engine_url)
+            templates = None
+            if settings.templates_dir is not None:
+                from overnight.templates.source import DirectorySource
+
+                templates = DirectorySource(settings.templates_dir)
+            manager, gpus = _engine_manager(settings, identity.id.replace("/", "_").replace(":", "_"))
+            await manager.start()
+            stack.push_async_callback(manager.aclose)
+            scheduler = build_scheduler(
+                settings, store=store, storage=storage, engine_url=engine_url, replica_id=identity.id,
+                policy=policy, secrets=secrets, runtimes=manager,
+            )
+            services = Services(
+                settings=settings.model_copy(update={"engine_url": engine_url}), store=store, storage=storage,
+                scheduler=scheduler, policy=policy, secrets=secrets,
+                rules=_runtime_rules(settings, engine_url, templates, gpus), engines=manager,
+                api_keys=settings.tenant_for_key(),
+            )
+            await scheduler.start()
+            sweeper = asyncio.create_task(
+                run_sweeper(store=store, storage=storage, interval_s=settings.sweep_interval_s)
+            )
+            try:
+                yield services
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+                await scheduler.stop()
+                await scheduler.engines.aclose()
+    finally:
+        await storage.aclose()
+        await store.aclose()
+        identity.release()
