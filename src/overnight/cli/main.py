@@ -13,6 +13,7 @@ import typer
 
 from overnight import __version__
 from overnight.cli.db import db_app
+from overnight.cli.run import run_command
 from overnight.cli.templates import templates_app
 from overnight.config import Settings
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
 app.add_typer(templates_app, name="templates", help="Model deployment templates and profiles: list, show, validate.")
+app.command("run")(run_command)
 
 
 def _print_version(value: bool) -> None:
@@ -136,6 +138,11 @@ def serve(
             **_env("replica_id"),
         ),
     ] = None,
+    templates_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Directory of model deployment templates and profiles (YAML) batches may name.",
+                     show_default="none", **_env("templates_dir")),
+    ] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Lowest level of log lines printed.", case_sensitive=False)] = (
         LogLevel.info
     ),
@@ -156,6 +163,7 @@ def serve(
         "store_url": store,
         "storage_url": storage,
         "replica_id": replica_id,
+        "templates_dir": templates_dir,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     # One command must work on a fresh machine: with no engine named, run the
