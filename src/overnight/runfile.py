@@ -841,6 +841,7 @@ async def _dispatch(
         watch = asyncio.create_task(_watch(cfg, engine, stop, why))
         ticker = asyncio.create_task(_progress(report, spool, share))
         report.start(cp.total, cp.done.count)
+        dispatch_started, done_at_start = time.monotonic(), cp.completed + cp.failed
         try:
             outcome = await execute(storage=storage, spool=spool, engine=client, limiter=share, policy=policy,
                                     params=params, stop=stop)
@@ -848,7 +849,9 @@ async def _dispatch(
             for t in (watch, ticker):
                 t.cancel()
             await asyncio.gather(watch, ticker, return_exceptions=True)
-            report.update(_snapshot(spool, share, 0.0))
+            elapsed = time.monotonic() - dispatch_started
+            finished = cp.completed + cp.failed - done_at_start
+            report.update(_snapshot(spool, share, finished / elapsed if elapsed > 0 else 0.0))
             report.stop()
             if probe is not None:
                 await probe.stop()

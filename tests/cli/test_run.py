@@ -40,6 +40,20 @@ def stats(engine_url: str) -> dict[str, Any]:
     return httpx.get(engine_url + "/stats", timeout=10).json()
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_runs():
+    """A failed test must not leave a run (and its engine) behind."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 class Run:
     """``overnight run ...`` as a child process (its own process group, like a shell job)."""
 
@@ -53,6 +67,7 @@ class Run:
             [sys.executable, "-m", "overnight.cli.main", "run", *args, "--progress-every", "0.5"],
             cwd=cwd, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        _STARTED.append(self.proc)
 
     def wait(self, timeout: float = 60) -> tuple[int, str]:
         try:
@@ -219,6 +234,7 @@ def test_sigkill_then_the_same_command_finishes_resending_at_most_the_window(clu
     rc, log = run(tmp_path, *args)
     assert rc == 0, log
     assert "continuing:" in log
+    assert "req/s" in log and "in flight" in log  # plain progress lines (not a terminal)
     assert_each_once(lines(tmp_path / "out.jsonl", tmp_path / "err.jsonl"), n)
     resent = stats(engine.url)["received_total"] - n
     assert 0 <= resent <= window, f"{resent} requests were sent again (window {window})"
@@ -290,3 +306,28 @@ def test_sigterm_exits_143(engine, tmp_path: Path) -> None:
     rc, log = first.wait()
     assert rc == 143, log
     assert "stopped by SIGTERM" in log
+
+
+def test_engine_crash_mid_run_stops_with_its_log_and_the_same_command_resumes(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    n = 1200
+    inp = write_input(tmp_path / "in.jsonl", n, model="mock-tiny")
+    args = (str(inp), "-o", "out.jsonl", "--template", "mock-tiny", "--templates-dir", str(TEMPLATES),
+            "--max-concurrency", "8")
+    first = Run(tmp_path, *args, tag=tag)
+    wait_done(tmp_path / "out.jsonl.overnight", n // 4, first.proc)
+    engines = [p for p in tagged_processes(tag) if "_guard.py" not in " ".join(p.cmdline())]
+    assert len(engines) == 1
+    engines[0].kill()
+    rc, log = first.wait()
+    assert rc == 1, log
+    assert "the engine exited with code" in log and "last lines of" in log
+    assert "run the same command again to continue" in log
+    assert tagged_processes(tag) == []
+
+    rc, log = run(tmp_path, *args, tag=tag)
+    assert rc == 0, log
+    out = lines(tmp_path / "out.jsonl")
+    assert_each_once(out, n)
+    assert all(x["error"] is None for x in out)  # requests cut off by the crash were sent again
+    assert tagged_processes(tag) == []
