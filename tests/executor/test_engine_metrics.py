@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from overnight.errors import RetryableEngineError
-from overnight.executor.engine_metrics import MetricsProbe, parse_engine_load, parse_vllm_load
+from overnight.executor.engine_metrics import MetricsProbe, parse_engine_load
 from overnight.executor.limiter import AdaptiveLimit, ConcurrencyLimits, EngineLoad
 
 VLLM_TEXT = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -22,13 +22,15 @@ vllm:kv_cache_usage_perc{model_name="m"} 0.5
 
 
 def test_parse_sums_label_sets_and_ignores_other_metrics() -> None:
-    assert parse_vllm_load(VLLM_TEXT) == (256.0, 40.0)
+    load = parse_engine_load(VLLM_TEXT)
+    assert load is not None and (load.running, load.waiting) == (256.0, 40.0)
 
 
 def test_parse_without_labels_and_without_the_waiting_metric() -> None:
-    assert parse_vllm_load(b"vllm:num_requests_running 3\nvllm:num_requests_waiting 1\n") == (3.0, 1.0)
-    assert parse_vllm_load(b"vllm:num_requests_running 3\n") is None
-    assert parse_vllm_load(b"") is None
+    both = b"vllm:num_requests_running 3\nvllm:num_requests_waiting 1\n"
+    assert parse_engine_load(both) == EngineLoad(3.0, 1.0, None, None)
+    assert parse_engine_load(b"vllm:num_requests_running 3\n") is None
+    assert parse_engine_load(b"") is None
 
 
 def test_parse_reads_kv_cache_and_preemptions_under_old_and_new_names() -> None:

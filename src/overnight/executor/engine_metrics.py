@@ -29,7 +29,7 @@ from overnight import defaults
 from overnight.errors import OvernightError
 from overnight.executor.limiter import AdaptiveLimit, EngineLoad
 
-__all__ = ["MetricsProbe", "parse_engine_load", "parse_vllm_load"]
+__all__ = ["MetricsProbe", "parse_engine_load"]
 
 log = logging.getLogger("overnight.executor")
 
@@ -83,12 +83,6 @@ def parse_engine_load(text: bytes) -> EngineLoad | None:
         return None
     kv = min(1.0, sums["kv"] / counts["kv"]) if counts["kv"] else None
     return EngineLoad(sums["running"], sums["waiting"], kv, sums["preempt"] if counts["preempt"] else None)
-
-
-def parse_vllm_load(text: bytes) -> tuple[float, float] | None:
-    """``(running, waiting)``, or None (kept for callers that need only those)."""
-    load = parse_engine_load(text)
-    return None if load is None else (load.running, load.waiting)
 
 
 Getter = Callable[[str], Awaitable[tuple[int, bytes]]]

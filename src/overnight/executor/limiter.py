@@ -201,7 +201,6 @@ class AdaptiveLimit:
         self._probes = 0
         self._probe_base = 0
         # the epoch being measured
-        self._epoch_start = now
         self._settle_until = now
         self._first_at = None
         self._n = 0
@@ -428,7 +427,6 @@ class AdaptiveLimit:
         self._restart_epoch(self.hold_until)
 
     def _restart_epoch(self, now: float, *, settle: bool = True) -> None:
-        self._epoch_start = now
         self._settle_until = now + self._settle_s() if settle else now
         self._first_at: float | None = None if settle else now
         self._n = 0

@@ -27,7 +27,6 @@ __all__ = [
 
 #: Purposes a client may upload with (OpenAI's list); ``batch_output`` is ours to set.
 UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
-ALL_PURPOSES = UPLOAD_PURPOSES | {"batch_output", "assistants_output", "fine-tune-results"}
 
 #: OpenAI bounds for ``expires_after.seconds``: one hour to thirty days.
 MIN_EXPIRES_S = 3600

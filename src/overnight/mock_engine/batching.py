@@ -200,13 +200,12 @@ PRESETS: dict[str, BatchingParams] = {
 class SimRequest:
     """One request inside the engine."""
 
-    __slots__ = ("prompt_tokens", "output_tokens", "generated", "state", "token", "start_step",
+    __slots__ = ("prompt_tokens", "output_tokens", "state", "token", "start_step",
                  "finish_step", "handle", "preemptions")
 
     def __init__(self, prompt_tokens: int, output_tokens: int, handle: Any = None) -> None:
         self.prompt_tokens = max(0, int(prompt_tokens))
         self.output_tokens = max(1, int(output_tokens))
-        self.generated = 0
         #: "waiting" | "running" | "done" | "aborted"
         self.state = "new"
         #: Bumped on every (re)admission, so stale heap entries are skipped.
@@ -238,8 +237,6 @@ class BatchingEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.preemptions_total = 0
-        self.steps_total = 0
-        self.busy_ms_total = 0.0
 
     # -- reading --------------------------------------------------------------
     @property
@@ -318,7 +315,6 @@ class BatchingEngine:
         self._step_open = True
         ms = p.step_base_ms + p.step_per_seq_ms * len(running) + p.step_per_prefill_token_ms * prefill
         self.prompt_tokens_total += prefill
-        self.busy_ms_total += ms
         return ms
 
     def end_step(self) -> list[SimRequest]:
@@ -328,7 +324,6 @@ class BatchingEngine:
             return []
         self._step_open = False
         self.step_no += 1
-        self.steps_total += 1
         self.generation_tokens_total += len(self.running)
         done: list[SimRequest] = []
         heap = self._finish
@@ -337,7 +332,6 @@ class BatchingEngine:
             if req.state != "running" or req.token != token:
                 continue  # preempted or aborted since
             self._drop_running(req)
-            req.generated = req.output_tokens
             req.state = "done"
             done.append(req)
         return done
