@@ -592,18 +592,67 @@ async def _finished_check(cfg: RunConfig) -> RunResult:
     )
 
 
+class _Ctx:
+    """What a signal changes: before dispatch starts it cancels the run (nothing was
+    sent); from then on it stops dispatch through ``stop`` and the checkpoint is stored."""
+
+    def __init__(self, report: Reporter) -> None:
+        self.report = report
+        self.stop = StopSignal()
+        #: "signal": the signal number; "engine_failed": why the engine is unusable.
+        self.why: dict[str, Any] = {}
+        self.cancellable = True
+        self.task = asyncio.current_task()
+        #: Set once the state holds a run that can be continued.
+        self.resumable: Path | None = None
+
+    def on_signal(self, signum: int) -> None:
+        if "signal" in self.why:
+            self.report.message("stopping already; the checkpoint is being stored")
+            return
+        self.why["signal"] = signum
+        self.stop.set(Outcome.SHUTDOWN)
+        if self.cancellable and self.task is not None:
+            self.task.cancel()
+
+
+def _signal_name(sig: int | None) -> str:
+    return "Ctrl-C" if sig == signal.SIGINT else "SIGTERM" if sig == signal.SIGTERM else "a stop"
+
+
 async def run_file(cfg: RunConfig, *, report: Reporter | None = None) -> RunResult:
     """Run ``cfg.input_path`` to ``cfg.output_path``; see the module docstring.
     Refusals and failures come back as a ``RunResult`` with their exit code."""
     report = report or _Silent()
+    ctx = _Ctx(report)
+    loop = asyncio.get_running_loop()
+    installed: list[int] = []
+    if cfg.handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, ctx.on_signal, sig)
+                installed.append(sig)
     try:
-        return await _run(cfg, report)
+        return await _run(cfg, report, ctx)
     except RunError as exc:
         return RunResult(status="failed", exit_code=exc.exit_code, message=exc.message,
                          output_path=cfg.output_path, errors_path=cfg.errors_path)
+    except asyncio.CancelledError:
+        sig = ctx.why.get("signal")
+        if sig is None or ctx.task is None:
+            raise
+        ctx.task.uncancel()
+        after = (f"progress is saved in {ctx.resumable}; run the same command again to continue"
+                 if ctx.resumable else "nothing was sent")
+        return RunResult(status="stopped", exit_code=EXIT_SIGINT if sig == signal.SIGINT else EXIT_SIGTERM,
+                         output_path=cfg.output_path, errors_path=cfg.errors_path,
+                         message=f"stopped by {_signal_name(sig)} before dispatch began; {after}")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
-async def _run(cfg: RunConfig, report: Reporter) -> RunResult:
+async def _run(cfg: RunConfig, report: Reporter, ctx: _Ctx) -> RunResult:
     if (cfg.engine_url is None) == (cfg.template is None):
         raise RunError("give exactly one of --engine-url URL and --template NAME")
     if cfg.concurrency is not None and cfg.max_concurrency is not None:
@@ -650,7 +699,8 @@ async def _run(cfg: RunConfig, report: Reporter) -> RunResult:
             await _check_same_input(cfg, state, manifest)
             engine.check_lines(manifest["endpoint"], manifest.get("model"))
         engine.owner = manifest["batch_id"]
-        return await _execute(cfg, state, manifest, engine, report)
+        ctx.resumable = state.root
+        return await _execute(cfg, state, manifest, engine, report, ctx)
     finally:
         lock.release()
 
@@ -731,7 +781,9 @@ class _Rate:
         return (done - d0) / (now - t0) if now > t0 else 0.0
 
 
-async def _execute(cfg: RunConfig, state: _State, m: dict[str, Any], engine: _Engine, report: Reporter) -> RunResult:
+async def _execute(
+    cfg: RunConfig, state: _State, m: dict[str, Any], engine: _Engine, report: Reporter, ctx: _Ctx,
+) -> RunResult:
     m["attempt"] = int(m.get("attempt", 0)) + 1
     m["output"] = str(cfg.output_path.resolve())
     m["errors"] = str(cfg.errors_path.resolve()) if cfg.errors_path else None
@@ -746,23 +798,7 @@ async def _execute(cfg: RunConfig, state: _State, m: dict[str, Any], engine: _En
     batch_id = m["batch_id"]
     spool = Spool(spool_dir=state.spool, storage=storage, batch_id=batch_id, token=m["attempt"], checkpoint=cp)
     spool.open()
-    stop = StopSignal()
-    why: dict[str, Any] = {}
-    loop = asyncio.get_running_loop()
-    installed: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        if "signal" in why:
-            report.message("stopping already; the checkpoint is being stored")
-            return
-        why["signal"] = signum
-        stop.set(Outcome.SHUTDOWN)
-
-    if cfg.handle_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, on_signal, sig)
-                installed.append(sig)
+    stop, why = ctx.stop, ctx.why
     started = time.monotonic()
     done_before = 0
     try:
@@ -772,8 +808,10 @@ async def _execute(cfg: RunConfig, state: _State, m: dict[str, Any], engine: _En
             report.message(f"recovered {recovered} finished requests from the spool")
         if cp.done.count:
             report.message(f"continuing: {cp.done.count} of {cp.total} requests were finished before")
+        # From here a signal stops dispatch instead of cancelling: the checkpoint is stored.
+        ctx.cancellable = False
         outcome = Outcome.DONE
-        if cp.done.missing() and not why:
+        if cp.done.missing():
             outcome = await _dispatch(cfg, state, m, engine, report, storage, spool, stop, why)
         else:
             # Nothing left to send: seal what recovery wrote, for the checkpoint.
@@ -787,8 +825,6 @@ async def _execute(cfg: RunConfig, state: _State, m: dict[str, Any], engine: _En
         raise RunError(exc.message + f"\nprogress is saved in {state.root}; run the same command again to continue",
                        exc.exit_code) from None
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         spool.close()
         await storage.aclose()
 
@@ -904,7 +940,7 @@ async def _watch(cfg: RunConfig, engine: _Engine, stop: StopSignal, why: dict[st
 def _stopped(cfg: RunConfig, state: _State, cp: Checkpoint, why: dict[str, Any], started: float,
              done_before: int) -> RunResult:
     sig = why.get("signal")
-    name = "Ctrl-C" if sig == signal.SIGINT else "SIGTERM" if sig == signal.SIGTERM else "a stop"
+    name = _signal_name(sig)
     done = cp.completed + cp.failed
     return RunResult(
         status="stopped", exit_code=EXIT_SIGINT if sig == signal.SIGINT else EXIT_SIGTERM,

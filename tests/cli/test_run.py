@@ -331,3 +331,65 @@ def test_engine_crash_mid_run_stops_with_its_log_and_the_same_command_resumes(tm
     assert_each_once(out, n)
     assert all(x["error"] is None for x in out)  # requests cut off by the crash were sent again
     assert tagged_processes(tag) == []
+
+
+def never_ready_template(directory: Path, ready_timeout_s: float) -> Path:
+    """A template whose engine runs but never answers its health endpoint."""
+    directory.mkdir(exist_ok=True)
+    command = json.dumps([sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(120)",
+                          "--port", "{port}"])
+    (directory / "slow.yaml").write_text(
+        "kind: ModelDeploymentTemplate\nname: slow\nversion: '1'\nspec:\n"
+        f"  engine: {{type: mock, command: {command}, ready_timeout_seconds: {ready_timeout_s}}}\n"
+        "  model_source: {type: local, uri: mock}\n  accelerator: {type: cpu, count: 0}\n"
+        "  supported_endpoints: [/v1/chat/completions]\n"
+    )
+    return directory
+
+
+def test_ctrl_c_while_the_engine_starts_stops_at_once_and_releases_it(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    templates = never_ready_template(tmp_path / "templates", 60)
+    inp = write_input(tmp_path / "in.jsonl", 10, model="slow")
+    r = Run(tmp_path, str(inp), "-o", "out.jsonl", "--template", "slow", "--templates-dir", str(templates), tag=tag)
+    deadline = time.monotonic() + 20
+    while not tagged_processes(tag):
+        assert time.monotonic() < deadline and r.proc.poll() is None, r.log.read_text()
+        time.sleep(0.05)
+    started = time.monotonic()
+    os.killpg(r.proc.pid, signal.SIGINT)
+    rc, log = r.wait(timeout=30)
+    assert rc == 130, log
+    assert time.monotonic() - started < 10
+    assert "stopped by Ctrl-C" in log and "Traceback" not in log
+    assert tagged_processes(tag) == []
+
+
+def test_an_engine_that_is_not_ready_in_time_fails_with_its_log(tmp_path: Path) -> None:
+    tag = uuid.uuid4().hex
+    templates = never_ready_template(tmp_path / "templates", 1)
+    inp = write_input(tmp_path / "in.jsonl", 10, model="slow")
+    rc, log = run(tmp_path, str(inp), "-o", "out.jsonl", "--template", "slow", "--templates-dir", str(templates),
+                  tag=tag)
+    assert rc == 1, log
+    assert "was not ready within 1 s" in log and "loading" in log  # the engine log's tail
+    assert tagged_processes(tag) == []
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_ctrl_c_during_validation_leaves_nothing_behind(tmp_path: Path) -> None:
+    import asyncio
+
+    from overnight.runfile import RunConfig, run_file
+
+    inp = write_input(tmp_path / "in.jsonl", 100_000)
+    cfg = RunConfig(input_path=inp, output_path=tmp_path / "out.jsonl", engine_url="http://127.0.0.1:9")
+
+    async def main():
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGINT)
+        return await run_file(cfg)
+
+    result = asyncio.run(main())
+    assert (result.status, result.exit_code) == ("stopped", 130), result
+    assert "nothing was sent" in result.message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
