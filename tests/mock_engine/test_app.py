@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import socket
 import struct
 import time
@@ -16,6 +15,8 @@ import pytest
 
 from overnight.mock_engine import MockEngineConfig, create_app, serve
 from overnight.mock_engine.app import MockEngineApp
+
+from .raw_asgi import RawRequest, check_abort_inflight_answers_503
 
 CHAT = "/v1/chat/completions"
 
@@ -497,36 +498,10 @@ async def test_metrics_use_vllm_names_and_reflect_running() -> None:
 # --------------------------------------------------------------------------- raw ASGI driving
 
 
-class _RawRequest:
-    """Drives the app directly so a test can make the client disconnect."""
-
-    def __init__(self, app: MockEngineApp, body: dict[str, Any]) -> None:
-        self.disconnect = asyncio.Event()
-        self.messages: list[dict[str, Any]] = []
-        self._body = json.dumps(body).encode()
-        self._sent_body = False
-        scope = {"type": "http", "method": "POST", "path": CHAT, "headers": []}
-        self.task = asyncio.create_task(app(scope, self._receive, self._send))
-
-    async def _receive(self) -> dict[str, Any]:
-        if not self._sent_body:
-            self._sent_body = True
-            return {"type": "http.request", "body": self._body, "more_body": False}
-        await self.disconnect.wait()
-        return {"type": "http.disconnect"}
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        self.messages.append(message)
-
-    @property
-    def status(self) -> int | None:
-        return self.messages[0]["status"] if self.messages else None
-
-
 async def test_disconnect_while_queued_or_running_frees_capacity() -> None:
     app = create_app(_config(max_concurrency=1))
-    holder = _RawRequest(app, _chat("[[mock:sleep_ms=300]]"))
-    queued = _RawRequest(app, _chat("queued"))
+    holder = RawRequest(app, _chat("[[mock:sleep_ms=300]]"))
+    queued = RawRequest(app, _chat("queued"))
     await asyncio.sleep(0.02)
     assert (app.stats.running, app.stats.waiting) == (1, 1)
 
@@ -544,14 +519,14 @@ async def test_disconnect_while_queued_or_running_frees_capacity() -> None:
     assert stats["aborted_total"] == 2
 
     # The slot is free again.
-    after = _RawRequest(app, _chat("after"))
+    after = RawRequest(app, _chat("after"))
     await asyncio.wait_for(after.task, 1)
     assert after.status == 200
 
 
 async def test_slot_is_handed_to_the_next_waiter_in_order() -> None:
     app = create_app(_config(latency_ms=30.0, max_concurrency=1, max_queue=5))
-    requests = [_RawRequest(app, _chat(f"q{i}")) for i in range(4)]
+    requests = [RawRequest(app, _chat(f"q{i}")) for i in range(4)]
     await asyncio.sleep(0.01)
     assert (app.stats.running, app.stats.waiting) == (1, 3)
     order: list[int] = []
@@ -565,16 +540,7 @@ async def test_slot_is_handed_to_the_next_waiter_in_order() -> None:
 
 async def test_abort_inflight_answers_503() -> None:
     app = create_app(_config(latency_ms=5000.0, max_concurrency=1))
-    running = _RawRequest(app, _chat("a"))
-    waiting = _RawRequest(app, _chat("b"))
-    await asyncio.sleep(0.02)
-    assert app.abort_inflight() == 2
-    await asyncio.wait_for(asyncio.gather(running.task, waiting.task), 1)
-    assert running.status == 503 and waiting.status == 503
-    assert (app.stats.running, app.stats.waiting) == (0, 0)
-    late = _RawRequest(app, _chat("c"))
-    await asyncio.wait_for(late.task, 1)
-    assert late.status == 503
+    await check_abort_inflight_answers_503(app, settle_s=0.02)
 
 
 async def test_lifespan_protocol() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import signal
 import subprocess
@@ -26,6 +25,8 @@ from overnight.mock_engine.batching import (
     SimRequest,
     preset,
 )
+
+from .raw_asgi import RawRequest, check_abort_inflight_answers_503
 
 # --------------------------------------------------------------------------- simulated time
 
@@ -343,32 +344,6 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-class _Raw:
-    """Drives the app directly so that the client can disconnect."""
-
-    def __init__(self, app: MockEngineApp, body: dict[str, Any]) -> None:
-        self.disconnect = asyncio.Event()
-        self.messages: list[dict[str, Any]] = []
-        self._body = json.dumps(body).encode()
-        self._sent = False
-        scope = {"type": "http", "method": "POST", "path": CHAT, "headers": []}
-        self.task = asyncio.create_task(app(scope, self._receive, self._send))
-
-    async def _receive(self) -> dict[str, Any]:
-        if not self._sent:
-            self._sent = True
-            return {"type": "http.request", "body": self._body, "more_body": False}
-        await self.disconnect.wait()
-        return {"type": "http.disconnect"}
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        self.messages.append(message)
-
-    @property
-    def status(self) -> int | None:
-        return self.messages[0]["status"] if self.messages else None
-
-
 async def _timed(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, httpx.Response]:
     t0 = time.perf_counter()
     resp = await client.post(CHAT, json=body)
@@ -518,8 +493,8 @@ async def test_kv_preemption_shows_in_stats_and_metrics() -> None:
 async def test_disconnect_aborts_and_frees_the_slot() -> None:
     app = _app(max_num_seqs=1, output_len=OutputLength("fixed", 1000), kv_cache_tokens=5000)
     async with _client(app) as client:
-        running = _Raw(app, _chat("a"))
-        waiting = _Raw(app, _chat("b"))
+        running = RawRequest(app, _chat("a"))
+        waiting = RawRequest(app, _chat("b"))
         await asyncio.sleep(0.05)
         assert (app.stats.running, app.stats.waiting) == (1, 1)
         waiting.disconnect.set()
@@ -537,16 +512,7 @@ async def test_disconnect_aborts_and_frees_the_slot() -> None:
 
 async def test_abort_inflight_answers_503() -> None:
     app = _app(max_num_seqs=1, output_len=OutputLength("fixed", 1000))
-    running = _Raw(app, _chat("a"))
-    waiting = _Raw(app, _chat("b"))
-    await asyncio.sleep(0.03)
-    assert app.abort_inflight() == 2
-    await asyncio.wait_for(asyncio.gather(running.task, waiting.task), 1)
-    assert running.status == 503 and waiting.status == 503
-    assert (app.stats.running, app.stats.waiting) == (0, 0)
-    late = _Raw(app, _chat("c"))
-    await asyncio.wait_for(late.task, 1)
-    assert late.status == 503
+    await check_abort_inflight_answers_503(app, settle_s=0.03)
     await app.aclose()
 
 

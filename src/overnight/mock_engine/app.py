@@ -333,8 +333,6 @@ class MockEngineApp:
             # ---- response
             await self._answer(send, rid, status, retry_after, path, body, model, prep, tokens, finish)
         except asyncio.CancelledError:
-            if task is None:
-                raise
             if not await self._on_cancelled(task, watcher, send, rid):
                 raise
         finally:
@@ -371,10 +369,13 @@ class MockEngineApp:
         await send_response(send, 200, payload, rid)
 
     async def _on_cancelled(
-        self, task: asyncio.Task[Any], watcher: asyncio.Task[bool] | None, send: Send, rid: bytes
+        self, task: asyncio.Task[Any] | None, watcher: asyncio.Task[bool] | None, send: Send, rid: bytes
     ) -> bool:
         """Handle a cancelled request: a client disconnect (counted as 499) or
-        shutdown (answered 503). False when the cancellation is someone else's."""
+        shutdown (answered 503). False when the cancellation is someone else's
+        (always so before the request waited: ``task`` is None)."""
+        if task is None:
+            return False
         if (
             watcher is not None
             and watcher.done()
@@ -470,8 +471,6 @@ class MockEngineApp:
         except asyncio.CancelledError:
             if req is not None:
                 driver.abort(req)
-            if task is None:
-                raise
             if not await self._on_cancelled(task, watcher, send, rid):
                 raise
         finally:
