@@ -36,6 +36,8 @@ log = logging.getLogger("overnight.runtimes")
 
 #: Restarts of one engine after it died, before batches on it fail.
 MAX_RESTARTS = 3
+#: An engine up this long has its earlier crashes forgiven.
+STABLE_AFTER_S = 300.0
 
 
 class EngineFailed(OvernightError):
@@ -69,17 +71,46 @@ class _Engine:
     starting: asyncio.Task[str] | None = None
     release_timer: asyncio.TimerHandle | None = None
     releasing: asyncio.Task[None] | None = None
+    up_since: float = 0.0
 
 
 RecordHandle = Callable[[RuntimeHandle], Awaitable[None]]
 
 
 class EngineManager:
-    def __init__(self, runtimes: dict[str, Runtime], *, max_restarts: int = MAX_RESTARTS) -> None:
+    def __init__(self, runtimes: dict[str, Runtime], *, max_restarts: int = MAX_RESTARTS,
+                 watch_interval_s: float = 1.0) -> None:
         self.runtimes = runtimes
         self.max_restarts = max_restarts
+        self.watch_interval_s = watch_interval_s
+        #: Called with the ids of the batches on an engine that just died (the
+        #: scheduler makes them give their slots up and come back, which restarts it).
+        self.on_engine_died: Callable[[set[str], str], None] | None = None
         self._engines: dict[str, _Engine] = {}
         self._lock = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
+
+    def _ensure_watch(self) -> None:
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watchdog(), name="overnight-engine-watch")
+
+    async def _watchdog(self) -> None:
+        """Notice an engine that died under its batches (a crash, an OOM kill)."""
+        while self._engines:
+            await asyncio.sleep(self.watch_interval_s)
+            for e in list(self._engines.values()):
+                if e.starting is not None or e.handle is None or e.url is None or not e.refs:
+                    continue
+                async with self._lock:
+                    if e.starting is not None or e.handle is None or await self._usable(e):
+                        if e.restarts and time.monotonic() - e.up_since > STABLE_AFTER_S:
+                            e.restarts.clear()  # up long enough: earlier crashes are forgiven
+                        continue
+                    refs = set(e.refs)
+                last = e.restarts[-1] if e.restarts else {}
+                why = f"its engine died (exit code {last.get('exit_code')}); restarting it"
+                if self.on_engine_died is not None:
+                    self.on_engine_died(refs, why)
 
     # -- what a batch asks for ----------------------------------------------------
     @staticmethod
@@ -164,6 +195,7 @@ class EngineManager:
         assert e.url is not None
         if e.handle is not None:
             await record(dict(e.handle, restarts=len(e.restarts)))
+        self._ensure_watch()
         return e.url
 
     async def _usable(self, e: _Engine) -> bool:
@@ -209,6 +241,7 @@ class EngineManager:
             e.handle = None
             raise EngineFailed(exc.message) from exc
         e.url = endpoint.url
+        e.up_since = time.monotonic()
         log.info("engine %s ready at %s after %.1f s", e.key, e.url, time.monotonic() - t0)
         return e.url
 
@@ -245,11 +278,17 @@ class EngineManager:
         if handle is not None:
             await e.runtime.release(handle)
             log.info("engine %s released", key)
-        if not e.refs and self._engines.get(key) is e:
+        # An engine that died keeps its entry (and so its restart count) while
+        # batches come back for it.
+        if not e.refs and not e.restarts and self._engines.get(key) is e:
             del self._engines[key]
 
     async def aclose(self) -> None:
         """Release every engine (the service is stopping)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch
         for e in list(self._engines.values()):
             if e.release_timer is not None:
                 e.release_timer.cancel()

@@ -258,6 +258,8 @@ class Scheduler:
         self.store, self.storage, self.engines, self.cfg = store, storage, engines, config
         #: Engines overnight starts itself (templates, the mock runtime).
         self.runtimes = runtimes
+        if runtimes is not None:
+            runtimes.on_engine_died = self._engine_died
         self.replica_id = replica_id
         self.max_running = max_running
         self.poll_s = poll_s
@@ -429,6 +431,15 @@ class Scheduler:
         runner.engine = self.engines.client_for(b)
         runner.capacity = self.engines.capacity_for(b)
         runner.health = self.engines.health_for(b)
+
+    def _engine_died(self, batch_ids: set[str], why: str) -> None:
+        """Batches on an engine that died checkpoint and come back at once; the next
+        attach restarts the engine (bounded, with backoff)."""
+        for bid in batch_ids:
+            runner = self.runners.get(bid)
+            if runner is not None:
+                runner.yield_slot(why, not_before=time.time())
+        self._wake.set()
 
     async def _detach_engine(self, runner: BatchRunner) -> None:
         assert self.runtimes is not None
