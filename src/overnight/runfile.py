@@ -204,7 +204,7 @@ class RichReporter:
 
         self._progress = Bar(
             TextColumn("overnight run"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=self.console, transient=False,
+            TimeElapsedColumn(), console=self.console, transient=False, refresh_per_second=4,
         )
         self._task = self._progress.add_task("run", total=total, completed=done, info="")
         self._progress.start()
@@ -523,6 +523,10 @@ class _Engine:
         self.report.message(f"starting engine {r.name!r} (template {r.name} version {r.version}); "
                             f"log {self.state.logs}")
         try:
+            spec = self.runtime.check(spec)  # a bad spec names its field; more GPUs than the host has
+        except (OvernightError, ValueError) as exc:
+            raise RunError(f"the engine cannot start here: {getattr(exc, 'message', exc)}", 1) from None
+        try:
             self.handle = await self.runtime.acquire(spec, owner=self.owner, record=record)
             started = time.monotonic()
             endpoint = await self.runtime.wait_ready(self.handle, timeout_s=r.ready_timeout_seconds)
@@ -551,6 +555,9 @@ class _Engine:
         info = self.runtime.exit_info(self.handle)
         code = info.get("exit_code")
         how = f"exited with code {code}" if code is not None else "is gone"
+        if code is not None and code > 128:
+            with contextlib.suppress(ValueError):
+                how += f" ({signal.Signals(code - 128).name})"
         return f"the engine {how}; last lines of {self.handle['log_path']}:\n{info.get('log_tail', '')}"
 
     def log_hint(self) -> str:

@@ -393,3 +393,18 @@ def test_ctrl_c_during_validation_leaves_nothing_behind(tmp_path: Path) -> None:
     assert (result.status, result.exit_code) == ("stopped", 130), result
     assert "nothing was sent" in result.message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_template_needing_more_gpus_than_the_host_has_is_refused_before_starting(tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "big.yaml").write_text(
+        "kind: ModelDeploymentTemplate\nname: big\nversion: '1'\nspec:\n"
+        "  engine: {type: mock}\n  model_source: {type: local, uri: mock}\n"
+        "  accelerator: {type: nvidia-gpu, count: 512}\n  parallelism: {tp: 512}\n  supported_endpoints: [/v1/chat/completions]\n"
+    )
+    inp = write_input(tmp_path / "in.jsonl", 3, model="big")
+    rc, log = run(tmp_path, str(inp), "-o", "out.jsonl", "--template", "big", "--templates-dir", str(templates))
+    assert rc == 1, log
+    assert "cannot start here" in log and "512" in log
+    assert "Traceback" not in log
