@@ -505,16 +505,24 @@ class _Engine:
             raise RunError(f"the engine at {self.url} refused the API key (HTTP {status} on GET /v1/models); "
                            "pass --api-key (or OVERNIGHT_ENGINE_API_KEY)", 1)
 
-    async def _start_template(self) -> None:
+    def check_runtime(self) -> Any:
+        """The local runtime's spec for the template, checked on this host (a bad field,
+        a secret that is not set, more GPUs than the host has) before anything starts."""
         from overnight.runtimes.local import LocalRuntime
         from overnight.templates import local_spec
 
-        self.runtime = LocalRuntime(log_dir=self.state.logs, installation_id=INSTALLATION_ID)
-        await self.release_leftover()
+        if self.resolved is None:
+            return None
+        if self.runtime is None:
+            self.runtime = LocalRuntime(log_dir=self.state.logs, installation_id=INSTALLATION_ID)
         try:
-            spec = local_spec(self.resolved)
-        except OvernightError as exc:
-            raise RunError(exc.message, 1) from None
+            return self.runtime.check(local_spec(self.resolved))
+        except (OvernightError, ValueError) as exc:
+            raise RunError(f"the engine cannot start here: {getattr(exc, 'message', exc)}", 1) from None
+
+    async def _start_template(self) -> None:
+        spec = self.check_runtime()
+        await self.release_leftover()
 
         async def record(handle: dict[str, Any]) -> None:
             await to_thread(write_atomic, self.state.engine, orjson.dumps(handle))
@@ -522,10 +530,6 @@ class _Engine:
         r = self.resolved
         self.report.message(f"starting engine {r.name!r} (template {r.name} version {r.version}); "
                             f"log {self.state.logs}")
-        try:
-            spec = self.runtime.check(spec)  # a bad spec names its field; more GPUs than the host has
-        except (OvernightError, ValueError) as exc:
-            raise RunError(f"the engine cannot start here: {getattr(exc, 'message', exc)}", 1) from None
         try:
             self.handle = await self.runtime.acquire(spec, owner=self.owner, record=record)
             started = time.monotonic()
@@ -692,6 +696,7 @@ async def _run(cfg: RunConfig, report: Reporter, ctx: _Ctx) -> RunResult:
             try:
                 if cfg.template is not None:
                     engine.resolve_template()
+                    engine.check_runtime()
                 result = await _prepare(cfg, state, engine)
             except BaseException:
                 _discard(state, lock, existed)
@@ -703,6 +708,7 @@ async def _run(cfg: RunConfig, report: Reporter, ctx: _Ctx) -> RunResult:
         else:
             if cfg.template is not None:
                 engine.resolve_template()
+                engine.check_runtime()
             await _check_same_input(cfg, state, manifest)
             engine.check_lines(manifest["endpoint"], manifest.get("model"))
         engine.owner = manifest["batch_id"]

@@ -407,4 +407,5 @@ def test_a_template_needing_more_gpus_than_the_host_has_is_refused_before_starti
     rc, log = run(tmp_path, str(inp), "-o", "out.jsonl", "--template", "big", "--templates-dir", str(templates))
     assert rc == 1, log
     assert "cannot start here" in log and "512" in log
-    assert "Traceback" not in log
+    assert "Traceback" not in log and "starting engine" not in log
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["in.jsonl", "templates"]
