@@ -8,9 +8,12 @@
 3. runs ``overnight run in.jsonl -o out.jsonl --engine-url ...`` on the same N
    requests as a child process, and times it from start to exit: interpreter
    start, validation, the input copy, dispatch, assembly and the final move;
-4. prints the command's rate against the bound (both end to end and for the
-   dispatch alone, as the command's summary line reports it), and checks that the
-   output holds every custom_id exactly once.
+4. prints the command's rate against the bound, twice: from the process's start
+   to its exit, and as the command's summary line reports it (from the start of
+   its work, once Python and overnight are imported, to the output in place:
+   validation, input copy, dispatch, assembly; like the service's benchmark,
+   which times a batch from create to completed, not the server's start), and
+   checks that the output holds every custom_id exactly once.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def run_command(workdir: Path, engine_url: str, input_path: Path, n: int, extra:
     return {
         "seconds": seconds,
         "req_s": n / seconds,
-        "dispatch_s": float(m.group(1)) if m else None,
-        "dispatch_req_s": float(m.group(2)) if m else None,
+        "own_s": float(m.group(1)) if m else None,
+        "own_req_s": n / float(m.group(1)) if m and float(m.group(1)) > 0 else None,
         "exactly_once": len(ids) == n and max(ids.values()) == 1,
         "summary": proc.stdout.strip(),
     }
@@ -80,9 +83,11 @@ def main() -> None:
               f"max running {stats['max_running_seen']}, max waiting {stats['max_waiting_seen']}")
         print()
         print(f"N={args.n} latency={args.latency_ms:g} ms engine concurrency={c}")
-        print(f"  overnight run / direct bound, end to end   {r['req_s'] / bound:6.3f}")
-        if r["dispatch_req_s"]:
-            print(f"  overnight run / direct bound, dispatch     {r['dispatch_req_s'] / bound:6.3f}")
+        if r["own_req_s"]:
+            print(f"  overnight run / direct bound                       {r['own_req_s'] / bound:6.3f}  "
+                  f"({r['own_req_s']:.0f} req/s, {r['own_s']:.2f} s as the command reports it)")
+        print(f"  overnight run / direct bound, with Python's start  {r['req_s'] / bound:6.3f}  "
+              f"({r['req_s']:.0f} req/s, {r['seconds']:.2f} s process start to exit)")
 
 
 if __name__ == "__main__":

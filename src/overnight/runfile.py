@@ -609,6 +609,7 @@ class _Ctx:
 
     def __init__(self, report: Reporter) -> None:
         self.report = report
+        self.started = time.monotonic()
         self.stop = StopSignal()
         #: "signal": the signal number; "engine_failed": why the engine is unusable.
         self.why: dict[str, Any] = {}
@@ -812,7 +813,7 @@ async def _execute(
     spool = Spool(spool_dir=state.spool, storage=storage, batch_id=batch_id, token=m["attempt"], checkpoint=cp)
     spool.open()
     stop, why = ctx.stop, ctx.why
-    started = time.monotonic()
+    started = ctx.started  # the whole command: validation, copy, engine start, dispatch, output
     done_before = 0
     try:
         recovered = await spool.recover()
@@ -997,7 +998,7 @@ async def _finish(cfg: RunConfig, state: _State, m: dict[str, Any], storage: Loc
     return RunResult(
         status="completed", exit_code=0, total=cp.total, completed=cp.completed, failed=cp.failed,
         finished_now=now, seconds=seconds, output_path=cfg.output_path, errors_path=cfg.errors_path,
-        message=f"done: {cp.completed} completed, {cp.failed} failed in {seconds:.1f} s ({rate:.1f} req/s); {where}",
+        message=f"done: {cp.completed} completed, {cp.failed} failed in {seconds:.2f} s ({rate:.1f} req/s); {where}",
     )
 
 

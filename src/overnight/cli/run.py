@@ -14,14 +14,16 @@ __all__ = ["run_command"]
 
 def run_command(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="The batch input: one OpenAI batch request per line.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where the output lines go (one per request).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where the output lines go (one per request).",
+                                       show_default="none")],
     errors: Annotated[
         Optional[Path],
         typer.Option("--errors", help="Failed requests' lines go here instead of into the output.",
                      show_default="none: into the output file"),
     ] = None,
     engine_url: Annotated[
-        Optional[str], typer.Option("--engine-url", help="An OpenAI-compatible engine that runs already (http://host:port).")
+        Optional[str], typer.Option("--engine-url", help="An OpenAI-compatible engine that runs already (http://host:port).",
+                                    show_default="none: give it or --template")
     ] = None,
     api_key: Annotated[
         Optional[str],
@@ -29,12 +31,13 @@ def run_command(
                      help="Bearer key sent to --engine-url.", show_default="none"),
     ] = None,
     template: Annotated[
-        Optional[str], typer.Option("--template", help="Start this model deployment template's engine here, run, stop it.")
+        Optional[str], typer.Option("--template", help="Start this model deployment template's engine here, run, stop it.",
+                                    show_default="none: give it or --engine-url")
     ] = None,
     template_version: Annotated[
         Optional[str], typer.Option("--template-version", help="The template's version.", show_default="latest active")
     ] = None,
-    profile: Annotated[Optional[str], typer.Option("--profile", help="A profile (env, secrets by reference).")] = None,
+    profile: Annotated[Optional[str], typer.Option("--profile", help="A profile (env, secrets by reference).", show_default="none")] = None,
     templates_dir: Annotated[
         Optional[Path],
         typer.Option("--templates-dir", envvar="OVERNIGHT_TEMPLATES_DIR", show_envvar=True,
