@@ -344,3 +344,23 @@ def test_gpus_are_shared_out_and_a_batch_waits_for_a_free_one(cluster, tmp_path,
     devices = sorted(p.read_text() for p in tmp_path.glob("seen.*"))
     assert len(devices) == 3 and set(devices) <= {"0", "1"} and set(devices) == {"0", "1"}
     assert max_running <= 2
+
+
+def test_cancelling_a_template_batch_releases_its_engine(cluster, tmp_path, no_leftovers):
+    tdir = _templates(tmp_path, _mock_template("slow", latency=300))
+    server = cluster.server(engine_url=None, extra=("--templates-dir", str(tdir)))
+    client = client_for(server.url)
+    b = _create(client, tmp_path, 500, model="slow", model_template={"name": "slow"}, max_concurrency=8)
+    deadline = time.monotonic() + 30
+    pid = None
+    while time.monotonic() < deadline and pid is None:
+        cur = client.batches.retrieve(b.id)
+        pid = ((cur.model_extra.get("overnight") or {}).get("runtime") or {}).get("pid")
+        time.sleep(0.05)
+    assert pid is not None
+    client.batches.cancel(b.id)
+    b = wait_status(client, b.id, timeout_s=60)
+    assert b.status == "cancelled"
+    out, err = results(client, b)
+    assert_exactly_once(out, err, {f"req-{i}" for i in range(500)})
+    assert not _wait_gone({pid}, 20), "the engine outlived its cancelled batch"
