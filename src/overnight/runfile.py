@@ -590,7 +590,8 @@ async def _finished_check(cfg: RunConfig) -> RunResult:
         where = f"{out}" + (f" (with {err})" if len(outputs) > 1 else "")
         raise RunError(
             f"{where} already exists and does not hold the results of {cfg.input_path}; "
-            f"remove it or choose another -o (an unfinished run keeps its state in {cfg.state()})"
+            f"remove it or choose another -o (an unfinished run keeps its state in {cfg.state()}; a finished "
+            "one written with --errors FILE is recognised with the same --errors)"
         )
     counts = [await to_thread(_count_lines, p) for p in outputs]
     total = sum(c[0] for c in counts)
