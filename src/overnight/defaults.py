@@ -14,9 +14,11 @@ METADATA_MAX_PAIRS = 16
 METADATA_MAX_KEY_CHARS = 64
 METADATA_MAX_VALUE_CHARS = 512
 
-#: Concurrency: start where a single GPU engine is comfortably busy, let the adaptive
-#: limiter find the rest. The global cap bounds sockets and memory of one replica.
-INITIAL_CONCURRENCY = 32
+#: Concurrency: start where a single GPU engine is comfortably busy (well below
+#: vLLM's and SGLang's default batch sizes of 256 and more), let the adaptive limit
+#: find the rest: every doubling it saves is a round trip of a half-idle engine.
+#: The global cap bounds sockets and memory of one replica.
+INITIAL_CONCURRENCY = 64
 MIN_CONCURRENCY = 1
 MAX_CONCURRENCY_PER_BATCH = 1024
 MAX_CONCURRENCY_GLOBAL = 4096

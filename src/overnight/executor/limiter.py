@@ -487,10 +487,13 @@ class AdaptiveLimit:
             r.at = now
 
     def _cap(self, now: float) -> float:
-        """The highest level allowed now (refusal / metrics ceiling, max)."""
+        """The highest level allowed now: max, the refusal ceiling, and, while the
+        engine's measured capacity is fresh, that capacity plus the queue target."""
         top = float(self.limits.max)
         if self.ceiling and now < self._ceiling_until:
             top = min(top, self.ceiling)
+        if self._capacity and now - self._capacity_at <= self.limits.table_ttl_s and self.metrics_fresh(now):
+            top = min(top, max(float(self.limits.min), self._capacity + self.waiting_target() / 2.0 + 1.0))
         return top
 
     def _step_up(self, level: int) -> int:
