@@ -61,11 +61,23 @@ def test_startup_doubles_while_the_rate_keeps_growing_even_as_latency_rises() ->
         # A batching engine: twice the requests, nearly twice the rate, and each
         # request slower than before. Latency must not stop the growth.
         level = lim.value
-        epoch(lim, clock, rate=lambda n: 9.0 * n, latency=0.1 * n_latency(level), seconds=0.05)
+        epoch(lim, clock, rate=lambda n: 20.0 * n**0.6, latency=0.1 * n_latency(level), seconds=0.05)
         if lim.value != level:
             seen.append(lim.value)
     assert seen == [16, 32, 64, 128]
     assert lim.slow_start and lim.cuts == 0
+
+
+def test_startup_quadruples_while_a_doubling_nearly_doubles_the_rate() -> None:
+    clock = FakeClock()
+    lim = make(clock)
+    seen = []
+    while len(seen) < 3:
+        level = lim.value
+        epoch(lim, clock, rate=lambda n: 10.0 * n, seconds=0.05)
+        if lim.value != level:
+            seen.append(lim.value)
+    assert seen == [16, 64, 256]
 
 
 def test_startup_ends_at_the_level_where_doubling_stopped_paying() -> None:
