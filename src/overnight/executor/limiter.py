@@ -339,12 +339,18 @@ class AdaptiveLimit:
             return
         self._epoch_overloads += 1
         refused = kind == Signal.OVERLOAD  # the engine said it is full; else it failed us
+        refused_at = inflight if inflight is not None else self.value
+        level = float(max(self.limits.min, min(self.value, refused_at - 1)))
+        if refused:
+            # What the engine took is at most what was in flight beside this request;
+            # a burst of refusals (each leaving as it comes) narrows it down to the
+            # engine's capacity. That level stays a ceiling for a while.
+            if not self.ceiling or now >= self._ceiling_until:
+                self.ceiling = level
+            else:
+                self.ceiling = min(self.ceiling, level)
+            self._ceiling_until = now + self.limits.ceiling_ttl_s
         if now - self._last_cut >= self._settle_s():
-            refused_at = inflight if inflight is not None else self.value
-            level = float(max(self.limits.min, min(self.value, refused_at - 1)))
-            if refused:
-                # The level the engine refused at stays a ceiling for a while.
-                self.ceiling, self._ceiling_until = level, now + self.limits.ceiling_ttl_s
             self._last_cut = now
             self.cuts += 1
             if self.mode == STARTUP:
