@@ -17,8 +17,7 @@ more round trip (and at least a handful). Each measured level's rate goes into a
 small table (an average per level, forgotten after ``table_ttl_s``):
 
 * **Startup** (BBR's startup): double the level each epoch while the rate grows
-  by at least ``startup_gain`` (25%) per doubling (quadruple after a doubling
-  that nearly doubled the rate, ``startup_linear``); the first step that does
+  by at least ``startup_gain`` (25%) per doubling; the first doubling that does
   not pay for itself ends startup.
 * **Cruise**: run at the *smallest* measured level whose rate is within
   ``knee_tolerance`` of the best rate in the table: the knee, where more in
@@ -88,10 +87,11 @@ class ConcurrencyLimits:
     #: Cut on the first overload answer or timeout of a round. Mild, because every
     #: further refusal in the round takes one more slot away.
     backoff_ratio: float = 0.9
-    #: A doubling in startup must raise the rate by this much to continue ...
+    #: A doubling in startup must raise the rate by this much to continue.
+    #: (Quadrupling when a doubling nearly doubled the rate was tried: it ramps a
+    #: flat-latency engine faster, but leaps past engines with a hard limit into a
+    #: burst of 429s, each then waiting its Retry-After.)
     startup_gain: float = 0.25
-    #: ... and one that raised it this many times over quadruples next.
-    startup_linear: float = 1.8
     #: Cruise at the smallest level whose rate is within this of the best.
     knee_tolerance: float = 0.04
     #: A probe up that raises the rate by this much restarts the doubling.
@@ -539,11 +539,8 @@ class AdaptiveLimit:
             prev = self._startup_prev
             grew = prev is None or rate >= prev * (1.0 + lim.startup_gain)
             if grew and level < cap:
-                # Far below the knee a doubling nearly doubles the rate: then go
-                # four times higher (the next doubling would pay as well).
-                step = 4.0 if prev is not None and rate >= prev * lim.startup_linear else 2.0
                 self._startup_prev = rate
-                self._set(min(cap, level * step), f"startup: {rate:.1f} req/s at {level}")
+                self._set(min(cap, level * 2.0), f"startup: {rate:.1f} req/s at {level}")
                 return
             self.mode = CRUISE
             self._cruise_left = lim.cruise_epochs
