@@ -16,7 +16,7 @@ from overnight.executor.checkpoint import Checkpoint
 from overnight.executor.engine import EngineReply, FakeEngine
 from overnight.executor.limiter import ConcurrencyLimits
 from overnight.executor.retry import RetryPolicy
-from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
+from overnight.executor.run import ExecuteParams, Outcome, Shard, StopSignal, execute
 from overnight.executor.sharing import EngineCapacity
 from overnight.executor.writer import Spool
 from overnight.storage.memory import MemoryStorage
@@ -49,7 +49,8 @@ class Batch:
         await self.storage.put_bytes("in", b"\n".join(lines) + b"\n")
 
     async def run(self, engine, *, stop: StopSignal | None = None, deadline_s: float = 3600,
-                  policy: RetryPolicy = FAST_RETRY, checkpoint: bytes | None = None, interval_s: float = 0.05):
+                  policy: RetryPolicy = FAST_RETRY, checkpoint: bytes | None = None, interval_s: float = 0.05,
+                  shard: Shard | None = None):
         self.token += 1
         cp = Checkpoint.decode(checkpoint) if checkpoint else Checkpoint.empty(self.n)
         self.spool = Spool(spool_dir=self.tmp / "spool", storage=self.storage, batch_id="batch_t", token=self.token,
@@ -61,7 +62,7 @@ class Batch:
             self.persisted.append(data)
 
         params = ExecuteParams(endpoint=CHAT, input_key="in", batch_suffix="t", deadline=time.time() + deadline_s,
-                               checkpoint_interval_s=interval_s, persist=persist)
+                               checkpoint_interval_s=interval_s, persist=persist, shard=shard)
         self.share = self.capacity.join(cap=self.cap)
         try:
             return await execute(storage=self.storage, spool=self.spool, engine=engine, limiter=self.share,
@@ -376,3 +377,44 @@ async def test_broken_connections_count_as_attempts_not_as_an_outage(tmp_path) -
     assert await b.run(engine, deadline_s=3600) is Outcome.DONE
     out, err = await b.lines()
     assert engine.calls == 3 and err[0]["error"]["code"] == "connection_error"
+
+
+async def test_shards_split_a_batch_and_together_send_each_request_once(tmp_path) -> None:
+    n = 101
+    sent: Counter[str] = Counter()
+
+    def answer(path, body):
+        sent[body["messages"][0]["content"]] += 1
+        return ok(body)
+
+    seen: Counter[str] = Counter()
+    for index in range(3):
+        b = Batch(tmp_path / f"s{index}", n)
+        await b.upload()
+        assert await b.run(FakeEngine(answer), shard=Shard(index=index, count=3)) is Outcome.DONE
+        out, err = await b.lines()
+        assert not err
+        assert len(out) == Shard(index=index, count=3).size(n)
+        assert all(int(row["custom_id"][1:]) % 3 == index for row in out)
+        seen.update(row["custom_id"] for row in out)
+    assert set(seen) == {f"c{i}" for i in range(n)} and max(seen.values()) == 1
+    assert sum(sent.values()) == n
+
+
+async def test_a_cancelled_shard_writes_only_its_own_undone_lines(tmp_path) -> None:
+    b = Batch(tmp_path, 50)
+    await b.upload()
+    stop = StopSignal()
+    stop.set(Outcome.CANCELLED)
+    shard = Shard(start=10, stop=20)
+    assert await b.run(FakeEngine(lambda p, body: ok(body)), stop=stop, shard=shard) is Outcome.CANCELLED
+    out, err = await b.lines()
+    assert sorted(int(r["custom_id"][1:]) for r in out + err) == list(range(10, 20))
+
+
+def test_shard_bounds_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Shard(index=3, count=3)
+    with pytest.raises(ValueError):
+        Shard(start=5, stop=2)
+    assert Shard(index=1, count=4, start=2, stop=11).size(100) == len([i for i in range(2, 11) if i % 4 == 1])

@@ -1,7 +1,11 @@
 """``execute()``: input -> dispatch -> spool -> checkpoints, until done or stopped.
 
-The executor never changes a batch's status; it returns an ``Outcome`` and the
-scheduler moves the state machine. It only catches overnight's own errors.
+The one executor entry point: the scheduler's runner, ``overnight run`` and (for
+one ``Shard`` of a batch) a pod worker all call it with the batch's input,
+storage, a spool, a checkpoint sink (``ExecuteParams.persist``), an engine client
+and a share of the engine's concurrency. The executor never changes a batch's
+status; it returns an ``Outcome`` and the caller moves the state machine. It only
+catches overnight's own errors.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from overnight.executor.sharing import BatchShare
 from overnight.executor.writer import Spool
 from overnight.storage.base import Storage
 
-__all__ = ["Outcome", "StopSignal", "execute", "ExecuteParams"]
+__all__ = ["ExecuteParams", "Outcome", "Shard", "StopSignal", "execute"]
 
 log = logging.getLogger("overnight.executor")
 
@@ -66,6 +70,33 @@ class ExecuteParams:
     checkpoint_interval_s: float
     #: Store the checkpoint (raises LeaseLost if this replica no longer owns the batch).
     persist: Callable[[bytes], Awaitable[None]]
+    #: Run only part of the batch (a pod of a sharded Kubernetes Job): None is all.
+    shard: Shard | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Which request indices (0-based) one run owns: ``index mod count == index``
+    (``count`` > 1), or the line range ``[start, stop)``, or both."""
+
+    index: int = 0
+    count: int = 1
+    start: int = 0
+    stop: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} must be in [0, count={self.count})")
+        if self.start < 0 or (self.stop is not None and self.stop < self.start):
+            raise ValueError(f"shard range [{self.start}, {self.stop}) is empty or negative")
+
+    def owns(self, i: int) -> bool:
+        return self.start <= i and (self.stop is None or i < self.stop) and i % self.count == self.index
+
+    def size(self, total: int) -> int:
+        """How many of ``total`` requests this shard owns."""
+        stop = total if self.stop is None else min(total, self.stop)
+        return len(range(self.start + (self.index - self.start) % self.count, stop, self.count))
 
 
 @dataclass(slots=True)
@@ -236,9 +267,10 @@ class _Dispatcher:
         done = self.spool.cp.done
         limiter, tasks, loads, dumps = self.limiter, self.tasks, orjson.loads, orjson.dumps
         create_task, send_one, task_done = asyncio.get_running_loop().create_task, self.send_one, self._task_done
+        shard = self.p.shard
         async for lineno, raw in self.storage.read_lines(self.p.input_key):
             index = lineno - 1
-            if index in done:
+            if index in done or (shard is not None and not shard.owns(index)):
                 continue
             try:
                 obj = loads(raw)
@@ -286,9 +318,10 @@ class _Dispatcher:
         done = self.spool.cp.done
         if done.missing() == 0:
             return
+        shard = self.p.shard
         async for lineno, raw in self.storage.read_lines(self.p.input_key):
             index = lineno - 1
-            if index not in done:
+            if index not in done and (shard is None or shard.owns(index)):
                 cid = orjson.loads(raw)["custom_id"]
                 tried = self.tried(index)
                 text = f"{message}; {tried}." if tried else (unsent or f"{message}.")
