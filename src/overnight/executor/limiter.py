@@ -191,6 +191,7 @@ class AdaptiveLimit:
         #: Level refused at (0: none) and until when it stays a ceiling.
         self.ceiling = 0.0
         self._ceiling_until = 0.0
+        self._burst_at = -math.inf
         #: No new sends before this monotonic time (outage / Retry-After).
         self.hold_until = 0.0
         self._outage_streak = 0
@@ -341,12 +342,21 @@ class AdaptiveLimit:
         refused = kind == Signal.OVERLOAD  # the engine said it is full; else it failed us
         refused_at = inflight if inflight is not None else self.value
         level = float(max(self.limits.min, min(self.value, refused_at - 1)))
+        if refused and self.ceiling and now < self._ceiling_until and refused_at <= self.ceiling + 1:
+            # Refused at (or below) the capacity it already showed: an engine that
+            # counts a finished request a moment too long. One slot, not a cut; the
+            # ceiling stays (lowering it on every such refusal would ratchet down).
+            self._set(min(self.limit, self.ceiling) - 1.0, f"{kind} at {refused_at} in flight", quiet=True)
+            return
         if refused:
             # What the engine took is at most what was in flight beside this request;
-            # a burst of refusals (each leaving as it comes) narrows it down to the
-            # engine's capacity. That level stays a ceiling for a while.
-            if not self.ceiling or now >= self._ceiling_until:
+            # within one burst of refusals (each leaving as it comes) that narrows
+            # down to the engine's capacity. A later, lone refusal (an engine that
+            # counts a finished request a moment too long) sets the ceiling anew
+            # instead of ratcheting it down. It stays a ceiling for a while.
+            if not self.ceiling or now >= self._ceiling_until or now - self._burst_at > self._settle_s():
                 self.ceiling = level
+                self._burst_at = now
             else:
                 self.ceiling = min(self.ceiling, level)
             self._ceiling_until = now + self.limits.ceiling_ttl_s
