@@ -214,7 +214,12 @@ class AdaptiveLimit:
         self._if_last = 0
         self._epoch_overloads = 0
         #: The epoch's metrics samples (waiting, running).
-        self._samples: list[tuple[float, float]] = []
+        #: Recent metrics samples (time, waiting, running, our in-flight), a few
+        #: seconds' worth whatever the level: fast engines change level faster
+        #: than metrics can be sampled.
+        self._samples: deque[tuple[float, float, float, float]] = deque()
+        #: What the engine ran when it was last judged full (the queue branch).
+        self._full_running = 0.0
         #: Requests the engine ran while a real queue waited there (its capacity), and when.
         self._capacity = 0.0
         self._capacity_at = -math.inf
@@ -387,10 +392,11 @@ class AdaptiveLimit:
             self._preemptions = load.preemptions
         if not self._metrics_visible or self.limits.fixed:
             return
-        if now >= self._settle_until:
-            self._samples.append((load.waiting, load.running))
-            if len(self._samples) > 16:
-                del self._samples[0]
+        samples = self._samples
+        samples.append((now, load.waiting, load.running, float(inflight if inflight is not None else self.value)))
+        horizon = now - max(1.0, 3.0 * self._settle_s())
+        while samples and (samples[0][0] < horizon or len(samples) > 64):
+            samples.popleft()
         target = self.waiting_target()
         if now - self._last_cut < self._settle_s():
             return
@@ -453,8 +459,6 @@ class AdaptiveLimit:
         self._if_area = 0.0
         self._if_t = max(self._if_t, self._settle_until) if settle else now
         self._epoch_overloads = 0
-        if settle:
-            self._samples = []  # a new level: what the engine showed before is moot
 
     def _end_epoch(self, now: float, elapsed: float) -> None:
         n = self._n
@@ -471,16 +475,19 @@ class AdaptiveLimit:
         if len(self._samples) >= 3 and self.metrics_fresh(now):
             # Requests that arrived during a step wait for the next one even when
             # the engine has room, and a burst shows as a queue for a step: the
-            # medians of the samples at this level, not one sample, say whether the engine is full. It is
-            # full when the queue is a good part of the level (then what it runs is
-            # its capacity), or when it runs as many as that capacity.
-            waiting = statistics.median(w for w, _ in self._samples)
-            running = statistics.median(r for _, r in self._samples)
-            if waiting > max(self.waiting_target(), 0.15 * level):
+            # medians of the last few seconds' samples, not one sample, say whether
+            # the engine is full. It is full when the queue is a good part of what
+            # we had in flight (then what it runs is its capacity), or when it runs
+            # as many as that capacity.
+            waiting = statistics.median(x[1] for x in self._samples)
+            running = statistics.median(x[2] for x in self._samples)
+            ours = statistics.median(x[3] for x in self._samples)
+            if waiting > max(self.waiting_target(), 0.15 * ours):
                 self._capacity, self._capacity_at = running, now
                 queue = waiting
             elif now - self._capacity_at <= self.limits.table_ttl_s and running >= 0.97 * self._capacity:
                 queue = waiting
+            self._full_running = running
         self._restart_epoch(now, settle=False)
         if overloads:
             return  # no decisions on an epoch with refusals
@@ -539,7 +546,9 @@ class AdaptiveLimit:
             # plus a short queue, whatever the rates say.
             target = self.waiting_target()
             if queue > target / 2.0:
-                new = max(float(lim.min), level - (queue - target / 2.0), level * 0.5)
+                # What it runs plus half the target: the same answer however
+                # often the queue is seen before it drains.
+                new = max(float(lim.min), min(float(level), self._full_running + target / 2.0), level * 0.5)
                 if self.mode != CRUISE or int(new) != level:
                     self._set(new, f"engine queue {queue:.1f}, target {target / 2.0:.1f}")
                 self.mode = CRUISE
