@@ -276,6 +276,13 @@ class EngineManager:
             return
         handle, e.handle, e.url = e.handle, None, None
         if handle is not None:
+            if not await e.runtime.alive(handle):
+                # Its batches left because it died (they saw it unreachable before
+                # the watch did): count the death, or a crash loop never ends.
+                info = getattr(e.runtime, "exit_info", lambda h: {})(handle)
+                tail = (info.get("log_tail") or "").strip().splitlines()[-10:]
+                e.restarts.append({"at": time.time(), "exit_code": info.get("exit_code"),
+                                   "log_tail": "\n".join(tail)})
             await e.runtime.release(handle)
             log.info("engine %s released", key)
         # An engine that died keeps its entry (and so its restart count) while
