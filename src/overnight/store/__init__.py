@@ -5,12 +5,13 @@ from __future__ import annotations
 from overnight._registry import LazyRegistry
 from overnight.errors import StoreError
 from overnight.store.base import ACTIVE_STATUSES, Store
-from overnight.store.records import BatchRecord, FileRecord
+from overnight.store.records import BatchRecord, FileRecord, ShardRecord
 
 __all__ = [
     "ACTIVE_STATUSES",
     "BatchRecord",
     "FileRecord",
+    "ShardRecord",
     "Store",
     "connect_store",
     "register_store",

@@ -1,8 +1,9 @@
 """The record store interface.
 
-A store keeps file metadata, batch records and batch checkpoints. Every batch
-write is a compare-and-set on ``version``: two replicas or a racing cancel cannot
-both win. Backends store each record as a document plus the few indexed fields
+A store keeps file metadata, batch records and batch checkpoints, and the shard
+records (and shard checkpoints) of batches sharded over several pods. Every batch
+or shard write is a compare-and-set on ``version``: two replicas or a racing
+cancel cannot both win. Backends store each record as a document plus the few indexed fields
 lists need (tenant, purpose, status, id), so adding a field never needs a migration.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol, runtime_checkable
 
-from overnight.store.records import BatchRecord, FileRecord
+from overnight.store.records import BatchRecord, FileRecord, ShardRecord
 
 __all__ = ["Store", "ACTIVE_STATUSES"]
 
@@ -71,3 +72,25 @@ class Store(Protocol):
         ``NotFoundError`` when the batch is gone."""
 
     async def get_checkpoint(self, batch_id: str) -> bytes | None: ...
+
+    # -- shards ------------------------------------------------------------
+    # A shard is named by (batch_id, index). The store keeps what it is given; who
+    # may claim or write a shard (leases, fencing) is ``batches/shards.py``'s rule.
+    async def insert_shard(self, rec: ShardRecord) -> None:
+        """Raises ``StoreError`` when the batch already has a shard ``rec.index``."""
+
+    async def get_shard(self, batch_id: str, index: int) -> ShardRecord | None: ...
+
+    async def list_shards(self, batch_id: str) -> list[ShardRecord]:
+        """The batch's shards, ordered by index."""
+
+    async def update_shard(self, rec: ShardRecord, *, checkpoint: bytes | None = None) -> ShardRecord:
+        """Compare-and-set exactly like ``update_batch``: write ``rec`` if the stored
+        version still equals ``rec.version`` (together with ``checkpoint``, when
+        given) and return it with the bumped version. Raises ``VersionConflict``
+        or ``NotFoundError``."""
+
+    async def get_shard_checkpoint(self, batch_id: str, index: int) -> bytes | None: ...
+
+    async def delete_shards(self, batch_id: str) -> int:
+        """Delete the batch's shard records and their checkpoints; how many records went."""

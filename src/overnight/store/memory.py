@@ -8,7 +8,7 @@ from typing import Literal
 
 from overnight.errors import NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
-from overnight.store.records import BatchRecord, FileRecord
+from overnight.store.records import BatchRecord, FileRecord, ShardRecord
 
 __all__ = ["MemoryStore"]
 
@@ -19,6 +19,8 @@ class MemoryStore:
         self._files: dict[str, FileRecord] = {}
         self._batches: dict[str, BatchRecord] = {}
         self._checkpoints: dict[str, bytes] = {}
+        self._shards: dict[tuple[str, int], ShardRecord] = {}
+        self._shard_checkpoints: dict[tuple[str, int], bytes] = {}
 
     async def open(self) -> None:
         return None
@@ -102,3 +104,41 @@ class MemoryStore:
 
     async def get_checkpoint(self, batch_id: str) -> bytes | None:
         return self._checkpoints.get(batch_id)
+
+    async def insert_shard(self, rec: ShardRecord) -> None:
+        if rec.key in self._shards:
+            raise StoreError(f"shard {rec.index} of batch {rec.batch_id} already exists")
+        self._shards[rec.key] = copy.deepcopy(rec)
+
+    async def get_shard(self, batch_id: str, index: int) -> ShardRecord | None:
+        rec = self._shards.get((batch_id, index))
+        return copy.deepcopy(rec) if rec else None
+
+    async def list_shards(self, batch_id: str) -> list[ShardRecord]:
+        recs = sorted((r for r in self._shards.values() if r.batch_id == batch_id), key=lambda r: r.index)
+        return copy.deepcopy(recs)
+
+    async def update_shard(self, rec: ShardRecord, *, checkpoint: bytes | None = None) -> ShardRecord:
+        cur = self._shards.get(rec.key)
+        if cur is None:
+            raise NotFoundError(f"shard {rec.index} of batch {rec.batch_id} not found")
+        if cur.version != rec.version:
+            raise VersionConflict(
+                f"shard {rec.index} of batch {rec.batch_id} changed (version {cur.version} != {rec.version})"
+            )
+        new = dataclasses.replace(copy.deepcopy(rec), version=rec.version + 1)
+        self._shards[rec.key] = new
+        if checkpoint is not None:
+            self._shard_checkpoints[rec.key] = checkpoint
+        return copy.deepcopy(new)
+
+    async def get_shard_checkpoint(self, batch_id: str, index: int) -> bytes | None:
+        return self._shard_checkpoints.get((batch_id, index))
+
+    async def delete_shards(self, batch_id: str) -> int:
+        keys = [k for k in self._shards if k[0] == batch_id]
+        for key in keys:
+            del self._shards[key]
+        for key in [k for k in self._shard_checkpoints if k[0] == batch_id]:
+            del self._shard_checkpoints[key]
+        return len(keys)

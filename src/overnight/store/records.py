@@ -10,7 +10,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FileRecord", "BatchRecord", "record_to_doc", "file_from_doc", "batch_from_doc"]
+__all__ = [
+    "FileRecord",
+    "BatchRecord",
+    "ShardRecord",
+    "SHARD_STATUSES",
+    "record_to_doc",
+    "file_from_doc",
+    "batch_from_doc",
+    "shard_from_doc",
+]
 
 
 @dataclass(kw_only=True)
@@ -91,12 +100,53 @@ class BatchRecord:
         return self.expires_at_exact if self.expires_at_exact is not None else float(self.expires_at)
 
 
-def record_to_doc(rec: FileRecord | BatchRecord) -> dict[str, Any]:
+#: What a shard can be: not claimed yet, held by a pod, finished, given up on.
+SHARD_STATUSES = ("pending", "running", "done", "failed")
+
+
+@dataclass(kw_only=True)
+class ShardRecord:
+    """One shard of a batch sharded over several pods: who runs it under which
+    lease, and its progress. Its checkpoint is kept beside it (``update_shard``),
+    so a retried pod for the same index resumes where the last one stopped."""
+
+    batch_id: str
+    #: 0-based; the shard owns the requests whose index mod ``count`` is ``index``.
+    index: int
+    #: How many shards the batch has.
+    count: int
+    #: One of ``SHARD_STATUSES``.
+    status: str = "pending"
+    #: Who holds the lease (pod name, process id); None when nobody has yet.
+    holder: str | None = None
+    #: Fencing token, bumped on every claim: a stale holder's writes are refused.
+    token: int = 0
+    lease_expires_at: float = 0.0
+    #: Claims so far (the first run included).
+    attempts: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: dict[str, Any] = field(default_factory=dict)
+    #: How many requests this shard owns.
+    total: int = 0
+    #: Why it failed: {code, message}.
+    error: dict[str, Any] | None = None
+    updated_at: float = 0.0
+    #: Compare-and-set version; every write bumps it.
+    version: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.batch_id, self.index)
+
+
+def record_to_doc(rec: FileRecord | BatchRecord | ShardRecord) -> dict[str, Any]:
     return dataclasses.asdict(rec)
 
 
 _FILE_FIELDS = {f.name for f in dataclasses.fields(FileRecord)}
 _BATCH_FIELDS = {f.name for f in dataclasses.fields(BatchRecord)}
+_SHARD_FIELDS = {f.name for f in dataclasses.fields(ShardRecord)}
 
 
 def file_from_doc(doc: dict[str, Any]) -> FileRecord:
@@ -105,3 +155,7 @@ def file_from_doc(doc: dict[str, Any]) -> FileRecord:
 
 def batch_from_doc(doc: dict[str, Any]) -> BatchRecord:
     return BatchRecord(**{k: v for k, v in doc.items() if k in _BATCH_FIELDS})
+
+
+def shard_from_doc(doc: dict[str, Any]) -> ShardRecord:
+    return ShardRecord(**{k: v for k, v in doc.items() if k in _SHARD_FIELDS})
