@@ -9,7 +9,7 @@ import pytest
 from overnight.errors import StoreError
 from overnight.store import connect_store
 from overnight.store.postgres import PostgresStore, current_revision, head_revision, upgrade
-from tests.store.contract import StoreContract, make_batch
+from tests.store.contract import ShardContract, StoreContract, make_batch
 
 pg = pytest.mark.postgres
 
@@ -25,7 +25,7 @@ async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
 
 
 @pg
-class TestPostgresStore(StoreContract):
+class TestPostgresStore(StoreContract, ShardContract):
     pass
 
 
@@ -104,6 +104,56 @@ async def test_migrations_create_exactly_the_tables_sql_py_defines(postgres_url:
     finally:
         await engine.dispose()
     assert diff == []
+
+
+@pg
+async def test_upgrading_a_0001_database_keeps_its_records_and_adds_shards(postgres_url: str) -> None:
+    import asyncpg
+    import orjson
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.engine import Connection
+
+    from overnight.store.postgres import _alembic_config, _with_connection
+    from overnight.store.records import record_to_doc
+    from tests.store.contract import make_shard
+
+    def to_0001(conn: Connection, schema: str) -> None:
+        conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        conn.commit()
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+
+    schema = postgres_url.rsplit("schema=", 1)[1]
+    await _with_connection(postgres_url, to_0001, schema)
+    assert await current_revision(postgres_url) == "0001"
+
+    # A batch written through the 0001 tables (the store refuses to open below head).
+    rec = make_batch()
+    conn = await asyncpg.connect(host="127.0.0.1", port=5432, user="postgres", database="test")
+    try:
+        await conn.execute(
+            f'INSERT INTO "{schema}".overnight_batches (id, tenant, status, input_file_id, version, doc) '
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            rec.id, rec.tenant, rec.status, rec.input_file_id, rec.version, orjson.dumps(record_to_doc(rec)).decode(),
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match=f"needs {head_revision()}"):
+        await PostgresStore(postgres_url).open()
+
+    assert await upgrade(postgres_url) == head_revision()
+    s = PostgresStore(postgres_url)
+    await s.open()
+    try:
+        assert await s.get_batch(rec.id) == rec
+        shard = make_shard(batch_id=rec.id, index=0, count=2)
+        await s.insert_shard(shard)
+        await s.update_shard(shard, checkpoint=b"cp")
+        assert await s.get_shard_checkpoint(rec.id, 0) == b"cp"
+    finally:
+        await s.aclose()
 
 
 @pg

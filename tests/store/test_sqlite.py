@@ -9,7 +9,7 @@ import pytest
 
 from overnight.store import connect_store
 from overnight.store.sqlite import SQLiteStore
-from tests.store.contract import StoreContract
+from tests.store.contract import ShardContract, StoreContract
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await s.aclose()
 
 
-class TestSQLiteStore(StoreContract):
+class TestSQLiteStore(StoreContract, ShardContract):
     pass
 
 
@@ -40,5 +40,31 @@ async def test_reopening_keeps_records(tmp_path: Path) -> None:
     try:
         assert await second.get_batch(rec.id) == written
         assert await second.get_checkpoint(rec.id) == b"\x00cp"
+    finally:
+        await second.aclose()
+
+
+async def test_a_database_made_before_shards_gains_their_tables_on_open(tmp_path: Path) -> None:
+    import sqlite3
+
+    from tests.store.contract import make_batch, make_shard
+
+    url = f"sqlite:///{tmp_path / 'overnight.db'}"
+    first = connect_store(url)
+    await first.open()
+    rec = make_batch()
+    await first.insert_batch(rec)
+    await first.aclose()
+    with sqlite3.connect(tmp_path / "overnight.db") as db:  # as an older overnight left it
+        db.execute("DROP TABLE overnight_shard_checkpoints")
+        db.execute("DROP TABLE overnight_shards")
+    second = connect_store(url)
+    await second.open()
+    try:
+        assert await second.get_batch(rec.id) == rec
+        shard = make_shard(batch_id=rec.id)
+        await second.insert_shard(shard)
+        await second.update_shard(shard, checkpoint=b"cp")
+        assert await second.get_shard_checkpoint(rec.id, 0) == b"cp"
     finally:
         await second.aclose()

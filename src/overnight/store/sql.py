@@ -5,7 +5,7 @@ Each record is a JSON document plus the columns lists and compare-and-set need.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -14,9 +14,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from overnight.errors import NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
-from overnight.store.records import BatchRecord, FileRecord, batch_from_doc, file_from_doc, record_to_doc
+from overnight.store.records import (
+    BatchRecord,
+    FileRecord,
+    ShardRecord,
+    batch_from_doc,
+    file_from_doc,
+    record_to_doc,
+    shard_from_doc,
+)
 
-__all__ = ["SQLStore", "metadata", "files_table", "batches_table", "checkpoints_table"]
+__all__ = [
+    "SQLStore",
+    "metadata",
+    "files_table",
+    "batches_table",
+    "checkpoints_table",
+    "shards_table",
+    "shard_checkpoints_table",
+]
 
 metadata = sa.MetaData()
 
@@ -53,13 +69,33 @@ checkpoints_table = sa.Table(
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
+# A batch's shards: the primary key orders a batch's shards by index, which is
+# what list_shards and delete_shards need, so no other index.
+shards_table = sa.Table(
+    "overnight_shards",
+    metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("shard_index", sa.Integer, primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("doc", sa.Text, nullable=False),
+)
+
+shard_checkpoints_table = sa.Table(
+    "overnight_shard_checkpoints",
+    metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("shard_index", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 
 #: What a query can raise besides overnight's own errors. Drivers let some connection
 #: failures (refused, reset, timed out) through as plain OSError, unwrapped by SQLAlchemy.
 _DRIVER_ERRORS = (SQLAlchemyError, OSError)
 
 
-def _dumps(rec: FileRecord | BatchRecord) -> str:
+def _dumps(rec: FileRecord | BatchRecord | ShardRecord) -> str:
     return orjson.dumps(record_to_doc(rec)).decode()
 
 
@@ -101,7 +137,8 @@ class SQLStore:
             await self._engine.dispose()
             self._engine = None
 
-    def _upsert_checkpoint(self, batch_id: str, data: bytes) -> sa.Executable:
+    def _insert(self) -> Any:
+        """The dialect's INSERT, which has ``on_conflict_do_update``."""
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
@@ -109,8 +146,15 @@ class SQLStore:
             from sqlalchemy.dialects.postgresql import insert
         else:  # pragma: no cover - only the two dialects above are registered
             raise StoreError(f"unsupported SQL dialect {dialect}")
-        stmt = insert(checkpoints_table).values(batch_id=batch_id, data=data)
+        return insert
+
+    def _upsert_checkpoint(self, batch_id: str, data: bytes) -> sa.Executable:
+        stmt = self._insert()(checkpoints_table).values(batch_id=batch_id, data=data)
         return stmt.on_conflict_do_update(index_elements=["batch_id"], set_={"data": data})
+
+    def _upsert_shard_checkpoint(self, batch_id: str, index: int, data: bytes) -> sa.Executable:
+        stmt = self._insert()(shard_checkpoints_table).values(batch_id=batch_id, shard_index=index, data=data)
+        return stmt.on_conflict_do_update(index_elements=["batch_id", "shard_index"], set_={"data": data})
 
     async def _run(self, stmt: sa.Executable) -> sa.CursorResult[Any]:
         try:
@@ -232,8 +276,69 @@ class SQLStore:
         )
         return bytes(rows[0][0]) if rows else None
 
+    # -- shards ------------------------------------------------------------
+    async def insert_shard(self, rec: ShardRecord) -> None:
+        await self._run(
+            sa.insert(shards_table).values(
+                batch_id=rec.batch_id, shard_index=rec.index, status=rec.status, version=rec.version, doc=_dumps(rec)
+            )
+        )
 
-def _bumped(rec: BatchRecord) -> BatchRecord:
+    async def get_shard(self, batch_id: str, index: int) -> ShardRecord | None:
+        c = shards_table.c
+        rows = await self._rows(sa.select(c.doc).where(c.batch_id == batch_id, c.shard_index == index))
+        return shard_from_doc(orjson.loads(rows[0][0])) if rows else None
+
+    async def list_shards(self, batch_id: str) -> list[ShardRecord]:
+        c = shards_table.c
+        stmt = sa.select(c.doc).where(c.batch_id == batch_id).order_by(c.shard_index.asc())
+        return [shard_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    async def update_shard(self, rec: ShardRecord, *, checkpoint: bytes | None = None) -> ShardRecord:
+        c = shards_table.c
+        new = _bumped(rec)
+        where = (c.batch_id == rec.batch_id, c.shard_index == rec.index)
+        try:
+            async with self.engine.begin() as conn:
+                res = await conn.execute(
+                    sa.update(shards_table)
+                    .where(*where, c.version == rec.version)
+                    .values(status=new.status, version=new.version, doc=_dumps(new))
+                )
+                if res.rowcount == 0:
+                    exists = (await conn.execute(sa.select(c.version).where(*where))).first()
+                    if exists is None:
+                        raise NotFoundError(f"shard {rec.index} of batch {rec.batch_id} not found")
+                    raise VersionConflict(
+                        f"shard {rec.index} of batch {rec.batch_id} changed (version {exists[0]} != {rec.version})"
+                    )
+                if checkpoint is not None:
+                    await conn.execute(self._upsert_shard_checkpoint(rec.batch_id, rec.index, checkpoint))
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+        return new
+
+    async def get_shard_checkpoint(self, batch_id: str, index: int) -> bytes | None:
+        c = shard_checkpoints_table.c
+        rows = await self._rows(sa.select(c.data).where(c.batch_id == batch_id, c.shard_index == index))
+        return bytes(rows[0][0]) if rows else None
+
+    async def delete_shards(self, batch_id: str) -> int:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    sa.delete(shard_checkpoints_table).where(shard_checkpoints_table.c.batch_id == batch_id)
+                )
+                res = await conn.execute(sa.delete(shards_table).where(shards_table.c.batch_id == batch_id))
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+        return int(res.rowcount)
+
+
+_R = TypeVar("_R", BatchRecord, ShardRecord)
+
+
+def _bumped(rec: _R) -> _R:
     import dataclasses
 
     return dataclasses.replace(rec, version=rec.version + 1)
