@@ -9,7 +9,7 @@ import pytest
 
 from overnight.errors import StoreError
 from overnight.store import connect_store
-from tests.store.contract import StoreContract, make_batch, make_file
+from tests.store.contract import ShardContract, StoreContract, make_batch, make_file, make_shard
 
 redis_store = pytest.importorskip("overnight.store.redis")
 RedisStore = redis_store.RedisStore
@@ -25,7 +25,7 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
 
 
 @pytest.mark.redis
-class TestRedisStore(StoreContract):
+class TestRedisStore(StoreContract, ShardContract):
     pass
 
 
@@ -57,6 +57,43 @@ async def test_indexes_empty_out_when_records_leave_them(store: RedisStore) -> N
     remaining = await _keys(store, store.prefix + "*")
     # Only the batch record and its tenant list stay; no empty or stale index keys.
     assert remaining == {f"{store.prefix}batch:{b.id}", f"{store.prefix}batches:acme"}
+
+
+@pytest.mark.redis
+async def test_shard_keys_live_under_the_prefix_and_go_with_delete_shards(store: RedisStore) -> None:
+    b = make_batch()
+    await store.insert_batch(b)
+    await store.update_batch(b, checkpoint=b"batch cp")
+    for index in range(3):
+        shard = make_shard(batch_id=b.id, index=index, count=3)
+        await store.insert_shard(shard)
+        await store.update_shard(shard, checkpoint=b"cp")
+    shard_keys = await _keys(store, f"{store.prefix}shard*")
+    assert shard_keys == {
+        *(f"{store.prefix}shard:{b.id}:{i}" for i in range(3)),
+        *(f"{store.prefix}shard-checkpoint:{b.id}:{i}" for i in range(3)),
+        f"{store.prefix}shards:{b.id}",
+    }
+    assert await store.delete_shards(b.id) == 3
+    # No shard key is left behind, not even an empty index; the batch's own keys stay.
+    assert await _keys(store, f"{store.prefix}shard*") == set()
+    assert await store.get_checkpoint(b.id) == b"batch cp"
+
+
+@pytest.mark.redis
+async def test_delete_shards_deletes_nothing_when_the_index_changed_under_it(store: RedisStore) -> None:
+    for index in range(2):
+        await store.insert_shard(make_shard(batch_id="batch_d", index=index, count=3))
+    # What a caller that read the index before shard 2 was inserted would send.
+    keys = [store._key("shards:{}", "batch_d")]
+    for index in ("0", "1"):
+        keys += [store._key("shard:{}:{}", "batch_d", index), store._key("shard-checkpoint:{}:{}", "batch_d", index)]
+    await store.insert_shard(make_shard(batch_id="batch_d", index=2, count=3))
+    assert await store._script("delete_shards")(keys=keys, args=["0", "1"]) == -1
+    assert [s.index for s in await store.list_shards("batch_d")] == [0, 1, 2]
+    # The method reads the index again and gets them all.
+    assert await store.delete_shards("batch_d") == 3
+    assert await store.list_shards("batch_d") == []
 
 
 @pytest.mark.redis
@@ -109,6 +146,10 @@ async def test_losing_the_server_after_open_raises_store_error(store: RedisStore
             await store.get_file("file-x")
         with pytest.raises(StoreError):
             await store.list_active_batches()
+        with pytest.raises(StoreError):
+            await store.list_shards("batch_x")
+        with pytest.raises(StoreError):
+            await store.delete_shards("batch_x")
     finally:
         await store.client.aclose()
         store._client = live

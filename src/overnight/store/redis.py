@@ -5,7 +5,7 @@ Lists read sorted sets whose members are ids with score 0, so they come back in
 lexicographic = creation order and ``after`` cursors are ``ZRANGEBYLEX`` bounds: no
 ``KEYS``/``SCAN`` on the serving path. Every write that touches more than one key
 is a Lua script, so a record and its indexes change together or not at all, and
-the batch compare-and-set and its checkpoint are one atomic step.
+the batch compare-and-set and its checkpoint are one atomic step; shards the same.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from redis.exceptions import RedisError
 
 from overnight.errors import NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
-from overnight.store.records import BatchRecord, FileRecord, batch_from_doc, file_from_doc, record_to_doc
+from overnight.store.records import (
+    BatchRecord,
+    FileRecord,
+    ShardRecord,
+    batch_from_doc,
+    file_from_doc,
+    record_to_doc,
+    shard_from_doc,
+)
 
 __all__ = ["RedisStore", "DEFAULT_PREFIX"]
 
@@ -43,9 +51,14 @@ DEFAULT_PREFIX = "overnight:"
 #   batches-active:{status}              zset    ids of batches in that active status, score 0
 #   batches-reading:{file_id}            set     ids of active batches whose input is file_id
 #   checkpoint:{batch_id}                string  the batch's checkpoint bytes
+#   shard:{batch_id}:{index}             hash    doc (record JSON), version, status
+#   shard-checkpoint:{batch_id}:{index}  string  the shard's checkpoint bytes
+#   shards:{batch_id}                    zset    the batch's shard indexes, scored by index
 #
 # The by-status and by-input indexes hold active batches only, so they stay as
-# small as the work in flight even though batch records are kept for good.
+# small as the work in flight even though batch records are kept for good. A
+# batch's shards are found through ``shards:{batch_id}`` (lists, deletes), never
+# by a key scan.
 _FILE = "file:{}"
 _FILES_OF_TENANT = "files:{}"
 _FILES_OF_PURPOSE = "files-by-purpose:{}:{}"
@@ -55,6 +68,9 @@ _BATCHES_OF_TENANT = "batches:{}"
 _BATCHES_ACTIVE = "batches-active:{}"
 _BATCHES_READING = "batches-reading:{}"
 _CHECKPOINT = "checkpoint:{}"
+_SHARD = "shard:{}:{}"
+_SHARD_CHECKPOINT = "shard-checkpoint:{}:{}"
+_SHARDS_OF_BATCH = "shards:{}"
 
 # -- scripts ---------------------------------------------------------------
 # KEYS: file, files:{tenant}, files-by-purpose, files-expiry
@@ -124,6 +140,48 @@ if ARGV[6] == '1' then redis.call('SET', KEYS[2], ARGV[7]) end
 return {1}
 """
 
+# KEYS: shard, shards:{batch}
+# ARGV: index, doc, version, status
+_INSERT_SHARD = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'doc', ARGV[2], 'version', ARGV[3], 'status', ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[1])
+return 1
+"""
+
+# The shard compare-and-set, as _UPDATE_BATCH: {1} written, {0} no such shard,
+# {-1, stored_version} lost to another writer (nothing is written).
+# KEYS: shard, shard-checkpoint
+# ARGV: expected version, new version, new status, doc, '1' to write the
+#       checkpoint (else '0'), checkpoint bytes
+_UPDATE_SHARD = """
+local stored = redis.call('HGET', KEYS[1], 'version')
+if not stored then return {0} end
+if stored ~= ARGV[1] then return {-1, stored} end
+redis.call('HSET', KEYS[1], 'doc', ARGV[4], 'version', ARGV[2], 'status', ARGV[3])
+if ARGV[5] == '1' then redis.call('SET', KEYS[2], ARGV[6]) end
+return {1}
+"""
+
+# Deletes the shards the caller read from the index, if the index still lists
+# exactly those (else -1 and nothing is deleted: a shard came or went; read again).
+# KEYS: shards:{batch}, then shard and shard-checkpoint per index (same order as ARGV)
+# ARGV: the indexes, in the index's order
+_DELETE_SHARDS = """
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #members ~= #ARGV then return -1 end
+for i = 1, #ARGV do
+  if members[i] ~= ARGV[i] then return -1 end
+end
+local deleted = 0
+for i = 2, #KEYS, 2 do
+  deleted = deleted + redis.call('DEL', KEYS[i])
+  redis.call('DEL', KEYS[i + 1])
+end
+redis.call('DEL', KEYS[1])
+return deleted
+"""
+
 
 def _part(value: str) -> str:
     """Percent-encode a key component that comes from outside."""
@@ -144,7 +202,7 @@ def _split_prefix(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=urlencode(kept))), prefix
 
 
-def _dumps(rec: FileRecord | BatchRecord) -> bytes:
+def _dumps(rec: FileRecord | BatchRecord | ShardRecord) -> bytes:
     return orjson.dumps(record_to_doc(rec))
 
 
@@ -181,6 +239,9 @@ class RedisStore:
             "delete_file": client.register_script(_DELETE_FILE),
             "insert_batch": client.register_script(_INSERT_BATCH),
             "update_batch": client.register_script(_UPDATE_BATCH),
+            "insert_shard": client.register_script(_INSERT_SHARD),
+            "update_shard": client.register_script(_UPDATE_SHARD),
+            "delete_shards": client.register_script(_DELETE_SHARDS),
         }
 
     async def aclose(self) -> None:
@@ -373,3 +434,81 @@ class RedisStore:
         async with _translated("get_checkpoint"):
             data = await self.client.get(self._key(_CHECKPOINT, batch_id))
         return bytes(data) if data is not None else None
+
+    # -- shards ------------------------------------------------------------
+    def _shard_key(self, batch_id: str, index: int) -> str:
+        return self._key(_SHARD, batch_id, str(index))
+
+    async def insert_shard(self, rec: ShardRecord) -> None:
+        async with _translated("insert_shard"):
+            created = await self._script("insert_shard")(
+                keys=[self._shard_key(rec.batch_id, rec.index), self._key(_SHARDS_OF_BATCH, rec.batch_id)],
+                args=[str(rec.index), _dumps(rec), str(rec.version), rec.status],
+            )
+        if not created:
+            raise StoreError(f"shard {rec.index} of batch {rec.batch_id} already exists")
+
+    async def get_shard(self, batch_id: str, index: int) -> ShardRecord | None:
+        async with _translated("get_shard"):
+            doc = await self.client.hget(self._shard_key(batch_id, index), "doc")
+        return shard_from_doc(orjson.loads(doc)) if doc is not None else None
+
+    async def _shard_indexes(self, batch_id: str) -> list[str]:
+        """The batch's shard indexes, in order (the zset's scores are the indexes)."""
+        return [i.decode() for i in await self.client.zrange(self._key(_SHARDS_OF_BATCH, batch_id), 0, -1)]
+
+    async def list_shards(self, batch_id: str) -> list[ShardRecord]:
+        async with _translated("list_shards"):
+            indexes = await self._shard_indexes(batch_id)
+            if not indexes:
+                return []
+            pipe = self.client.pipeline(transaction=False)
+            for index in indexes:
+                pipe.hget(self._key(_SHARD, batch_id, index), "doc")
+            docs = [doc for doc in await pipe.execute() if doc is not None]
+        return [shard_from_doc(orjson.loads(d)) for d in docs]
+
+    async def update_shard(self, rec: ShardRecord, *, checkpoint: bytes | None = None) -> ShardRecord:
+        new = dataclasses.replace(rec, version=rec.version + 1)
+        async with _translated("update_shard"):
+            reply = await self._script("update_shard")(
+                keys=[
+                    self._shard_key(rec.batch_id, rec.index),
+                    self._key(_SHARD_CHECKPOINT, rec.batch_id, str(rec.index)),
+                ],
+                args=[
+                    str(rec.version),
+                    str(new.version),
+                    new.status,
+                    _dumps(new),
+                    "0" if checkpoint is None else "1",
+                    b"" if checkpoint is None else checkpoint,
+                ],
+            )
+        outcome = int(reply[0])
+        if outcome == 0:
+            raise NotFoundError(f"shard {rec.index} of batch {rec.batch_id} not found")
+        if outcome < 0:
+            raise VersionConflict(
+                f"shard {rec.index} of batch {rec.batch_id} changed (version {reply[1].decode()} != {rec.version})"
+            )
+        return new
+
+    async def get_shard_checkpoint(self, batch_id: str, index: int) -> bytes | None:
+        async with _translated("get_shard_checkpoint"):
+            data = await self.client.get(self._key(_SHARD_CHECKPOINT, batch_id, str(index)))
+        return bytes(data) if data is not None else None
+
+    async def delete_shards(self, batch_id: str) -> int:
+        async with _translated("delete_shards"):
+            for _ in range(100):
+                indexes = await self._shard_indexes(batch_id)
+                if not indexes:
+                    return 0
+                keys = [self._key(_SHARDS_OF_BATCH, batch_id)]
+                for index in indexes:
+                    keys += [self._key(_SHARD, batch_id, index), self._key(_SHARD_CHECKPOINT, batch_id, index)]
+                deleted = int(await self._script("delete_shards")(keys=keys, args=indexes))
+                if deleted >= 0:
+                    return deleted
+        raise StoreError(f"redis store: the shards of batch {batch_id} change too fast to delete")
