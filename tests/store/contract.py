@@ -66,7 +66,187 @@ async def set_status(store: Store, batch_id: str, status: str) -> BatchRecord:
     return await store.update_batch(dataclasses.replace(cur, status=status))
 
 
-class StoreContract:
+class ShardContract:
+    """Shard records and their checkpoints (``store.base.Store``'s shard methods);
+    part of ``StoreContract``, so every backend runs it."""
+
+    async def test_shard_round_trips_every_field(self, store: Store) -> None:
+        rec = make_shard(
+            batch_id="batch_rt",
+            index=3,
+            count=7,
+            status="failed",
+            holder="overnight-worker-3-x7k2p",
+            token=5,
+            lease_expires_at=1_800_000_030.25,
+            attempts=4,
+            completed=90,
+            failed=2,
+            usage={"input_tokens": 2**40, "input_tokens_details": {"cached_tokens": 1}},
+            total=100,
+            error={"code": "engine_error", "message": "gône"},
+            updated_at=1_800_000_000.5,
+            version=9,
+        )
+        await store.insert_shard(rec)
+        assert await store.get_shard("batch_rt", 3) == rec
+        fresh = make_shard(batch_id="batch_rt", index=0)
+        await store.insert_shard(fresh)
+        got = await store.get_shard("batch_rt", 0)
+        assert got == fresh and got.status == "pending" and got.holder is None and got.error is None
+
+    async def test_missing_shard_is_none(self, store: Store) -> None:
+        await store.insert_shard(make_shard(batch_id="batch_one", index=0))
+        assert await store.get_shard("batch_one", 1) is None
+        assert await store.get_shard("batch_other", 0) is None
+        assert await store.list_shards("batch_other") == []
+
+    async def test_list_shards_is_ordered_by_index(self, store: Store) -> None:
+        # Inserted out of order, and past 9 so a lexicographic order would show.
+        for index in (10, 2, 0, 11, 1, 9):
+            await store.insert_shard(make_shard(index=index, count=12))
+        assert [s.index for s in await store.list_shards("batch_shards")] == [0, 1, 2, 9, 10, 11]
+
+    async def test_inserting_an_existing_shard_raises_and_keeps_the_first(self, store: Store) -> None:
+        first = make_shard(index=1, holder="pod-a", token=1)
+        await store.insert_shard(first)
+        with pytest.raises(StoreError):
+            await store.insert_shard(make_shard(index=1, holder="pod-b", token=1))
+        assert await store.get_shard("batch_shards", 1) == first
+        assert len(await store.list_shards("batch_shards")) == 1
+
+    async def test_update_shard_bumps_version_and_stores_the_record(self, store: Store) -> None:
+        rec = make_shard(index=2)
+        await store.insert_shard(rec)
+        changed = dataclasses.replace(rec, status="running", holder="pod-2", token=1, attempts=1, completed=4)
+        written = await store.update_shard(changed)
+        assert written == dataclasses.replace(changed, version=rec.version + 1)
+        assert await store.get_shard("batch_shards", 2) == written
+        again = await store.update_shard(dataclasses.replace(written, completed=5))
+        assert again.version == rec.version + 2
+
+    async def test_stale_shard_version_never_overwrites(self, store: Store) -> None:
+        rec = make_shard()
+        await store.insert_shard(rec)
+        current = await store.update_shard(dataclasses.replace(rec, holder="pod-new", token=2), checkpoint=b"new")
+        with pytest.raises(VersionConflict):
+            await store.update_shard(dataclasses.replace(rec, holder="pod-old", status="done"), checkpoint=b"old")
+        assert await store.get_shard(rec.batch_id, rec.index) == current
+        assert await store.get_shard_checkpoint(rec.batch_id, rec.index) == b"new"
+
+    async def test_update_of_missing_shard_raises_not_found(self, store: Store) -> None:
+        await store.insert_shard(make_shard(index=0))
+        with pytest.raises(NotFoundError):
+            await store.update_shard(make_shard(index=1), checkpoint=b"x")
+        assert await store.get_shard_checkpoint("batch_shards", 1) is None
+        assert await store.get_shard("batch_shards", 1) is None
+
+    async def test_two_shard_writers_racing_exactly_one_wins(self, store: Store) -> None:
+        rec = make_shard(status="running")
+        await store.insert_shard(rec)
+        writers = [dataclasses.replace(rec, holder=f"pod-{i}", token=i) for i in range(8)]
+        results = await asyncio.gather(
+            *(store.update_shard(w, checkpoint=f"cp-{w.holder}".encode()) for w in writers),
+            return_exceptions=True,
+        )
+        winners = [r for r in results if isinstance(r, ShardRecord)]
+        losers = [r for r in results if not isinstance(r, ShardRecord)]
+        assert len(winners) == 1, results
+        assert all(isinstance(e, VersionConflict) for e in losers), losers
+        stored = await store.get_shard(rec.batch_id, rec.index)
+        assert stored == winners[0] and stored.version == rec.version + 1
+        assert await store.get_shard_checkpoint(rec.batch_id, rec.index) == f"cp-{stored.holder}".encode()
+
+    async def test_shard_checkpoint_is_written_with_its_update(self, store: Store) -> None:
+        rec = make_shard(index=0)
+        sibling = make_shard(index=1)
+        await store.insert_shard(rec)
+        await store.insert_shard(sibling)
+        assert await store.get_shard_checkpoint(rec.batch_id, 0) is None
+        v1 = await store.update_shard(dataclasses.replace(rec, completed=1), checkpoint=b"one")
+        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"one"
+        v2 = await store.update_shard(dataclasses.replace(v1, completed=2), checkpoint=b"two")
+        assert await store.get_shard(rec.batch_id, 0) == v2
+        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"two"
+        # Without a checkpoint the last one stays; a loser's never lands.
+        await store.update_shard(dataclasses.replace(v2, completed=3))
+        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"two"
+        with pytest.raises(VersionConflict):
+            await store.update_shard(v1, checkpoint=b"loser")
+        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"two"
+        assert await store.get_shard_checkpoint(rec.batch_id, 1) is None
+
+    @pytest.mark.parametrize(
+        "blob",
+        [
+            pytest.param(b"", id="empty"),
+            pytest.param(b"\x00\xff\x00{\"not\": json}\n\r\x00", id="binary"),
+            pytest.param(os.urandom(200 * 1024), id="200KB-random"),
+        ],
+    )
+    async def test_shard_checkpoint_round_trips_bytes(self, store: Store, blob: bytes) -> None:
+        rec = make_shard()
+        await store.insert_shard(rec)
+        await store.update_shard(rec, checkpoint=blob)
+        got = await store.get_shard_checkpoint(rec.batch_id, rec.index)
+        assert isinstance(got, bytes) and got == blob
+
+    async def test_shard_checkpoints_are_apart_from_the_batch_checkpoint(self, store: Store) -> None:
+        batch = make_batch()
+        await store.insert_batch(batch)
+        shard = make_shard(batch_id=batch.id, index=0)
+        await store.insert_shard(shard)
+        await store.update_batch(batch, checkpoint=b"batch")
+        await store.update_shard(shard, checkpoint=b"shard 0")
+        assert await store.get_checkpoint(batch.id) == b"batch"
+        assert await store.get_shard_checkpoint(batch.id, 0) == b"shard 0"
+        assert await store.delete_shards(batch.id) == 1
+        assert await store.get_checkpoint(batch.id) == b"batch"
+        assert await store.get_batch(batch.id) is not None
+
+    async def test_delete_shards_removes_records_and_checkpoints(self, store: Store) -> None:
+        for index in range(3):
+            rec = make_shard(batch_id="batch_gone", index=index, count=3)
+            await store.insert_shard(rec)
+            await store.update_shard(rec, checkpoint=f"cp{index}".encode())
+        kept = make_shard(batch_id="batch_kept", index=0, count=1)
+        await store.insert_shard(kept)
+        kept = await store.update_shard(kept, checkpoint=b"kept")
+        assert await store.delete_shards("batch_gone") == 3
+        assert await store.list_shards("batch_gone") == []
+        for index in range(3):
+            assert await store.get_shard("batch_gone", index) is None
+            assert await store.get_shard_checkpoint("batch_gone", index) is None
+        assert await store.delete_shards("batch_gone") == 0
+        assert await store.delete_shards("batch_never") == 0
+        assert await store.list_shards("batch_kept") == [kept]
+        assert await store.get_shard_checkpoint("batch_kept", 0) == b"kept"
+        # The index can be used again once its shards are gone.
+        again = make_shard(batch_id="batch_gone", index=1, count=3)
+        await store.insert_shard(again)
+        assert await store.list_shards("batch_gone") == [again]
+        assert await store.get_shard_checkpoint("batch_gone", 1) is None
+
+    async def test_shards_of_two_batches_never_mix(self, store: Store) -> None:
+        # Ids that are prefixes of each other or hold separators must not collide.
+        batches = ["batch_a", "batch_a1", "batch_a:1", "batch_a/1", "batch_a 1"]
+        for n, batch_id in enumerate(batches):
+            for index in range(n + 1):
+                rec = make_shard(batch_id=batch_id, index=index, count=n + 1, holder=f"{batch_id}#{index}")
+                await store.insert_shard(rec)
+                await store.update_shard(rec, checkpoint=f"{batch_id}#{index}".encode())
+        for n, batch_id in enumerate(batches):
+            shards = await store.list_shards(batch_id)
+            assert [(s.batch_id, s.index) for s in shards] == [(batch_id, i) for i in range(n + 1)]
+            assert all(s.holder == f"{batch_id}#{s.index}" for s in shards)
+            for index in range(n + 1):
+                assert await store.get_shard_checkpoint(batch_id, index) == f"{batch_id}#{index}".encode()
+        assert await store.delete_shards("batch_a") == 1
+        assert [s.index for s in await store.list_shards("batch_a1")] == [0, 1]
+        assert await store.get_shard_checkpoint("batch_a:1", 2) == b"batch_a:1#2"
+
+
+class StoreContract(ShardContract):
     """Subclass as ``TestXStore`` with a ``store`` fixture (opened, empty)."""
 
     # -- files -------------------------------------------------------------
@@ -377,182 +557,3 @@ class StoreContract:
             await store.update_batch(v1, checkpoint=b"loser")
         assert await store.get_checkpoint(rec.id) == b"two"
         assert await store.get_checkpoint(other.id) is None
-
-
-class ShardContract:
-    """Shard records and their checkpoints (``store.base.Store``'s shard methods)."""
-
-    async def test_shard_round_trips_every_field(self, store: Store) -> None:
-        rec = make_shard(
-            batch_id="batch_rt",
-            index=3,
-            count=7,
-            status="failed",
-            holder="overnight-worker-3-x7k2p",
-            token=5,
-            lease_expires_at=1_800_000_030.25,
-            attempts=4,
-            completed=90,
-            failed=2,
-            usage={"input_tokens": 2**40, "input_tokens_details": {"cached_tokens": 1}},
-            total=100,
-            error={"code": "engine_error", "message": "gône"},
-            updated_at=1_800_000_000.5,
-            version=9,
-        )
-        await store.insert_shard(rec)
-        assert await store.get_shard("batch_rt", 3) == rec
-        fresh = make_shard(batch_id="batch_rt", index=0)
-        await store.insert_shard(fresh)
-        got = await store.get_shard("batch_rt", 0)
-        assert got == fresh and got.status == "pending" and got.holder is None and got.error is None
-
-    async def test_missing_shard_is_none(self, store: Store) -> None:
-        await store.insert_shard(make_shard(batch_id="batch_one", index=0))
-        assert await store.get_shard("batch_one", 1) is None
-        assert await store.get_shard("batch_other", 0) is None
-        assert await store.list_shards("batch_other") == []
-
-    async def test_list_shards_is_ordered_by_index(self, store: Store) -> None:
-        # Inserted out of order, and past 9 so a lexicographic order would show.
-        for index in (10, 2, 0, 11, 1, 9):
-            await store.insert_shard(make_shard(index=index, count=12))
-        assert [s.index for s in await store.list_shards("batch_shards")] == [0, 1, 2, 9, 10, 11]
-
-    async def test_inserting_an_existing_shard_raises_and_keeps_the_first(self, store: Store) -> None:
-        first = make_shard(index=1, holder="pod-a", token=1)
-        await store.insert_shard(first)
-        with pytest.raises(StoreError):
-            await store.insert_shard(make_shard(index=1, holder="pod-b", token=1))
-        assert await store.get_shard("batch_shards", 1) == first
-        assert len(await store.list_shards("batch_shards")) == 1
-
-    async def test_update_shard_bumps_version_and_stores_the_record(self, store: Store) -> None:
-        rec = make_shard(index=2)
-        await store.insert_shard(rec)
-        changed = dataclasses.replace(rec, status="running", holder="pod-2", token=1, attempts=1, completed=4)
-        written = await store.update_shard(changed)
-        assert written == dataclasses.replace(changed, version=rec.version + 1)
-        assert await store.get_shard("batch_shards", 2) == written
-        again = await store.update_shard(dataclasses.replace(written, completed=5))
-        assert again.version == rec.version + 2
-
-    async def test_stale_shard_version_never_overwrites(self, store: Store) -> None:
-        rec = make_shard()
-        await store.insert_shard(rec)
-        current = await store.update_shard(dataclasses.replace(rec, holder="pod-new", token=2), checkpoint=b"new")
-        with pytest.raises(VersionConflict):
-            await store.update_shard(dataclasses.replace(rec, holder="pod-old", status="done"), checkpoint=b"old")
-        assert await store.get_shard(rec.batch_id, rec.index) == current
-        assert await store.get_shard_checkpoint(rec.batch_id, rec.index) == b"new"
-
-    async def test_update_of_missing_shard_raises_not_found(self, store: Store) -> None:
-        await store.insert_shard(make_shard(index=0))
-        with pytest.raises(NotFoundError):
-            await store.update_shard(make_shard(index=1), checkpoint=b"x")
-        assert await store.get_shard_checkpoint("batch_shards", 1) is None
-        assert await store.get_shard("batch_shards", 1) is None
-
-    async def test_two_shard_writers_racing_exactly_one_wins(self, store: Store) -> None:
-        rec = make_shard(status="running")
-        await store.insert_shard(rec)
-        writers = [dataclasses.replace(rec, holder=f"pod-{i}", token=i) for i in range(8)]
-        results = await asyncio.gather(
-            *(store.update_shard(w, checkpoint=f"cp-{w.holder}".encode()) for w in writers),
-            return_exceptions=True,
-        )
-        winners = [r for r in results if isinstance(r, ShardRecord)]
-        losers = [r for r in results if not isinstance(r, ShardRecord)]
-        assert len(winners) == 1, results
-        assert all(isinstance(e, VersionConflict) for e in losers), losers
-        stored = await store.get_shard(rec.batch_id, rec.index)
-        assert stored == winners[0] and stored.version == rec.version + 1
-        assert await store.get_shard_checkpoint(rec.batch_id, rec.index) == f"cp-{stored.holder}".encode()
-
-    async def test_shard_checkpoint_is_written_with_its_update(self, store: Store) -> None:
-        rec = make_shard(index=0)
-        sibling = make_shard(index=1)
-        await store.insert_shard(rec)
-        await store.insert_shard(sibling)
-        assert await store.get_shard_checkpoint(rec.batch_id, 0) is None
-        v1 = await store.update_shard(dataclasses.replace(rec, completed=1), checkpoint=b"one")
-        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"one"
-        v2 = await store.update_shard(dataclasses.replace(v1, completed=2), checkpoint=b"two")
-        assert await store.get_shard(rec.batch_id, 0) == v2
-        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"two"
-        # Without a checkpoint the last one stays; a loser's never lands.
-        await store.update_shard(dataclasses.replace(v2, completed=3))
-        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"two"
-        with pytest.raises(VersionConflict):
-            await store.update_shard(v1, checkpoint=b"loser")
-        assert await store.get_shard_checkpoint(rec.batch_id, 0) == b"two"
-        assert await store.get_shard_checkpoint(rec.batch_id, 1) is None
-
-    @pytest.mark.parametrize(
-        "blob",
-        [
-            pytest.param(b"", id="empty"),
-            pytest.param(b"\x00\xff\x00{\"not\": json}\n\r\x00", id="binary"),
-            pytest.param(os.urandom(200 * 1024), id="200KB-random"),
-        ],
-    )
-    async def test_shard_checkpoint_round_trips_bytes(self, store: Store, blob: bytes) -> None:
-        rec = make_shard()
-        await store.insert_shard(rec)
-        await store.update_shard(rec, checkpoint=blob)
-        got = await store.get_shard_checkpoint(rec.batch_id, rec.index)
-        assert isinstance(got, bytes) and got == blob
-
-    async def test_shard_checkpoints_are_apart_from_the_batch_checkpoint(self, store: Store) -> None:
-        batch = make_batch()
-        await store.insert_batch(batch)
-        shard = make_shard(batch_id=batch.id, index=0)
-        await store.insert_shard(shard)
-        await store.update_batch(batch, checkpoint=b"batch")
-        await store.update_shard(shard, checkpoint=b"shard 0")
-        assert await store.get_checkpoint(batch.id) == b"batch"
-        assert await store.get_shard_checkpoint(batch.id, 0) == b"shard 0"
-        assert await store.delete_shards(batch.id) == 1
-        assert await store.get_checkpoint(batch.id) == b"batch"
-        assert await store.get_batch(batch.id) is not None
-
-    async def test_delete_shards_removes_records_and_checkpoints(self, store: Store) -> None:
-        for index in range(3):
-            rec = make_shard(batch_id="batch_gone", index=index, count=3)
-            await store.insert_shard(rec)
-            await store.update_shard(rec, checkpoint=f"cp{index}".encode())
-        kept = make_shard(batch_id="batch_kept", index=0, count=1)
-        await store.insert_shard(kept)
-        kept = await store.update_shard(kept, checkpoint=b"kept")
-        assert await store.delete_shards("batch_gone") == 3
-        assert await store.list_shards("batch_gone") == []
-        for index in range(3):
-            assert await store.get_shard("batch_gone", index) is None
-            assert await store.get_shard_checkpoint("batch_gone", index) is None
-        assert await store.delete_shards("batch_gone") == 0
-        assert await store.delete_shards("batch_never") == 0
-        assert await store.list_shards("batch_kept") == [kept]
-        assert await store.get_shard_checkpoint("batch_kept", 0) == b"kept"
-        # The index can be used again once its shards are gone.
-        again = make_shard(batch_id="batch_gone", index=1, count=3)
-        await store.insert_shard(again)
-        assert await store.list_shards("batch_gone") == [again]
-        assert await store.get_shard_checkpoint("batch_gone", 1) is None
-
-    async def test_shards_of_two_batches_never_mix(self, store: Store) -> None:
-        # Ids that are prefixes of each other or hold separators must not collide.
-        batches = ["batch_a", "batch_a1", "batch_a:1", "batch_a/1", "batch_a 1"]
-        for n, batch_id in enumerate(batches):
-            for index in range(n + 1):
-                rec = make_shard(batch_id=batch_id, index=index, count=n + 1, holder=f"{batch_id}#{index}")
-                await store.insert_shard(rec)
-                await store.update_shard(rec, checkpoint=f"{batch_id}#{index}".encode())
-        for n, batch_id in enumerate(batches):
-            shards = await store.list_shards(batch_id)
-            assert [(s.batch_id, s.index) for s in shards] == [(batch_id, i) for i in range(n + 1)]
-            assert all(s.holder == f"{batch_id}#{s.index}" for s in shards)
-            for index in range(n + 1):
-                assert await store.get_shard_checkpoint(batch_id, index) == f"{batch_id}#{index}".encode()
-        assert await store.delete_shards("batch_a") == 1
-        assert [s.index for s in await store.list_shards("batch_a1")] == [0, 1]
-        assert await store.get_shard_checkpoint("batch_a:1", 2) == b"batch_a:1#2"

@@ -14,7 +14,7 @@ import pytest
 
 from overnight.errors import StoreError, VersionConflict
 from overnight.store import connect_store
-from tests.store.contract import StoreContract, make_batch, make_file
+from tests.store.contract import StoreContract, make_batch, make_file, make_shard
 
 mongo_store = pytest.importorskip("overnight.store.mongo")
 MongoStore = mongo_store.MongoStore
@@ -43,6 +43,8 @@ async def test_open_creates_the_list_indexes(store: MongoStore) -> None:
     batches = {ix["name"] async for ix in await db["batches"].list_indexes()}
     assert {"tenant_id", "tenant_purpose_id", "expires_at"} <= files
     assert {"tenant_id", "status_id", "input_file_id_status"} <= batches
+    shards = {ix["name"] async for ix in await db["shards"].list_indexes()}
+    assert "batch_id_index" in shards
 
 
 async def test_open_twice_on_one_database_is_fine(store: MongoStore, mongo_url: str) -> None:
@@ -75,6 +77,27 @@ async def test_an_older_writers_late_checkpoint_never_replaces_a_newer_one(store
     with pytest.raises(VersionConflict):
         await store.update_batch(v1, checkpoint=b"loser")
     assert await store.get_checkpoint(rec.id) == b"from v2"
+
+
+async def test_a_shard_checkpoint_lives_in_its_document_and_is_not_read_with_the_record(store: MongoStore) -> None:
+    shard = make_shard(batch_id="batch_m:1", index=12, count=13)
+    await store.insert_shard(shard)
+    written = await store.update_shard(shard, checkpoint=b"\x00cp")
+    raw = await store._require()["shards"].find_one({"_id": "batch_m:1:12"})
+    assert raw["batch_id"] == "batch_m:1" and raw["index"] == 12 and raw["version"] == 1
+    assert bytes(raw["checkpoint"]) == b"\x00cp" and isinstance(raw["doc"], str)
+    assert await store.get_shard("batch_m:1", 12) == written
+    assert await store.get_shard("batch_m", 1) is None  # "batch_m" + ":1:12" is not this shard
+
+
+async def test_a_shard_checkpoint_over_the_document_limit_is_refused(store: MongoStore) -> None:
+    shard = make_shard()
+    await store.insert_shard(shard)
+    v1 = await store.update_shard(shard, checkpoint=b"small")
+    with pytest.raises(StoreError, match="document limit"):
+        await store.update_shard(v1, checkpoint=b"\x00" * (17 * 1024 * 1024))
+    assert await store.get_shard(shard.batch_id, shard.index) == v1
+    assert await store.get_shard_checkpoint(shard.batch_id, shard.index) == b"small"
 
 
 async def test_inserting_an_existing_id_raises_store_error(store: MongoStore) -> None:

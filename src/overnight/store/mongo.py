@@ -1,10 +1,11 @@
 """MongoDB record store (``mongodb://host:27017/overnight``), on pymongo's asyncio API.
 
-The database is the URL's path (default ``overnight``), with three collections:
+The database is the URL's path (default ``overnight``), with four collections:
 
 - ``files``: ``{_id, tenant, purpose, expires_at, doc}``
 - ``batches``: ``{_id, tenant, status, input_file_id, version, doc}``
 - ``checkpoints``: ``{_id: batch_id, version, data}``
+- ``shards``: ``{_id: "<batch_id>:<index>", batch_id, index, status, version, doc, checkpoint}``
 
 ``doc`` is the record as a JSON string rather than a sub-document, as in the SQL
 store: user-supplied ``metadata`` keys may contain ``.`` or start with ``$``, which
@@ -25,6 +26,13 @@ when it won. That ordering is what makes it safe:
   older, consistent one: the resuming owner redoes the requests it does not list,
   and the output segments only the lost checkpoint named are never used, so no
   line is lost or written twice.
+
+A shard keeps its checkpoint in its own document instead (``checkpoint``, never
+read with the record), so the shard compare-and-set and its checkpoint are one
+single-document write: atomic without the ordering argument above, and nothing
+is left behind when the shard's document is deleted. The cost is MongoDB's 16 MB
+document limit on a shard checkpoint (a done bitmap of a million requests is
+125 KB before compression); a larger one is refused with ``StoreError``.
 """
 
 from __future__ import annotations
@@ -37,11 +45,19 @@ from typing import Any, Literal
 import orjson
 from bson import Binary
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DocumentTooLarge, DuplicateKeyError, PyMongoError
 
 from overnight.errors import NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
-from overnight.store.records import BatchRecord, FileRecord, batch_from_doc, file_from_doc, record_to_doc
+from overnight.store.records import (
+    BatchRecord,
+    FileRecord,
+    ShardRecord,
+    batch_from_doc,
+    file_from_doc,
+    record_to_doc,
+    shard_from_doc,
+)
 
 __all__ = ["MongoStore", "DEFAULT_DATABASE"]
 
@@ -59,12 +75,15 @@ _INDEXES: dict[str, list[tuple[str, list[tuple[str, int]]]]] = {
         ("status_id", [("status", ASCENDING), ("_id", ASCENDING)]),
         ("input_file_id_status", [("input_file_id", ASCENDING), ("status", ASCENDING)]),
     ],
+    "shards": [
+        ("batch_id_index", [("batch_id", ASCENDING), ("index", ASCENDING)]),
+    ],
 }
 
 _DOC_ONLY = {"doc": 1, "_id": 0}
 
 
-def _dumps(rec: FileRecord | BatchRecord) -> str:
+def _dumps(rec: FileRecord | BatchRecord | ShardRecord) -> str:
     return orjson.dumps(record_to_doc(rec)).decode()
 
 
@@ -131,6 +150,10 @@ class MongoStore:
     @property
     def _checkpoints(self) -> Any:
         return self._require()["checkpoints"]
+
+    @property
+    def _shards(self) -> Any:
+        return self._require()["shards"]
 
     @staticmethod
     async def _docs(cursor: Any) -> list[dict[str, Any]]:
@@ -267,3 +290,66 @@ class MongoStore:
         async with _translated("get_checkpoint"):
             row = await self._checkpoints.find_one({"_id": batch_id}, {"data": 1})
         return bytes(row["data"]) if row else None
+
+    # -- shards ------------------------------------------------------------
+    @staticmethod
+    def _shard_id(batch_id: str, index: int) -> str:
+        # The index is digits after the last ':', so no two (batch, index) pairs
+        # share an id whatever the batch id holds.
+        return f"{batch_id}:{index}"
+
+    async def insert_shard(self, rec: ShardRecord) -> None:
+        async with _translated(f"insert_shard {rec.index} of {rec.batch_id}"):
+            await self._shards.insert_one(
+                {
+                    "_id": self._shard_id(rec.batch_id, rec.index),
+                    "batch_id": rec.batch_id,
+                    "index": rec.index,
+                    "status": rec.status,
+                    "version": rec.version,
+                    "doc": _dumps(rec),
+                }
+            )
+
+    async def get_shard(self, batch_id: str, index: int) -> ShardRecord | None:
+        async with _translated("get_shard"):
+            row = await self._shards.find_one({"_id": self._shard_id(batch_id, index)}, _DOC_ONLY)
+        return shard_from_doc(orjson.loads(row["doc"])) if row else None
+
+    async def list_shards(self, batch_id: str) -> list[ShardRecord]:
+        async with _translated("list_shards"):
+            docs = await self._docs(self._shards.find({"batch_id": batch_id}, _DOC_ONLY).sort("index", ASCENDING))
+        return [shard_from_doc(d) for d in docs]
+
+    async def update_shard(self, rec: ShardRecord, *, checkpoint: bytes | None = None) -> ShardRecord:
+        new = dataclasses.replace(rec, version=rec.version + 1)
+        changes: dict[str, Any] = {"status": new.status, "version": new.version, "doc": _dumps(new)}
+        if checkpoint is not None:
+            changes["checkpoint"] = Binary(checkpoint)
+        shard_id = self._shard_id(rec.batch_id, rec.index)
+        async with _translated("update_shard"):
+            try:
+                res = await self._shards.update_one({"_id": shard_id, "version": rec.version}, {"$set": changes})
+            except DocumentTooLarge as exc:
+                raise StoreError(
+                    f"mongodb store: the checkpoint of shard {rec.index} of batch {rec.batch_id} "
+                    f"({len(checkpoint or b'')} bytes) is over MongoDB's document limit: {exc}"
+                ) from exc
+            if res.matched_count == 0:
+                stored = await self._shards.find_one({"_id": shard_id}, {"version": 1})
+                if stored is None:
+                    raise NotFoundError(f"shard {rec.index} of batch {rec.batch_id} not found")
+                raise VersionConflict(
+                    f"shard {rec.index} of batch {rec.batch_id} changed (version {stored['version']} != {rec.version})"
+                )
+        return new
+
+    async def get_shard_checkpoint(self, batch_id: str, index: int) -> bytes | None:
+        async with _translated("get_shard_checkpoint"):
+            row = await self._shards.find_one({"_id": self._shard_id(batch_id, index)}, {"checkpoint": 1})
+        return bytes(row["checkpoint"]) if row and row.get("checkpoint") is not None else None
+
+    async def delete_shards(self, batch_id: str) -> int:
+        async with _translated("delete_shards"):
+            res = await self._shards.delete_many({"batch_id": batch_id})
+        return int(res.deleted_count)
