@@ -341,3 +341,29 @@ async def test_the_content_type_of_the_answer_is_kept() -> None:
             assert reply.content_type == "text/event-stream; charset=utf-8"
         finally:
             await client.aclose()
+
+
+async def test_a_cancel_that_arrives_as_the_connect_fails_is_not_lost() -> None:
+    # The connect ends (refused) in the same loop turn as a stop cancels the
+    # request. The cancel must win: Python 3.11's wait_for returned the connect's
+    # error instead, the executor took it for a failed attempt and retried on.
+    from overnight.executor.http1 import HttpPool
+
+    pool = HttpPool("http://127.0.0.1:9", timeout_s=5.0)
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+
+    async def connect(*_args, **_kwargs):
+        await gate
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    pool._loop = type("L", (), {"create_connection": staticmethod(connect),
+                                "create_future": loop.create_future, "call_later": loop.call_later,
+                                "call_soon": loop.call_soon, "time": loop.time})()
+    task = asyncio.create_task(pool.request("POST", "/v1/chat/completions", b"{}"))
+    for _ in range(5):
+        await asyncio.sleep(0)  # the request is now waiting in the connect
+    gate.set_result(None)  # the connect fails on the next turn ...
+    task.cancel()  # ... and the stop arrives in the same turn
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -418,3 +418,38 @@ def test_shard_bounds_are_checked() -> None:
     with pytest.raises(ValueError):
         Shard(start=5, stop=2)
     assert Shard(index=1, count=4, start=2, stop=11).size(100) == len([i for i in range(2, 11) if i % 4 == 1])
+
+
+
+async def test_a_stop_ends_requests_whose_engine_call_swallows_the_cancel(tmp_path) -> None:
+    # A library under the engine client that turns a cancel into an error (Python
+    # 3.11's wait_for did, for a connect refused as the cancel came) must not make
+    # a stopped request retry on: the stop would wait on it, and its line would be
+    # written after the checkpoint the stop just took.
+    b = Batch(tmp_path, 50, limit=8, cap=8)
+    await b.upload()
+    stop = StopSignal()
+    started = asyncio.Event()
+
+    async def handler(path, body):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise RetryableEngineError("Could not reach the engine", code="engine_unreachable") from None
+        return ok(body)
+
+    async def stop_soon() -> None:
+        await started.wait()
+        await asyncio.sleep(0.05)
+        stop.set(Outcome.SHUTDOWN)
+
+    asyncio.get_running_loop().create_task(stop_soon())
+    policy = RetryPolicy(max_attempts=5, base_delay_s=0.01, max_delay_s=0.01)
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(b.run(FakeEngine(handler), stop=stop, policy=policy), 10) is Outcome.SHUTDOWN
+    assert time.monotonic() - t0 < 3
+    b.spool.close()
+    assert b.spool.cp.completed == b.spool.cp.failed == 0  # nothing was written after the stop
+    await asyncio.sleep(0)
+    assert b.capacity.inflight == 0

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from overnight import __version__
+from overnight._diagnostics import install_task_dump
 from overnight.api.edge import EdgeMiddleware, public_paths
 from overnight.api.errors import install_error_handlers
 from overnight.api.routes import batches, files, health, metrics, models
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_task_dump()
         async with open_services(settings) as services:
             app.state.services = services
             app.state.endpoint_policy, app.state.secrets = services.policy, services.secrets

@@ -335,11 +335,13 @@ class HttpPool:
                     return conn
         self._opening += 1
         try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl),
-                self.connect_timeout_s,
-            )
-        except asyncio.TimeoutError as exc:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for hands back the
+            # connect's own result or error when a cancel arrives as the connect
+            # ends (a refused port ends at once), and the cancel is lost; a request
+            # task stopped that way then retried on as if never cancelled.
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl)
+        except TimeoutError as exc:
             raise ConnectFailed(f"connecting to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc

@@ -211,6 +211,12 @@ class _Dispatcher:
                 try:
                     reply = await engine.send(path, body)
                 except EngineError as exc:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        # Stopped while the attempt failed, and something below
+                        # turned the cancel into this error (Python 3.11's wait_for
+                        # does): end as cancelled, not as a retry nobody waits for.
+                        raise asyncio.CancelledError from exc
                     code, message = exc.code, exc.message
                     reply = answer = retry_after = None
                     if isinstance(exc, RetryableEngineError):
@@ -298,10 +304,16 @@ class _Dispatcher:
             log.error("request task failed", exc_info=task.exception())
 
     async def abort_inflight(self) -> None:
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        """Cancel every request task and wait until each has ended. A task that
+        swallows its cancel (a library turning it into an error) is cancelled
+        again, so a stop never waits on a retry loop."""
+        tasks = set(self.tasks)
+        while tasks:
+            for t in tasks:
+                t.cancel()
+            done, tasks = await asyncio.wait(tasks, timeout=1.0)
+            if tasks:
+                log.warning("%d request task(s) outlived their cancel; cancelling again", len(tasks))
 
     def tried(self, index: int) -> str | None:
         """What was tried for a request that has no line yet, in words (None: not sent)."""
