@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
@@ -81,6 +81,7 @@ _RESERVED_FLAGS = ("--host", "--port", "--served-model-name", "--model", "--mode
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _ARG_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 # Names that hold credentials (HF_TOKEN, OPENAI_API_KEY, DB_PASSWORD ...).
@@ -426,6 +427,11 @@ class Profile(_Doc):
     service_account: str | None = Field(None, pattern=_K8S_NAME.pattern)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    #: Kubernetes Secrets (names) the kubelet uses to pull the engine and worker images.
+    image_pull_secrets: list[Annotated[str, Field(pattern=_K8S_NAME.pattern)]] = Field(default_factory=list)
+    #: Kueue LocalQueue a Kubernetes Job is submitted to (label ``kueue.x-k8s.io/queue-name``);
+    #: Kueue then decides when the Job starts.
+    queue_name: str | None = Field(None, pattern=_LABEL_VALUE.pattern, max_length=63)
     #: Plain settings for the engine's environment (credentials go in ``secrets``).
     env: dict[str, str] = Field(default_factory=dict)
     keep_alive_seconds: float = Field(0.0, ge=0)
