@@ -16,6 +16,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from overnight.batches.service import RUNTIME_TYPES, RuntimeRules
@@ -34,7 +35,10 @@ from overnight.storage.base import Storage
 from overnight.store import connect_store
 from overnight.store.base import Store
 
-__all__ = ["Services", "build_scheduler", "open_services"]
+__all__ = [
+    "Services", "build_scheduler", "local_runtime", "open_persistence", "open_services", "retry_policy",
+    "runner_config",
+]
 
 log = logging.getLogger("overnight")
 
@@ -78,26 +82,56 @@ async def _mock_engine(settings: Settings) -> AsyncIterator[str]:
             await task
 
 
-def build_scheduler(  # type: ignore[no-untyped-def]
-    settings: Settings, *, store, storage, engine_url: str | None, replica_id: str,
-    policy: EndpointPolicy | None = None, secrets: SecretBox | None = None, runtimes: EngineManager | None = None,
-) -> Scheduler:
-    config = RunnerConfig(
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """How a request is retried: the same for ``serve``, ``run`` and ``worker``."""
+    return RetryPolicy(
+        max_attempts=settings.max_attempts, base_delay_s=settings.backoff_base_s, max_delay_s=settings.backoff_max_s,
+    )
+
+
+def runner_config(settings: Settings) -> RunnerConfig:
+    return RunnerConfig(
         spool_dir=settings.spool_dir(),
         lease_s=settings.lease_s,
         heartbeat_s=settings.heartbeat_s,
         checkpoint_interval_s=settings.checkpoint_interval_s,
         limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
         concurrency=settings.concurrency_limits(),
-        policy=RetryPolicy(
-            max_attempts=settings.max_attempts,
-            base_delay_s=settings.backoff_base_s,
-            max_delay_s=settings.backoff_max_s,
-        ),
+        policy=retry_policy(settings),
         output_expires_after_s=settings.output_expires_after_s,
         engine_unreachable_timeout_s=settings.engine_unreachable_timeout_s,
         engine_recheck_s=settings.engine_recheck_s,
     )
+
+
+def local_runtime(*, log_dir: Path, installation_id: str, gpus: Any = None) -> Any:
+    """The local-process runtime (``serve``'s engine manager and ``run --template``)."""
+    from overnight.runtimes.local import LocalRuntime
+
+    return LocalRuntime(log_dir=log_dir, installation_id=installation_id, gpus=gpus)
+
+
+@contextlib.asynccontextmanager
+async def open_persistence(settings: Settings) -> AsyncIterator[tuple[Store, Storage]]:
+    """The store and storage the settings name, opened; closed on exit."""
+    store = connect_store(settings.resolved_store_url())
+    storage = open_storage(settings.resolved_storage_url())
+    await store.open()
+    try:
+        await storage.open()
+        try:
+            yield store, storage
+        finally:
+            await storage.aclose()
+    finally:
+        await store.aclose()
+
+
+def build_scheduler(  # type: ignore[no-untyped-def]
+    settings: Settings, *, store, storage, engine_url: str | None, replica_id: str,
+    policy: EndpointPolicy | None = None, secrets: SecretBox | None = None, runtimes: EngineManager | None = None,
+) -> Scheduler:
+    config = runner_config(settings)
     engines = EnginePool(
         default_url=engine_url, default_api_key=settings.engine_api_key, timeout_s=settings.request_timeout_s,
         max_response_bytes=settings.max_response_bytes,
@@ -139,10 +173,9 @@ def _runtime_rules(settings: Settings, engine_url: str | None, templates: Any, g
 
 def _engine_manager(settings: Settings, installation_id: str) -> tuple[EngineManager, Any]:
     from overnight.runtimes.gpus import GpuPool
-    from overnight.runtimes.local import LocalRuntime
 
     gpus = GpuPool.from_env()
-    local = LocalRuntime(log_dir=settings.data_dir / "engines", installation_id=installation_id, gpus=gpus)
+    local = local_runtime(log_dir=settings.data_dir / "engines", installation_id=installation_id, gpus=gpus)
     return EngineManager({"local": local}), gpus
 
 
@@ -151,12 +184,9 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     """Open everything ``serve`` needs; close it all on exit (engines released)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     identity = ReplicaIdentity(settings.data_dir, settings.replica_id)
-    store = connect_store(settings.resolved_store_url())
-    storage = open_storage(settings.resolved_storage_url())
-    await store.open()
-    await storage.open()
     try:
         async with contextlib.AsyncExitStack() as stack:
+            store, storage = await stack.enter_async_context(open_persistence(settings))
             engine_url = settings.engine_url
             if engine_url == "mock":
                 engine_url = await stack.enter_async_context(_mock_engine(settings))
@@ -192,6 +222,4 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 await scheduler.stop()
                 await scheduler.engines.aclose()
     finally:
-        await storage.aclose()
-        await store.aclose()
         identity.release()

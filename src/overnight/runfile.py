@@ -46,6 +46,7 @@ import orjson
 from overnight import defaults
 from overnight._concurrency import to_thread
 from overnight.batches.validation import ValidationLimits, validate_input
+from overnight.composition import local_runtime, retry_policy
 from overnight.config import Settings
 from overnight.errors import OvernightError, RetryableEngineError
 from overnight.executor.checkpoint import Checkpoint
@@ -53,7 +54,6 @@ from overnight.executor.engine import HttpEngineClient
 from overnight.executor.engine_metrics import MetricsProbe
 from overnight.executor.health import EngineHealth, TrackedEngine
 from overnight.executor.limiter import ConcurrencyLimits
-from overnight.executor.retry import RetryPolicy
 from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
 from overnight.executor.sharing import BatchShare, EngineCapacity
 from overnight.executor.writer import Spool
@@ -508,13 +508,12 @@ class _Engine:
     def check_runtime(self) -> Any:
         """The local runtime's spec for the template, checked on this host (a bad field,
         a secret that is not set, more GPUs than the host has) before anything starts."""
-        from overnight.runtimes.local import LocalRuntime
         from overnight.templates import local_spec
 
         if self.resolved is None:
             return None
         if self.runtime is None:
-            self.runtime = LocalRuntime(log_dir=self.state.logs, installation_id=INSTALLATION_ID)
+            self.runtime = local_runtime(log_dir=self.state.logs, installation_id=INSTALLATION_ID)
         try:
             return self.runtime.check(local_spec(self.resolved))
         except (OvernightError, ValueError) as exc:
@@ -546,9 +545,7 @@ class _Engine:
         except FileNotFoundError:
             return
         if self.runtime is None:
-            from overnight.runtimes.local import LocalRuntime
-
-            self.runtime = LocalRuntime(log_dir=self.state.logs, installation_id=INSTALLATION_ID)
+            self.runtime = local_runtime(log_dir=self.state.logs, installation_id=INSTALLATION_ID)
         await self.runtime.release(old)
         self.state.engine.unlink(missing_ok=True)
 
@@ -887,8 +884,7 @@ async def _dispatch(
             deadline=time.time() + _FAR_FUTURE_S, checkpoint_interval_s=cfg.settings.checkpoint_interval_s,
             persist=persist,
         )
-        policy = RetryPolicy(max_attempts=cfg.settings.max_attempts, base_delay_s=cfg.settings.backoff_base_s,
-                             max_delay_s=cfg.settings.backoff_max_s)
+        policy = retry_policy(cfg.settings)
         watch = asyncio.create_task(_watch(cfg, engine, stop, why))
         ticker = asyncio.create_task(_progress(report, spool, share))
         report.start(cp.total, cp.done.count)
