@@ -203,15 +203,20 @@ class EngineManager:
             return False
         if await e.runtime.alive(e.handle):
             return True
-        info = getattr(e.runtime, "exit_info", lambda h: {})(e.handle)
-        tail = (info.get("log_tail") or "").strip().splitlines()[-10:]
-        e.restarts.append({"at": time.time(), "exit_code": info.get("exit_code"), "log_tail": "\n".join(tail)})
-        log.error("engine %s died (exit code %s); %d restart(s) so far", e.key, info.get("exit_code"),
-                  len(e.restarts))
+        self._record_death(e, e.handle)
         with contextlib.suppress(Exception):
             await e.runtime.release(e.handle)
         e.handle = e.url = None
         return False
+
+    @staticmethod
+    def _record_death(e: _Engine, handle: RuntimeHandle) -> None:
+        """Count a death of ``e`` (its exit code and last log lines) towards its restarts."""
+        info = getattr(e.runtime, "exit_info", lambda h: {})(handle)
+        tail = (info.get("log_tail") or "").strip().splitlines()[-10:]
+        e.restarts.append({"at": time.time(), "exit_code": info.get("exit_code"), "log_tail": "\n".join(tail)})
+        log.error("engine %s died (exit code %s); %d restart(s) so far", e.key, info.get("exit_code"),
+                  len(e.restarts))
 
     async def _bring_up(self, e: _Engine, options: dict[str, Any], record: RecordHandle) -> str:
         if len(e.restarts) > self.max_restarts:
@@ -279,10 +284,7 @@ class EngineManager:
             if not await e.runtime.alive(handle):
                 # Its batches left because it died (they saw it unreachable before
                 # the watch did): count the death, or a crash loop never ends.
-                info = getattr(e.runtime, "exit_info", lambda h: {})(handle)
-                tail = (info.get("log_tail") or "").strip().splitlines()[-10:]
-                e.restarts.append({"at": time.time(), "exit_code": info.get("exit_code"),
-                                   "log_tail": "\n".join(tail)})
+                self._record_death(e, handle)
             await e.runtime.release(handle)
             log.info("engine %s released", key)
         # An engine that died keeps its entry (and so its restart count) while
