@@ -82,3 +82,7 @@ OUTAGE_AFTER_S = 1.0
 #: more than half of the time it has left.
 DEADLINE_URGENT_FRACTION = 0.1
 DEADLINE_URGENT_FACTOR = 2.0
+
+#: A running batch that finishes no request for this long logs a warning with its
+#: concurrency state and where its request tasks wait (a stall is visible in the log).
+STALL_WARN_S = 60.0

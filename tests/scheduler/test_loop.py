@@ -163,3 +163,31 @@ async def test_input_bytes_missing_fails_the_batch_with_a_clear_error(harness: H
     await harness.scheduler.drain(10)
     rec = await harness.store.get_batch(bid)
     assert rec.status == "failed" and rec.errors[0]["code"] == "file_not_found"
+
+
+async def test_a_batch_that_stops_finishing_requests_says_so_in_the_log(harness: Harness, monkeypatch,
+                                                                        caplog) -> None:
+    # An engine that accepts requests and never answers: the batch is not failing,
+    # just not moving. The log must say so, with its concurrency and engine state.
+    import logging
+
+    from overnight import defaults
+
+    monkeypatch.setattr(defaults, "STALL_WARN_S", 0.3)
+    hang = asyncio.Event()
+
+    async def never(path: str, body: dict) -> tuple[int, dict]:
+        await hang.wait()
+        return 200, {"object": "chat.completion"}
+
+    harness.scheduler.engines.set_client(ENGINE, None, FakeEngine(never))
+    bid = await harness.batch("a", 20)
+    with caplog.at_level(logging.WARNING, logger="overnight.scheduler"):
+        await harness.scheduler.tick()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if "no request finished" in caplog.text:
+                break
+    assert f"batch {bid}: no request finished for" in caplog.text and "(0 of 20 done)" in caplog.text
+    assert "'inflight'" in caplog.text
+    hang.set()

@@ -323,10 +323,25 @@ class BatchRunner:
             share.close()
 
     async def _execute_with(self, b: BatchRecord, spool: Spool, share: BatchShare) -> Outcome:
+        progress = [-1, time.monotonic(), 0.0]  # lines done, since when, last warned
+
+        def watch_progress(done: int) -> None:
+            now = time.monotonic()
+            if done != progress[0]:
+                progress[0], progress[1] = done, now
+                return
+            idle = now - progress[1]
+            if idle >= defaults.STALL_WARN_S and now - progress[2] >= defaults.STALL_WARN_S:
+                progress[2] = now
+                log.warning("batch %s: no request finished for %.0f s (%d of %d done); concurrency %s; "
+                            "engine %s; kill -USR1 this process for where each task waits",
+                            b.id, idle, done, b.total, share.snapshot(), self._engine_view())
+
         async def persist(encoded: bytes) -> None:
             # Report the counts of this checkpoint, not the live ones: lines finished
             # since the snapshot are not durable yet (invariant 2).
             head = Checkpoint.header(encoded)
+            watch_progress(head["completed"] + head["failed"])
 
             def mutate(rec: BatchRecord) -> BatchRecord:
                 rec.completed, rec.failed, rec.usage = head["completed"], head["failed"], head["usage"]
