@@ -15,6 +15,7 @@ from overnight import __version__
 from overnight.cli.db import db_app
 from overnight.cli.run import run_command
 from overnight.cli.templates import templates_app
+from overnight.cli.worker import worker_command
 from overnight.config import Settings
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
 app.add_typer(templates_app, name="templates", help="Model deployment templates and profiles: list, show, validate.")
 app.command("run")(run_command)
+app.command("worker")(worker_command)
 
 
 def _print_version(value: bool) -> None:
