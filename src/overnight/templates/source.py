@@ -60,8 +60,10 @@ __all__ = [
     "TemplateNotFound",
     "TemplateSource",
     "TemplateSourceError",
+    "effective",
     "load_file",
     "load_text",
+    "names_after",
     "version_key",
 ]
 
@@ -248,6 +250,26 @@ def load_file(path: Path, label: str | None = None) -> Loaded:
     return load_text(text, label)
 
 
+Names = list[tuple[Literal["template", "profile"], str]]
+
+
+def names_after(loaded: Loaded, before: Names) -> Names:
+    """The names a text defines, remembered for its next read: what this read found
+    (good or broken), or, when the whole text failed, what the last read that parsed found."""
+    if loaded.failed:
+        return list(before)
+    return loaded.names() + [(b.kind, b.name) for b in loaded.broken]
+
+
+def effective(loaded: Loaded, known: Names) -> Loaded:
+    """What a text contributes to a catalog. A text that stopped parsing makes what it
+    defined before fail with its error (rather than vanish, or fall back to another copy)."""
+    if loaded.failed and known:
+        broken = tuple(Broken(kind, name, None, loaded.issues) for kind, name in known)
+        return Loaded(broken=broken, issues=loaded.issues, failed=True)
+    return loaded
+
+
 @dataclass
 class Catalog:
     """An immutable snapshot: every good template and profile, and what is broken."""
@@ -407,7 +429,7 @@ class _FileState:
     read_ns: int
     loaded: Loaded
     #: Names from the last read that parsed, so a file that stops parsing fails their lookups.
-    known: list[tuple[Literal["template", "profile"], str]]
+    known: Names
 
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
@@ -499,19 +521,10 @@ class DirectorySource(TemplateSource):
                 loaded = load_text(data.decode("utf-8"), str(path))
             except UnicodeDecodeError as exc:
                 loaded = Loaded(issues=(f"{path}: cannot be read: {exc}",), failed=True)
-        known = loaded.names() + [(b.kind, b.name) for b in loaded.broken]
-        if loaded.failed:
-            known = old.known if old is not None else []
+        known = names_after(loaded, old.known if old is not None else [])
         self._files[name] = _FileState(stamp, digest, now, loaded, known)
         return True
 
     def _build(self, extra: list[str]) -> Catalog:
-        loads = []
-        for state in (self._files[n] for n in sorted(self._files)):
-            loaded = state.loaded
-            if loaded.failed and state.known:
-                # The file stopped parsing: what it defined before now fails with its error.
-                broken = tuple(Broken(kind, name, None, loaded.issues) for kind, name in state.known)
-                loaded = Loaded(broken=broken, issues=loaded.issues, failed=True)
-            loads.append(loaded)
+        loads = [effective(state.loaded, state.known) for state in (self._files[n] for n in sorted(self._files))]
         return Catalog.build(loads, extra)
