@@ -7,10 +7,12 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from overnight.runtimes.kubernetes import manifests as m
 from overnight.runtimes.kubernetes.manifests import (
@@ -584,3 +586,58 @@ def test_profile_placement_fields_are_checked_naming_the_field() -> None:
         with pytest.raises(TemplateSchemaError) as e:
             parse_profile({"name": "p", **doc}, where="profiles.yaml")
         assert e.value.issues[0].startswith(f"profiles.yaml: {field}:"), e.value.issues
+
+
+# -- docs/kubernetes.md shows what is rendered ---------------------------------------------------
+DOC = Path(__file__).resolve().parents[2] / "docs" / "kubernetes.md"
+
+
+def _subset(shown: Any, real: Any, path: str = "") -> None:
+    """Everything ``shown`` says is true of ``real``: mappings by key, lists as an
+    in-order subsequence, scalars equal."""
+    if isinstance(shown, dict):
+        assert isinstance(real, dict), path
+        for k, v in shown.items():
+            assert k in real, f"{path}.{k} is not rendered"
+            _subset(v, real[k], f"{path}.{k}")
+    elif isinstance(shown, list):
+        assert isinstance(real, list), path
+        i = 0
+        for n, item in enumerate(shown):
+            while i < len(real):
+                try:
+                    _subset(item, real[i], f"{path}[{n}]")
+                    break
+                except AssertionError:
+                    i += 1
+            else:
+                raise AssertionError(f"{path}[{n}] = {item!r} is not rendered (in this order)")
+            i += 1
+    else:
+        assert shown == real, f"{path}: docs say {shown!r}, rendered {real!r}"
+
+
+def test_the_docs_job_example_is_what_render_job_writes() -> None:
+    text = DOC.read_text()
+    example = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+    source = StaticSource(
+        [_template("llama-3.1-8b-instruct", {"type": "vllm", "image": "vllm/vllm-openai:v0.11.0",
+                                             "ready_timeout_seconds": 1200},
+                   count=1, engine_args={"max_num_seqs": 256}, model_source={
+                       "type": "huggingface", "uri": "meta-llama/Llama-3.1-8B-Instruct"})
+         | {"version": "1.0.0"}],
+        [{"name": "kubernetes-gpu",
+          "secrets": {"OVERNIGHT_STORE_URL": {"secret_key_ref": {"name": "overnight-store", "key": "url"}},
+                      "OVERNIGHT_STORAGE_URL": {"secret_key_ref": {"name": "overnight-storage", "key": "url"}},
+                      "HF_TOKEN": {"secret_key_ref": {"name": "hf", "key": "token"}}},
+          "service_account": "overnight-worker",
+          "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}],
+    )
+    r = resolve(source, {"name": "llama-3.1-8b-instruct"}, {"name": "kubernetes-gpu"})
+    job = render_job(r, batch_id=BATCH, namespace="overnight", image="registry.example.com/overnight:0.1.0",
+                     shards=4, active_deadline_seconds=86400)
+    _subset(example, job)
+    for version in VERSIONS:
+        kubernetes_validate.validate(example, version, strict=True)
+    for key in ANNOTATIONS:
+        assert f"`{key}`" in text, f"docs/kubernetes.md does not document {key}"
