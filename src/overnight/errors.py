@@ -12,6 +12,7 @@
      │    └── FatalEngineError       not worth retrying (4xx other than 408/409/429)
      ├── RuntimeStartError        a runtime could not bring its engine up
      ├── GpusBusy                 not enough free GPUs now (wait and try again)
+     ├── KubernetesError          the Kubernetes API refused or failed a request (status, reason)
      ├── StoreError               a record store is unreachable or misconfigured
      └── StorageError             a byte storage backend failed
           └── StorageFullError    no space left to write (HTTP 507)
@@ -29,6 +30,7 @@ __all__ = [
     "GpusBusy",
     "InputError",
     "InvalidRequestError",
+    "KubernetesError",
     "NotFoundError",
     "OvernightError",
     "RetryableEngineError",
@@ -132,6 +134,58 @@ class GpusBusy(OvernightError):
         self.needed = needed
         self.free = free
         self.total = total
+
+
+class KubernetesError(OvernightError):
+    """The Kubernetes API refused or failed a request.
+
+    ``status`` is the HTTP status (None when no answer came: connection error,
+    timeout, bad configuration), ``reason`` the API's ``Status.reason``
+    (``NotFound``, ``AlreadyExists``, ``Expired``, ``Conflict``, ...), and
+    ``message`` its ``Status.message``. Callers decide on ``status``/``reason``,
+    never on the message text.
+    """
+
+    code = "kubernetes_error"
+
+    #: statuses worth another attempt: throttled or a server-side fault
+    RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        retry_after_s: float | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        """A transient failure: no answer at all (connection), 429 or a 5xx."""
+        return (self.status is None and self.reason == "ConnectionError") or self.status in self.RETRYABLE_STATUSES
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def already_exists(self) -> bool:
+        return self.status == 409 and self.reason == "AlreadyExists"
+
+    @property
+    def gone(self) -> bool:
+        """410: the requested resourceVersion is older than the server keeps."""
+        return self.status == 410
+
+    def __str__(self) -> str:
+        head = f"{self.status} {self.reason}" if self.status is not None else (self.reason or "error")
+        return f"Kubernetes API {head}: {self.message}"
 
 
 class StoreError(OvernightError):
