@@ -216,9 +216,8 @@ def test_no_secret_values_only_references(overlay: str) -> None:
     assert not [d for d in docs if d["kind"] == "Secret"]
     assert not [s for s in _strings(list(docs)) if looks_like_secret(s)]
     credential = ("KEY", "SECRET", "PASSWORD", "TOKEN")
-    for c in server(docs)["spec"]["template"]["spec"].get("initContainers", []) + server(docs)["spec"]["template"][
-        "spec"
-    ]["containers"]:
+    pod = server(docs)["spec"]["template"]["spec"]
+    for c in pod.get("initContainers", []) + pod["containers"]:
         for name, e in env_of(c).items():
             if any(w in name for w in credential):
                 assert "value" not in e and "secretKeyRef" in e["valueFrom"], name

@@ -527,7 +527,8 @@ def _per_replica(t: ModelDeploymentTemplate) -> ModelDeploymentTemplate:
         return t
     accelerator = spec.accelerator.model_copy(update={"count": spec.accelerator.count // dp})
     parallelism = spec.parallelism.model_copy(update={"dp": 1})
-    return t.model_copy(update={"spec": spec.model_copy(update={"accelerator": accelerator, "parallelism": parallelism})})
+    one = spec.model_copy(update={"accelerator": accelerator, "parallelism": parallelism})
+    return t.model_copy(update={"spec": one})
 
 
 def render_deployment(
