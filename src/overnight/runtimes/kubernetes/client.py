@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -73,6 +74,8 @@ BATCH_ID_LABEL = "overnight.dev/batch-id"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 Propagation = Literal["Background", "Foreground", "Orphan"]
+
+log = logging.getLogger("overnight.kubernetes")
 
 
 # ---------------------------------------------------------------------------
@@ -382,7 +385,9 @@ class Kube:
             attempt += 1
             if not err.retryable or attempt >= self.retry.attempts:
                 raise err
-            await asyncio.sleep(self.retry.delay(attempt - 1, err.retry_after_s))
+            delay = self.retry.delay(attempt - 1, err.retry_after_s)
+            log.info("%s; retrying in %.2fs (attempt %d of %d)", err, delay, attempt + 1, self.retry.attempts)
+            await asyncio.sleep(delay)
 
     async def _json(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
         _, body = await self._request(what, method, *args, **kwargs)
@@ -728,6 +733,8 @@ async def list_then_watch(
                         known[_key(obj)] = obj
                     delivered, failures = True, 0
                     yield WatchEvent(etype, obj, rv)
+                else:
+                    failures = 0  # the server answered and ended the watch cleanly
         except KubernetesError as err:
             if err.gone:
                 expired = True
@@ -737,9 +744,13 @@ async def list_then_watch(
                 failures += 1
                 if failures >= kube.retry.attempts:
                     raise
-                await asyncio.sleep(kube.retry.delay(failures - 1, err.retry_after_s))
+                delay = kube.retry.delay(failures - 1, err.retry_after_s)
+                log.info("%s; watching again from resourceVersion %s in %.2fs", err, rv, delay)
+                await asyncio.sleep(delay)
                 continue
         if expired:
+            log.info("watch %s in %s: resourceVersion %s expired (410); listing again",
+                     k.kind, namespace or "all namespaces", rv)
             events, rv = await relist()
             for event in events:
                 yield event
