@@ -36,7 +36,7 @@ from overnight.store import connect_store
 from overnight.store.base import Store
 
 __all__ = [
-    "Services", "build_scheduler", "local_runtime", "open_persistence", "open_services", "retry_policy",
+    "Services", "build_scheduler", "kubernetes_deployment_runtime", "kubernetes_job_runtime", "local_runtime", "open_persistence", "open_services", "retry_policy",
     "runner_config",
 ]
 
@@ -130,7 +130,10 @@ async def open_persistence(settings: Settings) -> AsyncIterator[tuple[Store, Sto
 def build_scheduler(  # type: ignore[no-untyped-def]
     settings: Settings, *, store, storage, engine_url: str | None, replica_id: str,
     policy: EndpointPolicy | None = None, secrets: SecretBox | None = None, runtimes: EngineManager | None = None,
+    kubernetes: Any = None,
 ) -> Scheduler:
+    from overnight.scheduler.remote import RemoteOptions
+
     config = runner_config(settings)
     engines = EnginePool(
         default_url=engine_url, default_api_key=settings.engine_api_key, timeout_s=settings.request_timeout_s,
@@ -147,6 +150,9 @@ def build_scheduler(  # type: ignore[no-untyped-def]
         poll_s=settings.scheduler_poll_s,
         global_concurrency=settings.max_concurrency_global,
         runtimes=runtimes,
+        kubernetes=kubernetes,
+        remote_options=RemoteOptions(poll_s=settings.kubernetes_poll_s,
+                                     unschedulable_timeout_s=settings.kubernetes_unschedulable_timeout_s),
     )
 
 
@@ -162,21 +168,89 @@ def _egress(settings: Settings, engine_url: str | None) -> tuple[EndpointPolicy,
 
 
 
-def _runtime_rules(settings: Settings, engine_url: str | None, templates: Any, gpus: Any) -> RuntimeRules:
-    allowed = frozenset(t.strip() for t in settings.runtimes.split(",") if t.strip()) & frozenset(RUNTIME_TYPES)
+def kubernetes_job_runtime(settings: Settings) -> Any:
+    """The kubernetes-job runtime from the settings (it connects on first use)."""
+    from overnight.runtimes.kubernetes.job import KubernetesJobRuntime
+
+    return KubernetesJobRuntime(
+        config=settings.kube_config(), namespace=settings.kubernetes_namespace,
+        namespaces=_namespaces(settings), image=settings.kubernetes_image,
+        store_secret=settings.kubernetes_store_secret, storage_secret=settings.kubernetes_storage_secret,
+        backoff_limit_per_index=settings.kubernetes_backoff_limit_per_index,
+    )
+
+
+def _namespaces(settings: Settings) -> tuple[str, ...]:
+    return tuple(n.strip() for n in settings.kubernetes_namespaces.split(",") if n.strip())
+
+
+def kubernetes_deployment_runtime(settings: Settings, replica_id: str) -> Any:
+    from overnight.runtimes.kubernetes.deployment import KubernetesDeploymentRuntime
+
+    return KubernetesDeploymentRuntime(
+        config=settings.kube_config(), namespace=settings.kubernetes_namespace, namespaces=_namespaces(settings),
+        image=settings.kubernetes_image, replica_id=replica_id, service_url=settings.kubernetes_service_url,
+    )
+
+
+async def _sweep_kubernetes(settings: Settings, store: Store, rt: Any, replica: str | None) -> None:
+    """At start-up and then every ``kubernetes_sweep_interval_s``: delete labelled
+    objects whose batch is terminal or unknown (an engine Deployment: that no
+    active batch uses; this replica's own are its engine manager's to release)."""
+    from overnight.batches.states import TERMINAL, BatchStatus
+    from overnight.runtimes.manager import EngineManager
+
+    async def live_keys() -> set[str]:
+        keys = set()
+        for rec in await store.list_active_batches():
+            key = EngineManager.key_for(rec.options)
+            if key:
+                keys.add(key)
+        return keys
+
+    async def is_live(batch_id: str, labels: dict[str, str] | None = None) -> bool:
+        labels = labels or {}
+        if replica is not None and labels.get("overnight.dev/replica") == replica:
+            return True
+        engine_key = labels.get("overnight.dev/engine-key")
+        if labels.get("app.kubernetes.io/component") == "engine" and engine_key:
+            return any(engine_key in k for k in await live_keys())
+        rec = await store.get_batch(batch_id)
+        return rec is not None and BatchStatus(rec.status) not in TERMINAL
+
+    while True:
+        try:
+            await rt.sweep(is_live, grace_s=settings.kubernetes_sweep_grace_s)
+        except Exception as exc:  # the cluster is unreachable now: next time
+            log.warning("Kubernetes orphan sweep failed: %s", exc)
+        await asyncio.sleep(settings.kubernetes_sweep_interval_s)
+
+
+def _runtime_rules(settings: Settings, engine_url: str | None, templates: Any, gpus: Any,
+                   kubernetes: Any = None, kube_deployments: Any = None) -> RuntimeRules:
+    allowed = settings.allowed_runtimes() & frozenset(RUNTIME_TYPES)
+    check = None
+    if kubernetes is not None and kube_deployments is not None:
+        def check(resolved: Any, rt: dict[str, Any]) -> None:
+            (kubernetes if rt.get("type") == "kubernetes-job" else kube_deployments).check(resolved, rt)
     default = settings.default_runtime or None
     if default is not None and default not in allowed:
         raise ValueError(f"OVERNIGHT_DEFAULT_RUNTIME={default!r} is not in OVERNIGHT_RUNTIMES={settings.runtimes}")
     return RuntimeRules(allowed=allowed, default=default, templates=templates, gpus=gpus,
-                        default_engine=bool(engine_url))
+                        default_engine=bool(engine_url),
+                        kubernetes_check=check)
 
 
-def _engine_manager(settings: Settings, installation_id: str) -> tuple[EngineManager, Any]:
+def _engine_manager(settings: Settings, installation_id: str, kube_deployments: Any = None,
+                    ) -> tuple[EngineManager, Any]:
     from overnight.runtimes.gpus import GpuPool
 
     gpus = GpuPool.from_env()
     local = local_runtime(log_dir=settings.data_dir / "engines", installation_id=installation_id, gpus=gpus)
-    return EngineManager({"local": local}), gpus
+    runtimes: dict[str, Any] = {"local": local}
+    if kube_deployments is not None:
+        runtimes["kubernetes-deployment"] = kube_deployments
+    return EngineManager(runtimes), gpus
 
 
 @contextlib.asynccontextmanager
@@ -196,29 +270,42 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 from overnight.templates.source import DirectorySource
 
                 templates = DirectorySource(settings.templates_dir)
-            manager, gpus = _engine_manager(settings, identity.id.replace("/", "_").replace(":", "_"))
+            kubernetes = kube_deployments = None
+            if settings.kubernetes:
+                kubernetes = kubernetes_job_runtime(settings)
+                stack.push_async_callback(kubernetes.aclose)
+                kube_deployments = kubernetes_deployment_runtime(settings, identity.id)
+                stack.push_async_callback(kube_deployments.aclose)
+            manager, gpus = _engine_manager(settings, identity.id.replace("/", "_").replace(":", "_"),
+                                            kube_deployments)
             await manager.start()
             stack.push_async_callback(manager.aclose)
             scheduler = build_scheduler(
                 settings, store=store, storage=storage, engine_url=engine_url, replica_id=identity.id,
-                policy=policy, secrets=secrets, runtimes=manager,
+                policy=policy, secrets=secrets, runtimes=manager, kubernetes=kubernetes,
             )
             services = Services(
                 settings=settings.model_copy(update={"engine_url": engine_url}), store=store, storage=storage,
                 scheduler=scheduler, policy=policy, secrets=secrets,
-                rules=_runtime_rules(settings, engine_url, templates, gpus), engines=manager,
+                rules=_runtime_rules(settings, engine_url, templates, gpus, kubernetes, kube_deployments),
+                engines=manager,
                 api_keys=settings.tenant_for_key(),
             )
             await scheduler.start()
-            sweeper = asyncio.create_task(
+            sweepers = [asyncio.create_task(
                 run_sweeper(store=store, storage=storage, interval_s=settings.sweep_interval_s)
-            )
+            )]
+            if kubernetes is not None:
+                sweepers.append(asyncio.create_task(
+                    _sweep_kubernetes(settings, store, kubernetes, kube_deployments.replica),
+                    name="overnight-kubernetes-sweep"))
             try:
                 yield services
             finally:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                for sweeper in sweepers:
+                    sweeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sweeper
                 await scheduler.stop()
                 await scheduler.engines.aclose()
     finally:

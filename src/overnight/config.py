@@ -89,6 +89,37 @@ class Settings(BaseSettings):
     #: ``local`` for a batch with a model_template).
     default_runtime: str | None = None
 
+    # -- Kubernetes (the kubernetes-job and kubernetes-deployment runtimes) -------------
+    #: How to reach a cluster: ``in-cluster`` (the pod's service account),
+    #: ``kubeconfig`` (``$KUBECONFIG`` or ``~/.kube/config``) or ``kubeconfig:PATH``.
+    #: Unset: no Kubernetes; a batch asking for it gets a 400 at create.
+    kubernetes: str | None = None
+    #: Namespace batches' Jobs and engines are created in (a batch may name another one).
+    kubernetes_namespace: str = "default"
+    #: Other namespaces batches may name (``runtime.namespace``), comma-separated;
+    #: the orphan sweep looks in these and the default one.
+    kubernetes_namespaces: str = ""
+    #: Where the service sends a kubernetes-deployment engine's requests: formatted
+    #: with ``name``, ``namespace`` and ``port`` of its Service (the cluster DNS name
+    #: by default; something else from outside the cluster).
+    kubernetes_service_url: str = "http://{name}.{namespace}.svc:{port}"
+    #: overnight's own container image: the worker in every Job pod.
+    kubernetes_image: str = "ghcr.io/overnight-dev/overnight:latest"
+    #: Secrets the workers read the store / storage URLs from when a profile names
+    #: none (``name:key``).
+    kubernetes_store_secret: str | None = None
+    kubernetes_storage_secret: str | None = None
+    #: A batch whose pods stay unschedulable this long fails (and its Job is deleted).
+    kubernetes_unschedulable_timeout_s: PositiveFloat = 600.0
+    #: How often a running Job's shards are summed into the batch.
+    kubernetes_poll_s: PositiveFloat = 2.0
+    #: Orphan sweep: how often, and how old a labelled object of a terminal or
+    #: unknown batch must be before it is deleted.
+    kubernetes_sweep_interval_s: PositiveFloat = 300.0
+    kubernetes_sweep_grace_s: float = 300.0
+    #: Retries per shard before the index fails (Job ``backoffLimitPerIndex``).
+    kubernetes_backoff_limit_per_index: int = 2
+
     model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
 
     @field_validator("allowed_endpoints")
@@ -103,7 +134,7 @@ class Settings(BaseSettings):
     @field_validator("runtimes")
     @classmethod
     def _check_runtimes(cls, v: str) -> str:
-        known = ("endpoint", "mock", "local")
+        known = ("endpoint", "mock", "local", "kubernetes-job", "kubernetes-deployment")
         for t in (x.strip() for x in v.split(",")):
             if t and t not in known:
                 raise ValueError(f"unknown runtime type {t!r}; known: {', '.join(known)}")
@@ -112,8 +143,9 @@ class Settings(BaseSettings):
     @field_validator("default_runtime")
     @classmethod
     def _check_default_runtime(cls, v: str | None) -> str | None:
-        if v and v not in ("endpoint", "mock", "local"):
-            raise ValueError(f"unknown runtime type {v!r}; known: endpoint, mock, local")
+        known = ("endpoint", "mock", "local", "kubernetes-job", "kubernetes-deployment")
+        if v and v not in known:
+            raise ValueError(f"unknown runtime type {v!r}; known: {', '.join(known)}")
         return v or None
 
     @field_validator("engine_url")
@@ -122,6 +154,37 @@ class Settings(BaseSettings):
         if v is None or v == "":
             return None
         return v.rstrip("/")
+
+    @field_validator("kubernetes")
+    @classmethod
+    def _check_kubernetes(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if v not in ("in-cluster", "kubeconfig") and not v.startswith("kubeconfig:"):
+            raise ValueError(f"OVERNIGHT_KUBERNETES={v!r}: use in-cluster, kubeconfig or kubeconfig:PATH")
+        return v
+
+    def allowed_runtimes(self) -> frozenset[str]:
+        """Runtime types batches may ask for: ``runtimes``, plus the Kubernetes ones
+        when a cluster is configured and ``runtimes`` was left at its default."""
+        allowed = {t.strip() for t in self.runtimes.split(",") if t.strip()}
+        kube = {"kubernetes-job", "kubernetes-deployment"}
+        if self.kubernetes and "runtimes" not in self.model_fields_set:
+            allowed |= kube
+        if allowed & kube and not self.kubernetes:
+            raise ValueError(f"OVERNIGHT_RUNTIMES lists {', '.join(sorted(allowed & kube))} but no cluster is "
+                             "configured: set OVERNIGHT_KUBERNETES (in-cluster, kubeconfig or kubeconfig:PATH)")
+        return frozenset(allowed)
+
+    def kube_config(self):  # type: ignore[no-untyped-def]
+        """The client configuration ``kubernetes`` names."""
+        from overnight.runtimes.kubernetes.client import KubeConfig
+
+        v = self.kubernetes or ""
+        if v == "in-cluster":
+            return KubeConfig(in_cluster=True, namespace=self.kubernetes_namespace)
+        path = v.partition(":")[2] or None
+        return KubeConfig(kubeconfig=path, namespace=self.kubernetes_namespace)
 
     def concurrency_limits(self) -> ConcurrencyLimits:
         """The per-engine concurrency bounds these settings ask for."""

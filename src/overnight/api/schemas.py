@@ -92,8 +92,15 @@ def _overnight_section(rec: BatchRecord) -> dict[str, Any]:
         view: dict[str, Any] = {"type": rt["type"]}
         if rec.runtime:
             handle = rec.runtime.get("handle") or {}
-            view.update({k: handle[k] for k in ("pid", "port", "gpus", "host") if k in handle})
-            view["restarts"] = rec.runtime.get("restarts", 0)
+            view.update({k: handle[k] for k in ("pid", "port", "gpus", "host", "namespace", "name", "shards")
+                         if k in handle})
+            if rt["type"] == "kubernetes-job":
+                # The Job's pods and what went wrong with them (unschedulable, image pulls).
+                for k in ("pods", "events"):
+                    if rec.runtime.get(k):
+                        view[k] = rec.runtime[k]
+            else:
+                view["restarts"] = rec.runtime.get("restarts", 0)
         section["runtime"] = view
     tpl = rec.options.get("template")
     if tpl:

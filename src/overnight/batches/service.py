@@ -51,9 +51,16 @@ EXTENSION_FIELDS = frozenset(
     {"runtime", "max_concurrency", "min_concurrency", "concurrency", "yield_to_others", "priority", "job_id",
      "model_template", "profile"}
 )
-RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args"})
+RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args", "shards", "namespace"})
 #: Runtime types a batch may name (the server may allow fewer: ``RuntimeRules``).
-RUNTIME_TYPES = ("endpoint", "local", "mock")
+RUNTIME_TYPES = ("endpoint", "local", "mock", "kubernetes-job", "kubernetes-deployment")
+#: Runtime types that start the engine from a model_template.
+TEMPLATE_RUNTIMES = ("local", "kubernetes-job", "kubernetes-deployment")
+KUBERNETES_RUNTIMES = ("kubernetes-job", "kubernetes-deployment")
+#: Fields each non-endpoint runtime type takes besides ``type``.
+_RUNTIME_EXTRA = {"mock": {"args"}, "local": set(), "kubernetes-job": {"shards", "namespace"},
+                  "kubernetes-deployment": {"namespace"}}
+_DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,9 @@ class RuntimeRules:
     gpus: Any = None  # GpuPool
     #: The server has its own engine (``--engine-url`` or the built-in mock).
     default_engine: bool = True
+    #: Checks a ``kubernetes-job`` batch at create by rendering its Job (an error
+    #: names the template, profile or option field): ``(resolved, runtime) -> None``.
+    kubernetes_check: Any = None
 #: Where a runtime's api_key lives in a stored record: encrypted, never in plain text.
 SEALED_API_KEY = "api_key_sealed"
 #: ASCII digits then a unit, nothing else: ``\d`` would admit other scripts' digits
@@ -167,12 +177,16 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
                 param=f"{key}.runtime.type",
             )
         if rtype != "endpoint":
-            extra = sorted(set(rt) - {"type", "args"} if rtype == "mock" else set(rt) - {"type"})
+            extra = sorted(set(rt) - {"type"} - _RUNTIME_EXTRA[rtype])
             if extra:
                 raise InvalidRequestError(
                     f"'{key}.runtime.{extra[0]}' does not apply to runtime type {rtype!r}.",
                     param=f"{key}.runtime.{extra[0]}",
                 )
+        if rtype in KUBERNETES_RUNTIMES:
+            out["runtime"] = _kubernetes_runtime(rt, key, rtype)
+            rt = None
+        elif rtype != "endpoint":
             args = rt.get("args") or []
             if not isinstance(args, list) or not all(isinstance(a, str) and len(a) < 256 for a in args) \
                     or len(args) > 64:
@@ -326,6 +340,30 @@ async def create_batch(
     return rec
 
 
+#: Most pods one batch may be sharded over.
+MAX_SHARDS = 10_000
+
+
+def _kubernetes_runtime(rt: dict[str, Any], key: str, rtype: str) -> dict[str, Any]:
+    """``{"type": "kubernetes-job", "shards"?: int, "namespace"?: str}`` or
+    ``{"type": "kubernetes-deployment", "namespace"?: str}``, checked."""
+    out: dict[str, Any] = {"type": rtype}
+    shards = rt.get("shards")
+    if shards is not None:
+        if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
+            raise InvalidRequestError(f"'{key}.runtime.shards' must be an integer from 1 to {MAX_SHARDS}.",
+                                      param=f"{key}.runtime.shards")
+        out["shards"] = shards
+    ns = rt.get("namespace")
+    if ns is not None:
+        if not isinstance(ns, str) or not _DNS_LABEL_RE.fullmatch(ns):
+            raise InvalidRequestError(
+                f"'{key}.runtime.namespace' must be a Kubernetes namespace name (lower-case letters, digits "
+                "and '-', at most 63).", param=f"{key}.runtime.namespace")
+        out["namespace"] = ns
+    return out
+
+
 def _apply_runtime_rules(options: dict[str, Any], rules: RuntimeRules, *, key: str, endpoint: str) -> None:
     """Resolve and freeze the batch's template and profile, pick its runtime type
     and check that this server allows it and this host can ever run it."""
@@ -344,23 +382,33 @@ def _apply_runtime_rules(options: dict[str, Any], rules: RuntimeRules, *, key: s
                            profile_param=f"{key}.profile")
         check_endpoint(resolved, endpoint)
         if rt is None:
-            rt = options["runtime"] = {"type": rules.default if rules.default in ("local",) else "local"}
-        if rt.get("type") != "local":
+            rt = options["runtime"] = {"type": rules.default if rules.default in TEMPLATE_RUNTIMES else "local"}
+        if rt.get("type") not in TEMPLATE_RUNTIMES:
             raise InvalidRequestError(
-                f"A model_template is started by the 'local' runtime here, not {rt.get('type')!r}.",
+                f"A model_template is started by one of the runtimes {', '.join(TEMPLATE_RUNTIMES)}, "
+                f"not {rt.get('type')!r}.",
                 param=f"{key}.runtime.type",
             )
-        if rules.gpus is not None and resolved.gpus > rules.gpus.total:
+        if rt.get("type") in KUBERNETES_RUNTIMES:
+            if rt["type"] in rules.allowed:
+                if rules.kubernetes_check is None:
+                    raise InvalidRequestError(
+                        "This server was started without Kubernetes (OVERNIGHT_KUBERNETES).",
+                        param=f"{key}.runtime.type", code="runtime_not_allowed")
+                if rt["type"] == "kubernetes-job" and "shards" not in rt:
+                    rt["shards"] = max(1, int(resolved.template.spec.parallelism.dp or 1))
+                rules.kubernetes_check(resolved, rt)
+        elif rules.gpus is not None and resolved.gpus > rules.gpus.total:
             raise InvalidRequestError(
                 f"Model template {resolved.name!r} needs {resolved.gpus} GPUs; this host has {rules.gpus.total}.",
                 param=f"{key}.model_template",
             )
         options["template"] = resolved.to_record()
-    elif rt is not None and rt.get("type") == "local":
-        raise InvalidRequestError(f"Runtime type 'local' needs a {key}.model_template to start.",
+    elif rt is not None and rt.get("type") in TEMPLATE_RUNTIMES:
+        raise InvalidRequestError(f"Runtime type {rt.get('type')!r} needs a {key}.model_template to start.",
                                   param=f"{key}.runtime.type")
     if rt is None:
-        if rules.default and rules.default != "endpoint" and rules.default != "local":
+        if rules.default and rules.default not in ("endpoint", *TEMPLATE_RUNTIMES):
             rt = options["runtime"] = {"type": rules.default}
         elif not rules.default_engine:
             raise InvalidRequestError(

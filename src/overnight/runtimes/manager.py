@@ -121,6 +121,9 @@ class EngineManager:
         kind = rt.get("type")
         if kind == "local" and options.get("template"):
             return "local-" + Resolved.from_record(options["template"]).key()
+        if kind == "kubernetes-deployment" and options.get("template"):
+            ns = rt.get("namespace") or ""
+            return "k8s-" + Resolved.from_record(options["template"]).key() + (f"-{ns}" if ns else "")
         if kind == "mock":
             import hashlib
             import json
@@ -128,12 +131,16 @@ class EngineManager:
             return "mock-" + hashlib.sha256(json.dumps(rt.get("args") or []).encode()).hexdigest()[:16]
         return None
 
-    def _spec_for(self, options: dict[str, Any]) -> tuple[str, dict[str, Any], float, float]:
+    def _spec_for(self, options: dict[str, Any], batch_id: str = "") -> tuple[str, dict[str, Any], float, float]:
         """(runtime type, spec, ready timeout, keep-alive)."""
         rt = options.get("runtime") or {}
         if rt.get("type") == "mock":
             return "local", mock_spec(rt), 60.0, float(rt.get("keep_alive_seconds") or 0.0)
         resolved = Resolved.from_record(options["template"])
+        if rt.get("type") == "kubernetes-deployment":
+            spec = {"type": "kubernetes-deployment", "template": options["template"], "batch_id": batch_id,
+                    "namespace": rt.get("namespace")}
+            return "kubernetes-deployment", spec, resolved.ready_timeout_seconds, resolved.keep_alive_seconds
         # Secrets are read from the environment now and never stored.
         return "local", local_spec(resolved), resolved.ready_timeout_seconds, resolved.keep_alive_seconds
 
@@ -178,7 +185,7 @@ class EngineManager:
                 e.releasing = None
             e.refs.add(batch_id)
             if e.starting is None and not await self._usable(e):
-                e.starting = asyncio.get_running_loop().create_task(self._bring_up(e, options, record))
+                e.starting = asyncio.get_running_loop().create_task(self._bring_up(e, options, record, batch_id))
             starting = e.starting
         try:
             if starting is not None:
@@ -218,7 +225,7 @@ class EngineManager:
         log.error("engine %s died (exit code %s); %d restart(s) so far", e.key, info.get("exit_code"),
                   len(e.restarts))
 
-    async def _bring_up(self, e: _Engine, options: dict[str, Any], record: RecordHandle) -> str:
+    async def _bring_up(self, e: _Engine, options: dict[str, Any], record: RecordHandle, batch_id: str = "") -> str:
         if len(e.restarts) > self.max_restarts:
             last = e.restarts[-1]
             raise EngineFailed(
@@ -228,7 +235,7 @@ class EngineManager:
         if e.restarts:
             # Back off between restarts: 1, 2, 4 ... s.
             await asyncio.sleep(min(30.0, 2.0 ** (len(e.restarts) - 1)))
-        _, spec, timeout_s, keep = self._spec_for(options)
+        _, spec, timeout_s, keep = self._spec_for(options, batch_id)
         e.keep_alive_s = keep
         t0 = time.monotonic()
 

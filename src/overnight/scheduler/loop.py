@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from typing import Any
 
 from overnight import defaults
 from overnight.batches.service import SEALED_API_KEY, transition, update_batch
@@ -254,8 +255,13 @@ class Scheduler:
         poll_s: float,
         global_concurrency: int,
         runtimes: EngineManager | None = None,
+        kubernetes: Any = None,
+        remote_options: Any = None,
     ) -> None:
         self.store, self.storage, self.engines, self.cfg = store, storage, engines, config
+        #: The kubernetes-job runtime (``runtimes/kubernetes/job.py``), when enabled.
+        self.kubernetes = kubernetes
+        self.remote_options = remote_options
         #: Engines overnight starts itself (templates, the mock runtime).
         self.runtimes = runtimes
         if runtimes is not None:
@@ -384,6 +390,20 @@ class Scheduler:
         claimed = await claim_batch(self.store, rec, owner=self.replica_id, lease_s=self.cfg.lease_s)
         if claimed is None:
             return False
+        if (claimed.options.get("runtime") or {}).get("type") == "kubernetes-job":
+            # Its requests are sent from the Job's pods: this runner creates and watches the Job.
+            if self.kubernetes is None:
+                exc = RuntimeError("this server has no Kubernetes configuration for the kubernetes-job runtime "
+                                   "(OVERNIGHT_RUNTIMES does not list it)")
+                if not await self._fail_unrunnable(claimed, exc):
+                    return False
+            runner = BatchRunner(
+                batch=claimed, store=self.store, storage=self.storage, engine=None, gates=(), config=self.cfg,
+                remote=(self.kubernetes, self.remote_options) if self.kubernetes is not None else None,
+            )
+            self.runners[claimed.id] = runner
+            self._tasks[claimed.id] = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")
+            return True
         if self.runtimes is not None and EngineManager.key_for(claimed.options) is not None:
             # Its engine is started (or shared) when the runner gets to dispatch.
             runner = BatchRunner(

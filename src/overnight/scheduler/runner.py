@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from overnight import defaults
 from overnight.batches.service import LeaseLost, transition, update_batch
@@ -88,6 +89,7 @@ class BatchRunner:
         health: EngineHealth | None = None,
         prepare: Callable[[BatchRunner], Awaitable[None]] | None = None,
         finalize: Callable[[BatchRunner], Awaitable[None]] | None = None,
+        remote: tuple[Any, Any] | None = None,
     ) -> None:
         self.batch = batch
         self.token = batch.lease_token
@@ -105,6 +107,8 @@ class BatchRunner:
         #: back when the run ends however it ends.
         self.prepare, self.finalize = prepare, finalize
         self._prepared = False
+        #: (runtime, options) of a batch that runs in a Kubernetes Job's pods.
+        self.remote = remote
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -208,6 +212,22 @@ class BatchRunner:
         if b.status == S.CANCELLING.value and b.in_progress_at is None:
             await transition(self.store, b.id, S.CANCELLED, fence=self.token)
             return
+        if self.remote is not None:
+            from overnight.scheduler.remote import run_on_job
+
+            await run_on_job(self, b, *self.remote)
+            return
+        if (b.options.get("runtime") or {}).get("type") == "kubernetes-job":
+            await self._execute_nowhere(b)
+            return
+        await self._execute(b)
+
+    async def _execute_nowhere(self, b: BatchRecord) -> None:
+        """A kubernetes-job batch on a server without Kubernetes: every line fails,
+        saying why (``_fail_unrunnable`` let it run this far because it had started)."""
+        self.engine = _NoEngine("this server has no Kubernetes configuration for the kubernetes-job runtime")
+        self.stop.set(Outcome.ENGINE_FAILED, "This server has no Kubernetes configuration for the kubernetes-job "
+                      "runtime (OVERNIGHT_RUNTIMES does not list it).")
         await self._execute(b)
 
     async def _validate(self, b: BatchRecord) -> BatchRecord | None:

@@ -1,0 +1,102 @@
+"""Creating a kubernetes-job batch: everything that would stop its Job from being
+created is a 400 at create, naming the field; a good one is frozen with its shards."""
+
+from __future__ import annotations
+
+import pytest
+
+from overnight.batches import service
+from overnight.batches.service import BatchCreate, RuntimeRules, create_batch
+from overnight.batches.validation import ValidationLimits
+from overnight.errors import InvalidRequestError
+from overnight.files.service import create_file
+from overnight.runtimes.kubernetes.client import KubeConfig
+from overnight.runtimes.kubernetes.job import KubernetesJobRuntime
+from overnight.storage.memory import MemoryStorage
+from overnight.store.memory import MemoryStore
+from overnight.templates import DirectorySource
+from tests.templates._yaml import template_yaml
+
+LIMITS = ValidationLimits(max_requests=1000, max_bytes=10**7)
+
+PROFILES = """\
+kind: Profile
+name: pool
+store_url: postgresql://overnight@db/overnight
+storage_url: s3://bucket/overnight
+---
+kind: Profile
+name: env-secret
+store_url: postgresql://overnight@db/overnight
+storage_url: s3://bucket/overnight
+secrets:
+  HF_TOKEN: {env: HF_TOKEN}
+"""
+
+
+@pytest.fixture
+def rules(tmp_path) -> RuntimeRules:
+    d = tmp_path / "templates"
+    d.mkdir()
+    (d / "t.yaml").write_text(
+        template_yaml("noimage", "1", count=1) + "---\n"
+        + template_yaml("vllm", "1", count=1).replace("    type: vllm\n", "    type: vllm\n    image: vllm/vllm-openai:v0.11\n")
+        + "---\n" + template_yaml("mock2", "1", engine="mock", count=0).replace("    tp: 1\n", "    tp: 1\n    dp: 2\n")
+        + "---\n" + PROFILES
+    )
+    rt = KubernetesJobRuntime(config=KubeConfig(api_url="http://127.0.0.1:9"), namespace="batch",
+                              namespaces=("team-a",), image="overnight:test")
+    return RuntimeRules(allowed=frozenset(service.RUNTIME_TYPES), templates=DirectorySource(d, reload_s=0),
+                        kubernetes_check=rt.check)
+
+
+async def _create(rules: RuntimeRules, **ext):
+    store, storage = MemoryStore(), MemoryStorage()
+
+    async def chunks():
+        yield b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "x"}}\n'
+
+    f = await create_file(store=store, storage=storage, tenant="t", filename="in.jsonl", purpose="batch",
+                          chunks=chunks())
+    body = BatchCreate(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                       extension={"model_template": {"name": ext.pop("template", "vllm")},
+                                  "profile": {"name": ext.pop("profile", "pool")},
+                                  "runtime": {"type": "kubernetes-job", **ext}})
+    return await create_batch(store=store, storage=storage, tenant="t", body=body, limits=LIMITS, rules=rules)
+
+
+async def test_a_good_batch_is_frozen_with_its_shards(rules) -> None:
+    rec = await _create(rules, shards=8)
+    assert rec.options["runtime"] == {"type": "kubernetes-job", "shards": 8}
+    assert rec.options["template"]["template"]["name"] == "vllm"
+    # shards default to the template's parallelism.dp
+    rec = await _create(rules, template="mock2")
+    assert rec.options["runtime"]["shards"] == 2
+
+
+@pytest.mark.parametrize(("ext", "param", "text"), [
+    ({"shards": 0}, "overnight.runtime.shards", "from 1 to"),
+    ({"shards": "4"}, "overnight.runtime.shards", "integer"),
+    ({"namespace": "Bad_NS"}, "overnight.runtime.namespace", "namespace name"),
+    ({"namespace": "elsewhere"}, "overnight.runtime.namespace", "not one this server"),
+    ({"args": ["--x"]}, "overnight.runtime.args", "does not apply"),
+    ({"template": "noimage"}, "spec.engine.image", "image is required"),
+    ({"profile": "env-secret"}, "profile.secrets.HF_TOKEN", "Kubernetes Secret"),
+])
+async def test_what_would_break_the_job_is_a_400_naming_the_field(rules, ext, param, text) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        await _create(rules, **ext)
+    assert err.value.param == param and text in err.value.message, (err.value.param, err.value.message)
+
+
+async def test_an_allowed_other_namespace_is_kept(rules) -> None:
+    rec = await _create(rules, namespace="team-a", shards=2)
+    assert rec.options["runtime"]["namespace"] == "team-a"
+
+
+async def test_the_runtime_must_be_enabled(rules) -> None:
+    off = RuntimeRules(allowed=frozenset({"endpoint", "local"}), templates=rules.templates,
+                       kubernetes_check=rules.kubernetes_check)
+    with pytest.raises(InvalidRequestError) as err:
+        await _create(off, shards=2)
+    assert err.value.code == "runtime_not_allowed" and "kubernetes-job" in err.value.message
