@@ -2,8 +2,8 @@
 
 ``TemplateSource`` holds the lookup rules; a concrete source only supplies a
 ``Catalog`` (a snapshot of what it read). ``DirectorySource`` reads a directory of
-YAML files and re-reads the files that changed; Kubernetes ConfigMaps and the
-console's store can come in later behind the same interface.
+YAML files and re-reads the files that changed; ``configmap.ConfigMapSource``
+watches labelled Kubernetes ConfigMaps; ``CombinedSource`` puts sources together.
 
 Documents. A YAML file holds any number of documents (``---``). Each is
 
@@ -52,6 +52,7 @@ from overnight.templates.schema import (
 __all__ = [
     "Broken",
     "Catalog",
+    "CombinedSource",
     "DirectorySource",
     "Loaded",
     "ProfileNotFound",
@@ -528,3 +529,37 @@ class DirectorySource(TemplateSource):
     def _build(self, extra: list[str]) -> Catalog:
         loads = [effective(state.loaded, state.known) for state in (self._files[n] for n in sorted(self._files))]
         return Catalog.build(loads, extra)
+
+
+def _as_loaded(cat: Catalog) -> Loaded:
+    """A catalog back as one read's worth, so ``Catalog.build`` can merge catalogs."""
+    templates = tuple(entry for versions in cat.templates.values() for entry in versions.values())
+    broken = tuple(b for bs in cat.broken_templates.values() for b in bs)
+    broken += tuple(b for bs in cat.broken_profiles.values() for b in bs)
+    return Loaded(templates, tuple(cat.profiles.values()), broken, tuple(cat.issues))
+
+
+class CombinedSource(TemplateSource):
+    """Several sources as one (a templates directory and ConfigMaps).
+
+    A template name and version, or a profile, defined by two sources is
+    ambiguous exactly as two files of one directory are: neither copy is used,
+    ``errors()`` reports it and its lookup fails naming both places. Each part
+    keeps its own refresh (and life cycle: start and close a ConfigMap source
+    yourself); the merge is redone only when a part's catalog changed."""
+
+    def __init__(self, *sources: TemplateSource) -> None:
+        if not sources:
+            raise ValueError("CombinedSource needs at least one source")
+        self.sources = sources
+        self._lock = threading.Lock()
+        self._parts: tuple[Catalog, ...] = ()
+        self._catalog = Catalog()
+
+    def catalog(self) -> Catalog:
+        parts = tuple(source.catalog() for source in self.sources)
+        with self._lock:
+            if len(parts) != len(self._parts) or any(a is not b for a, b in zip(parts, self._parts, strict=True)):
+                self._catalog = Catalog.build([_as_loaded(part) for part in parts])
+                self._parts = parts  # held, so an identity match is never a reused id
+            return self._catalog
