@@ -100,3 +100,22 @@ async def test_the_runtime_must_be_enabled(rules) -> None:
     with pytest.raises(InvalidRequestError) as err:
         await _create(off, shards=2)
     assert err.value.code == "runtime_not_allowed" and "kubernetes-job" in err.value.message
+
+
+async def test_a_server_without_kubernetes_says_so(rules) -> None:
+    plain = RuntimeRules(allowed=frozenset({"endpoint", "mock", "local"}), templates=rules.templates)
+    with pytest.raises(InvalidRequestError) as err:
+        await _create(plain, shards=2)
+    assert err.value.code == "runtime_not_allowed" and "OVERNIGHT_KUBERNETES" in err.value.message
+
+
+def test_serve_refuses_a_kubernetes_runtime_without_a_cluster(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OVERNIGHT_RUNTIMES": "endpoint,kubernetes-job"}
+    env.pop("OVERNIGHT_KUBERNETES", None)
+    p = subprocess.run([sys.executable, "-m", "overnight.cli.main", "serve", "--data-dir", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "OVERNIGHT_KUBERNETES" in p.stderr, p.stderr

@@ -417,6 +417,12 @@ def _apply_runtime_rules(options: dict[str, Any], rules: RuntimeRules, *, key: s
                 param=f"{key}.runtime", code="no_engine",
             )
     kind = rt.get("type", "endpoint") if rt is not None else "endpoint"
+    if rt is not None and kind in KUBERNETES_RUNTIMES and kind not in rules.allowed \
+            and rules.kubernetes_check is None:
+        raise InvalidRequestError(
+            f"Runtime type {kind!r} needs Kubernetes, and this server was started without it "
+            "(--kubernetes / OVERNIGHT_KUBERNETES).", param=f"{key}.runtime.type", code="runtime_not_allowed",
+        )
     if rt is not None and kind not in rules.allowed:
         raise InvalidRequestError(
             f"Runtime type {kind!r} is not enabled on this server (OVERNIGHT_RUNTIMES="

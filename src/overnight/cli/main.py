@@ -71,7 +71,11 @@ def _preflight(settings: Settings) -> None:
         await storage.aclose()
 
     try:
+        settings.allowed_runtimes()  # a Kubernetes runtime without a cluster named
         asyncio.run(check())
+    except ValueError as exc:
+        typer.secho(f"overnight serve cannot start: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
     except OvernightError as exc:
         # Plain text on one line: rich markup would eat "[postgres]" in install hints.
         typer.secho(f"overnight serve cannot start: {exc.message}", err=True, fg=typer.colors.RED)
@@ -145,6 +149,11 @@ def serve(
         typer.Option(help="Directory of model deployment templates and profiles (YAML) batches may name.",
                      show_default="none", **_env("templates_dir")),
     ] = None,
+    kubernetes: Annotated[
+        Optional[str],
+        typer.Option(help="Run batches on Kubernetes (the kubernetes-job and kubernetes-deployment runtimes): "
+                          "in-cluster, kubeconfig, or kubeconfig:PATH.", show_default="off", **_env("kubernetes")),
+    ] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Lowest level of log lines printed.", case_sensitive=False)] = (
         LogLevel.info
     ),
@@ -166,6 +175,7 @@ def serve(
         "storage_url": storage,
         "replica_id": replica_id,
         "templates_dir": templates_dir,
+        "kubernetes": kubernetes,
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     # One command must work on a fresh machine: with no engine named, run the
