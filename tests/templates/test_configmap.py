@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from overnight.errors import KubernetesError
 from overnight.runtimes.kubernetes.client import Kube, KubeConfig, RetryPolicy
@@ -407,3 +409,48 @@ async def test_combined_source_reports_a_profile_in_both_and_stale_configmaps(fa
         combined.get_profile("gpu-box")
     with pytest.raises(ValueError, match="at least one"):
         CombinedSource()
+
+
+# ---------------------------------------------------------------------------
+# docs/templates.md, "Templates from ConfigMaps"
+
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "templates.md").read_text()
+
+
+def _doc_blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", DOC, re.S)
+
+
+def _doc_configmap() -> dict:
+    [manifest] = [yaml.safe_load(b) for b in _doc_blocks("yml") if "kind: ConfigMap" in b]
+    return manifest
+
+
+def test_the_docs_configmap_is_labelled_and_reads_clean() -> None:
+    manifest = _doc_configmap()
+    key, value = DEFAULT_SELECTOR.split("=")
+    assert manifest["metadata"]["labels"][key] == value
+    read = read_config_map(manifest)
+    assert [load.issues for load in read.loads()] == [(), ()]
+    names = [n for load in read.loads() for n in load.names()]
+    assert names == [("profile", "team-a"), ("template", "qwen2.5-0.5b-instruct")]
+
+
+def test_the_docs_role_grants_list_and_watch_on_configmaps() -> None:
+    [block] = [b for b in _doc_blocks("yml") if "kind: Role" in b]
+    role, binding = yaml.safe_load_all(block)
+    [rule] = role["rules"]
+    assert rule["resources"] == ["configmaps"] and {"list", "watch"} <= set(rule["verbs"])
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+
+
+def test_the_docs_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    [block] = _doc_blocks("py")
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    with FakeApiServer() as fake:
+        fake.create(_doc_configmap())
+        monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "config")))
+        exec(compile(block, "docs/templates.md", "exec"), {"__name__": "docs"})  # noqa: S102 - our own documentation
+    assert capsys.readouterr().out == "vllm/vllm-openai:v0.11.0\n"
