@@ -226,6 +226,29 @@ async def _sweep_kubernetes(settings: Settings, store: Store, rt: Any, replica: 
         await asyncio.sleep(settings.kubernetes_sweep_interval_s)
 
 
+async def _template_sources(settings: Settings, stack: contextlib.AsyncExitStack) -> Any:
+    """The templates directory and/or the labelled ConfigMaps, as one source (None: neither)."""
+    from overnight.templates.source import CombinedSource, DirectorySource
+
+    sources: list[Any] = []
+    if settings.templates_dir is not None:
+        sources.append(DirectorySource(settings.templates_dir))
+    if settings.templates_configmaps.strip():
+        if not settings.kubernetes:
+            raise ValueError("OVERNIGHT_TEMPLATES_CONFIGMAPS needs a cluster: set OVERNIGHT_KUBERNETES")
+        from overnight.templates.configmap import ConfigMapSource
+
+        cm = ConfigMapSource(settings.kube_config(), settings.templates_configmaps,
+                             selector=settings.templates_configmap_selector)
+        await cm.start()
+        stack.push_async_callback(cm.aclose)
+        await cm.ready(timeout_s=30)  # a server that cannot read its templates says so at start
+        sources.append(cm)
+    if not sources:
+        return None
+    return sources[0] if len(sources) == 1 else CombinedSource(*sources)
+
+
 def _runtime_rules(settings: Settings, engine_url: str | None, templates: Any, gpus: Any,
                    kubernetes: Any = None, kube_deployments: Any = None) -> RuntimeRules:
     allowed = settings.allowed_runtimes() & frozenset(RUNTIME_TYPES)
@@ -265,11 +288,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             if engine_url == "mock":
                 engine_url = await stack.enter_async_context(_mock_engine(settings))
             policy, secrets = _egress(settings, engine_url)
-            templates = None
-            if settings.templates_dir is not None:
-                from overnight.templates.source import DirectorySource
-
-                templates = DirectorySource(settings.templates_dir)
+            templates = await _template_sources(settings, stack)
             kubernetes = kube_deployments = None
             if settings.kubernetes:
                 kubernetes = kubernetes_job_runtime(settings)

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     #: Directory of model deployment template and profile YAML files (docs/templates.md).
     templates_dir: Path | None = None
+    #: Namespaces (comma-separated) whose labelled ConfigMaps hold templates and
+    #: profiles too (needs ``kubernetes``); docs/templates.md.
+    templates_configmaps: str = ""
+    templates_configmap_selector: str = "overnight.dev/templates=true"
     #: Runtime types batches may ask for (``extra_body.overnight.runtime.type``).
     runtimes: str = "endpoint,mock,local"
     #: Runtime type for batches that name none (unset: the default engine, or

@@ -108,14 +108,22 @@ def env(cluster: Cluster, tmp_path: Path):
     port = free_port()
     ctl = Controller(api, port, tmp_path).start()
 
-    def server(ready: int = 60, keep: float = 0):
-        tdir = tmp_path / "templates"
-        tdir.mkdir(exist_ok=True)
-        (tdir / "t.yaml").write_text(TEMPLATE.format(ready=ready, keep=keep))
-        return cluster.server(engine_url=None, extra=("--templates-dir", str(tdir)), env={
+    def server(ready: int = 60, keep: float = 0, configmap: bool = False):
+        env = {
             "OVERNIGHT_KUBERNETES": f"kubeconfig:{api.write_kubeconfig(tmp_path / 'kubeconfig')}",
             "OVERNIGHT_KUBERNETES_SERVICE_URL": f"http://127.0.0.1:{port}",
-        })
+        }
+        text = TEMPLATE.format(ready=ready, keep=keep)
+        if configmap:  # the template lives in a labelled ConfigMap, read through the API
+            api.create({"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": "templates", "namespace": "default",
+                                     "labels": {"overnight.dev/templates": "true"}},
+                        "data": {"tiny.yaml": text}})
+            return cluster.server(engine_url=None, env={**env, "OVERNIGHT_TEMPLATES_CONFIGMAPS": "default"})
+        tdir = tmp_path / "templates"
+        tdir.mkdir(exist_ok=True)
+        (tdir / "t.yaml").write_text(text)
+        return cluster.server(engine_url=None, extra=("--templates-dir", str(tdir)), env=env)
 
     try:
         yield api, ctl, server
@@ -175,3 +183,11 @@ def test_a_deployment_that_never_gets_ready_fails_the_batch_saying_why(env, tmp_
     out, err = results(client, b)
     assert_exactly_once(out, err, {f"req-{i}" for i in range(20)})
     wait_until(lambda: not api.objects("Deployment") and not api.objects("Service"), 30, what="deletion")
+
+
+def test_templates_can_come_from_a_configmap(env, tmp_path) -> None:
+    api, ctl, server = env
+    client = client_for(server(configmap=True).url)
+    b = wait_status(client, _create(client, tmp_path, 50).id, timeout_s=60)
+    assert b.status == "completed", b.errors
+    assert b.model_extra["overnight"]["model_template"]["template"] == "tiny"

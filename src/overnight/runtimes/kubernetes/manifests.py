@@ -3,7 +3,7 @@
 Three shapes, all labelled ``app.kubernetes.io/managed-by: overnight`` and
 ``overnight.dev/batch-id: <batch id>`` so an orphan sweep can find them by label:
 
-* ``render_job``: the ``kubernetes`` runtime. One **Indexed Job** per batch, one
+* ``render_job``: the ``kubernetes-job`` runtime. One **Indexed Job** per batch, one
   pod per shard (``completions = parallelism = shards``). Each pod runs the engine
   as a **native sidecar** (an ``initContainers`` entry with ``restartPolicy:
   Always``: its startupProbe on the template's health endpoint gates the worker's
