@@ -119,3 +119,30 @@ def test_serve_refuses_a_kubernetes_runtime_without_a_cluster(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-m", "overnight.cli.main", "serve", "--data-dir", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "OVERNIGHT_KUBERNETES" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "latest"])
+def test_what_the_runtimes_send_is_valid_kubernetes(rules, version) -> None:
+    # The runtimes add to the renderer's objects (a replica label, the Service's
+    # owner reference): validate what is sent, strictly.
+    import kubernetes_validate
+
+    from overnight.runtimes.kubernetes.deployment import KubernetesDeploymentRuntime
+    from overnight.templates.resolve import resolve
+
+    v = kubernetes_validate.latest_version() if version == "latest" else version
+    resolved = resolve(rules.templates, {"name": "vllm"}, {"name": "pool"})
+    job_rt = KubernetesJobRuntime(config=KubeConfig(api_url="http://127.0.0.1:9"), namespace="batch",
+                                  image="overnight:test")
+    job = job_rt.render(resolved, batch_id="batch_" + "a" * 24, runtime={"shards": 16}, deadline_s=3600.5)
+    dep_rt = KubernetesDeploymentRuntime(config=KubeConfig(api_url="http://127.0.0.1:9"), namespace="batch",
+                                         image="overnight:test", replica_id="host:1234")
+    dep, svc = dep_rt.render(resolved, batch_id="batch_" + "b" * 24, namespace=None)
+    svc["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                           "name": dep["metadata"]["name"], "uid": "0f0e", "controller": True,
+                                           "blockOwnerDeletion": True}]
+    for obj in (job, dep, svc):
+        kubernetes_validate.validate(obj, v, strict=True)
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 16
+    assert job["spec"]["activeDeadlineSeconds"] == 3601
+    assert dep["metadata"]["labels"]["overnight.dev/replica"] == svc["metadata"]["labels"]["overnight.dev/replica"]

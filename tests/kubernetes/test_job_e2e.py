@@ -137,6 +137,23 @@ def test_cancel_deletes_the_job_and_writes_the_undone_lines_as_cancelled(k8s: En
     k8s.nothing_left()
 
 
+def test_expiry_deletes_the_job_and_writes_the_undone_lines_as_expired(k8s: Env) -> None:
+    client = client_for(k8s.server().url)
+    n = 6_000
+    with make_input_file(k8s.tmp / "in-exp.jsonl", n, model="tiny").open("rb") as f:
+        fobj = client.files.create(file=f, purpose="batch")
+    b = client.batches.create(
+        input_file_id=fobj.id, endpoint="/v1/chat/completions", completion_window="8s",
+        extra_body={"overnight": {"model_template": {"name": "tiny"}, "profile": {"name": "cluster"},
+                                  "runtime": {"type": "kubernetes-job", "shards": 2}, "max_concurrency": 2}})
+    b = wait_status(client, b.id, timeout_s=90)
+    assert b.status == "expired", b.status
+    out, err = results(client, b)
+    assert_exactly_once(out, err, {f"req-{i}" for i in range(n)})
+    assert out and err and all(e["error"]["code"] == "batch_expired" for e in err)
+    k8s.nothing_left()
+
+
 def test_pods_that_cannot_be_scheduled_fail_the_batch_and_release_the_job(k8s: Env) -> None:
     k8s.kubelet.unschedulable = True
     client = client_for(k8s.server(OVERNIGHT_KUBERNETES_UNSCHEDULABLE_TIMEOUT_S="2").url)

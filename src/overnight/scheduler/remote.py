@@ -153,6 +153,16 @@ async def _follow(runner: BatchRunner, b: BatchRecord, rt: KubernetesJobRuntime,
             if view.failed:
                 runner.stop.set(Outcome.ENGINE_FAILED, _failure(view, shards, count))
                 return Outcome.ENGINE_FAILED
+            if view.complete:
+                # Every index succeeded, yet a shard is not done (a worker that exited
+                # 0 early): its shard record is written before it exits, so re-read once.
+                shards = await runner.store.list_shards(b.id)
+                if len(shards) == count and all(s.status == "done" for s in shards):
+                    return Outcome.DONE
+                undone = sorted(set(range(count)) - {s.index for s in shards if s.status == "done"})
+                runner.stop.set(Outcome.ENGINE_FAILED,
+                                f"Its Job completed, but shards {undone[:10]} of {count} did not finish.")
+                return Outcome.ENGINE_FAILED
             if view.synced and not view.exists and watch.error is None:
                 runner.stop.set(Outcome.ENGINE_FAILED,
                                 f"Its Job {handle['namespace']}/{handle['name']} was deleted outside overnight "
