@@ -7,14 +7,16 @@ annotations (a downwardAPI file), its shard from the Job's completion index,
 its store and storage from ``OVERNIGHT_STORE_URL`` / ``OVERNIGHT_STORAGE_URL``,
 and then:
 
-1. loads the batch record (a finished, cancelling or finalizing batch: nothing to do);
+1. loads the batch record (a finished, cancelling or finalizing batch, or one whose
+   completion window has ended: nothing to do);
 2. claims its shard (``batches/shards.py``): a lease and a fencing token, so that
    two pods of one index never both write; a shard already ``done`` ends at once;
    while another holder's lease is live it waits, for a bounded time;
 3. waits for the engine's health endpoint (the sidecar may have restarted);
 4. runs ``execute()`` on the requests the shard owns (index mod shards), from the
    shard's checkpoint, storing a fenced checkpoint every few seconds, renewing the
-   lease and watching the batch record for a cancel;
+   lease and watching the batch record for a cancel and the clock for the end of
+   the completion window;
 5. marks the shard ``done`` in the same write as its last checkpoint.
 
 Exit codes (the Job's pod failure policy acts on them): 0 the shard is done, or
@@ -24,8 +26,8 @@ there is nothing to do; ``EXIT_UNRECOVERABLE`` (42) an error no retry can fix
 replacement starts at once; 1 anything else, and the index is retried (the
 engine stayed unreachable, another pod holds the shard, a crash).
 
-The worker never writes ``batch_cancelled`` lines or moves the batch's status:
-that is the service's part once every shard has stopped.
+The worker never writes ``batch_cancelled`` or ``batch_expired`` lines or moves
+the batch's status: that is the service's part once every shard has stopped.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ INDEX_ENV = "JOB_COMPLETION_INDEX"
 BUSY_LEASES = 3
 #: Longest pause between two health checks while the engine is not ready.
 _READY_POLL_MAX_S = 5.0
+#: The deadline execute() gets: the batch's own is watched here (see ``_expiry``).
+_FAR_FUTURE_S = 100 * 365 * 86400.0
 
 
 class WorkerExit(Exception):
@@ -210,7 +214,8 @@ class _Worker:
         self.cfg, self.t, self.settings = cfg, target, cfg.settings
         self.stop = StopSignal()
         #: Why the run was stopped from outside execute(): (kind, words); kind is
-        #: ``signal``, ``batch`` (cancelled or finished elsewhere), ``engine`` or ``lease``.
+        #: ``signal``, ``batch`` (cancelled or finished elsewhere), ``expired``,
+        #: ``engine`` or ``lease``.
         self.why: tuple[str, str] | None = None
         self.signal: int | None = None
         self.token = 0
@@ -261,6 +266,8 @@ class _Worker:
             return EXIT_OK, f"batch {batch.id} is {status}; nothing to do"
         if status != BatchStatus.IN_PROGRESS.value:
             raise WorkerExit(EXIT_RETRY, f"batch {batch.id} is {status}, not in_progress yet; nothing was run")
+        if time.time() >= batch.deadline:
+            return EXIT_OK, f"batch {batch.id}'s completion window has ended; nothing to do"
         shard = Shard(index=self.t.index, count=self.t.shards)
         owned = shard.size(batch.total)
         rec = await self._claim(batch, owned)
@@ -272,15 +279,16 @@ class _Worker:
         self.token, self.shard = rec.token, rec
         log.info("%s: claimed (token %d, attempt %d): %d of the batch's %d requests, %d done before",
                  self.name, rec.token, rec.attempts, owned, batch.total, rec.completed + rec.failed)
-        heartbeat = asyncio.create_task(self._heartbeat(), name="overnight-worker-heartbeat")
+        watchers = [asyncio.create_task(self._heartbeat(), name="overnight-worker-heartbeat"),
+                    asyncio.create_task(self._expiry(batch.deadline), name="overnight-worker-expiry")]
         try:
             return await self._run_claimed(batch, shard)
         except LeaseLost as exc:
             return EXIT_RETRY, f"lease lost, another pod runs the shard now: {exc.message}"
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await heartbeat
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
             # Give the lease back so a replacement need not wait it out (fenced: a
             # no-op once another pod holds the shard).
             with contextlib.suppress(Exception):
@@ -346,6 +354,15 @@ class _Worker:
                 log.info("%s: the batch is %s; stopping after a checkpoint", self.name, status)
                 self._stopping("batch", f"the batch is {status}")
                 return
+
+    async def _expiry(self, deadline: float) -> None:
+        """Stop (after a checkpoint) when the batch's completion window ends. The
+        service decides the batch expired and writes the ``batch_expired`` lines,
+        as for a cancel: a pod whose clock runs ahead must not finish its shard
+        with them first."""
+        await asyncio.sleep(max(0.0, deadline - time.time()))
+        log.info("%s: the batch's completion window has ended; stopping after a checkpoint", self.name)
+        self._stopping("expired", "the batch's completion window ended")
 
     async def _wait_ready(self, client: HttpEngineClient) -> bool:
         """Poll the engine's health endpoint with backoff until it answers 200.
@@ -442,7 +459,7 @@ class _Worker:
         where = f" at {spool.cp.completed + spool.cp.failed}/{self._owned()} requests" if spool is not None else ""
         if kind == "signal":
             return self._signal_exit(), f"{words}{where}; the checkpoint is stored and the lease given back"
-        if kind == "batch":
+        if kind in ("batch", "expired"):
             return EXIT_OK, f"{words}{where}; the service writes the lines of the requests left"
         if kind == "engine":
             return EXIT_RETRY, f"{words}{where}; the checkpoint is stored, the index is retried"
@@ -453,15 +470,14 @@ class _Worker:
 
     async def _outcome_exit(self, outcome: Outcome, spool: Spool) -> tuple[int, str]:
         cp = spool.cp
-        if outcome in (Outcome.DONE, Outcome.EXPIRED):
-            # Every owned request has a line (an expired one says so). The last
-            # checkpoint marked the shard done in the same write; make sure.
+        if outcome is Outcome.DONE:
+            # Every owned request has a line. The last checkpoint marked the shard
+            # done in the same write; make sure.
             if self.shard is None or self.shard.status != "done":
                 sealed = await spool.seal()
                 await self._persist(sealed.checkpoint, final=True)
                 spool.discard(sealed.sealed_paths)
-            how = "done" if outcome is Outcome.DONE else "done (the batch's completion window ended)"
-            return EXIT_OK, f"{self.name} {how}: {cp.completed} completed, {cp.failed} failed"
+            return EXIT_OK, f"{self.name} done: {cp.completed} completed, {cp.failed} failed"
         if outcome is Outcome.LEASE_LOST:
             return EXIT_RETRY, f"lease lost, another pod runs the shard now: {self.why[1] if self.why else ''}"
         return self._stopped_exit(spool)
@@ -518,7 +534,7 @@ class _Worker:
         probe.start()
         params = ExecuteParams(
             endpoint=batch.endpoint, input_key=storage_key_for(batch.input_file_id),
-            batch_suffix=batch.id.split("_", 1)[1], deadline=batch.deadline,
+            batch_suffix=batch.id.split("_", 1)[1], deadline=time.time() + _FAR_FUTURE_S,
             checkpoint_interval_s=self.settings.checkpoint_interval_s, persist=self._persist, shard=shard,
         )
         watch = asyncio.create_task(self._watch_engine(health), name="overnight-worker-engine-watch")

@@ -111,7 +111,7 @@ class World:
     storage: Storage
     env: dict[str, str]
 
-    async def batch(self, n: int, **extension: Any) -> tuple[str, str]:
+    async def batch(self, n: int, *, window: str = "24h", **extension: Any) -> tuple[str, str]:
         """A batch of ``n`` requests in ``in_progress`` (validated, as the runtime
         starts its Job); returns (batch id, input file id)."""
         data = b"".join(orjson.dumps({
@@ -124,7 +124,7 @@ class World:
 
         f = await create_file(store=self.store, storage=self.storage, tenant="t", filename="in.jsonl",
                               purpose="batch", chunks=chunks())
-        body = service.BatchCreate(input_file_id=f.id, endpoint=ENDPOINT, completion_window="24h",
+        body = service.BatchCreate(input_file_id=f.id, endpoint=ENDPOINT, completion_window=window,
                                    extension=extension or None)
         rec = await service.create_batch(store=self.store, storage=self.storage, tenant="t", body=body,
                                          limits=LIMITS, validate_now=True)
@@ -441,6 +441,24 @@ async def test_a_cancel_stops_the_worker_without_writing_cancelled_lines(world: 
     late = world.worker(world.podinfo(bid, 1, engine.port, index=0), 0)
     assert await late.wait() == 0
     assert "is cancelling; nothing to do" in late.log()
+
+
+async def test_the_window_ending_stops_the_worker_and_leaves_the_expired_lines_to_the_service(
+    world: World, cluster: Cluster,
+) -> None:
+    n = 1000
+    engine = cluster.mock_engine("--latency-ms", "40")
+    bid, _ = await world.batch(n, window="3s", max_concurrency=8)  # about 5 s of work
+    w = world.worker(world.podinfo(bid, 1, engine.port, index=0), 0)
+    assert await w.wait(15) == 0, w.log()
+    assert "completion window has ended; stopping" in w.log()
+    rec = await world.shard(bid, 0)
+    assert rec.status == "running" and 0 < rec.completed < n and rec.lease_expires_at == 0.0
+    cp = await world.checkpoint(bid, 0)
+    assert (cp.completed, cp.failed) == (rec.completed, 0)  # no batch_expired lines: the service writes them
+    late = world.worker(world.podinfo(bid, 1, engine.port, index=0), 0)
+    assert await late.wait() == 0
+    assert "completion window has ended; nothing to do" in late.log()
 
 
 async def test_an_input_that_cannot_be_read_fails_the_shard_with_42(world: World, cluster: Cluster) -> None:
