@@ -197,9 +197,11 @@ class Kubelet:
         worker_spec = next(c for c in tmpl["spec"]["containers"] if c["name"] == "worker")
         env = {**os.environ, **self.env}
         for e in worker_spec.get("env") or []:
-            if "value" in e:
+            if "value" in e and e["name"] != "OVERNIGHT_DATA_DIR":
                 env[e["name"]] = e["value"]
-        env.update({"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": name})
+        # A pod's own filesystem: its spool dies with it (the emptyDir of the manifest).
+        env.update({"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": name,
+                    "OVERNIGHT_DATA_DIR": str(pod.workdir / "data")})
         pod.engine_port = _free_port()
         elog = (pod.workdir / "engine.log").open("ab")
         pod.engine = subprocess.Popen(

@@ -124,6 +124,8 @@ JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 EXIT_UNRECOVERABLE = 42
 #: Where the downwardAPI volume puts ``annotations``, ``labels``, ``name``, ``namespace``, ``uid``.
 PODINFO_DIR = "/etc/overnight/podinfo"
+#: The worker's data directory (its spool), an emptyDir: the root filesystem is read-only.
+WORKER_DATA_DIR = "/var/lib/overnight"
 ENGINE_CONTAINER = "engine"
 WORKER_CONTAINER = "worker"
 #: The worker's command line; everything else it reads from PODINFO_DIR and its env.
@@ -431,6 +433,9 @@ def render_job(
     engine = _engine_container(t, profile, image, t.spec.accelerator.gpus)
     engine["restartPolicy"] = "Always"  # a native sidecar
     worker_env = [
+        # The executor's local spool: a scratch volume (it lives as long as the pod;
+        # a replacement pod continues from the shard's checkpoint in the store).
+        {"name": "OVERNIGHT_DATA_DIR", "value": WORKER_DATA_DIR},
         _url_env(profile, STORE_ENV, "store_url", store_url_secret),
         _url_env(profile, STORAGE_ENV, "storage_url", storage_url_secret),
         *_profile_env(profile, worker=True),
@@ -441,8 +446,10 @@ def render_job(
         "command": list(WORKER_COMMAND),
         "env": worker_env,
         "resources": {"requests": dict(_WORKER_REQUESTS)},
-        "volumeMounts": [{"name": "podinfo", "mountPath": PODINFO_DIR, "readOnly": True}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "podinfo", "mountPath": PODINFO_DIR, "readOnly": True},
+                         {"name": "spool", "mountPath": WORKER_DATA_DIR}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True},
     }
     volumes: list[dict[str, Any]] = [
         {
@@ -458,6 +465,7 @@ def render_job(
             },
         }
     ]
+    volumes.append({"name": "spool", "emptyDir": {}})
     if t.spec.accelerator.gpus > 0:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     pod_spec: dict[str, Any] = {
