@@ -7,6 +7,7 @@ fixture yielding an opened, empty store. A backend is done when this passes.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import os
 from typing import Any
@@ -246,7 +247,98 @@ class ShardContract:
         assert await store.get_shard_checkpoint("batch_a:1", 2) == b"batch_a:1#2"
 
 
-class StoreContract(ShardContract):
+def owing(*next_at: float, event: str = "evt_1") -> dict[str, Any]:
+    """A ``BatchRecord.webhook`` with one pending delivery per ``next_at`` (each to
+    its own target), as ``webhooks/state.py`` writes it."""
+    return {
+        "events": [{"id": event, "type": "batch.completed", "created_at": NOW}],
+        "pending": [
+            {"event": event, "target": f"t{i}", "attempts": 0, "next_at": at, "error": None}
+            for i, at in enumerate(next_at)
+        ],
+        "done": [],
+    }
+
+
+class WebhookDueContract:
+    """``list_webhooks_due``: the index of batches owing a webhook delivery, which
+    every backend writes in the same atomic step as the record; part of
+    ``StoreContract``."""
+
+    async def test_nothing_is_due_in_an_empty_store_or_without_webhook_state(self, store: Store) -> None:
+        assert await store.list_webhooks_due(now=NOW) == []
+        await store.insert_batch(make_batch(status="completed"))
+        assert await store.list_webhooks_due(now=NOW + 10**6) == []
+
+    async def test_a_terminal_write_that_owes_a_delivery_is_listed_once_due(self, store: Store) -> None:
+        rec = make_batch(status="in_progress")
+        await store.insert_batch(rec)
+        assert await store.list_webhooks_due(now=NOW) == []
+        done = await store.update_batch(dataclasses.replace(rec, status="completed", webhook=owing(NOW + 5)))
+        assert await store.list_webhooks_due(now=NOW + 4.999) == []
+        assert await store.list_webhooks_due(now=NOW + 5) == [done]
+
+    async def test_the_soonest_pending_delivery_sets_when_a_batch_is_due(self, store: Store) -> None:
+        rec = make_batch(status="failed", webhook=owing(NOW + 30, NOW + 3))
+        await store.insert_batch(rec)
+        assert ids(await store.list_webhooks_due(now=NOW + 3)) == [rec.id]
+        # A delivery queued behind another of the same target waits for it.
+        queued = owing(NOW + 50)
+        queued["pending"].append({**queued["pending"][0], "event": "evt_2", "next_at": NOW})
+        behind = make_batch(status="expired", webhook=queued)
+        await store.insert_batch(behind)
+        assert ids(await store.list_webhooks_due(now=NOW + 49)) == [rec.id]
+        assert ids(await store.list_webhooks_due(now=NOW + 50)) == [rec.id, behind.id]
+
+    async def test_due_batches_come_soonest_first_and_limit_applies(self, store: Store) -> None:
+        recs = [make_batch(status="completed", webhook=owing(NOW + d)) for d in (7.5, 1.25, 4.0, 0.5)]
+        for r in recs:
+            await store.insert_batch(r)
+        order = [recs[3].id, recs[1].id, recs[2].id, recs[0].id]
+        assert ids(await store.list_webhooks_due(now=NOW + 100)) == order
+        assert ids(await store.list_webhooks_due(now=NOW + 100, limit=2)) == order[:2]
+        assert ids(await store.list_webhooks_due(now=NOW + 4.0)) == order[:3]
+        assert await store.list_webhooks_due(now=NOW + 100, limit=0) == []
+
+    async def test_claiming_or_finishing_moves_a_batch_out_of_the_due_list(self, store: Store) -> None:
+        rec = make_batch(status="cancelled", webhook=owing(NOW))
+        await store.insert_batch(rec)
+        (due,) = await store.list_webhooks_due(now=NOW)
+        claimed = copy.deepcopy(due.webhook)
+        claimed["pending"][0]["next_at"] = NOW + 60  # a claim: due again only if it lapses
+        due = await store.update_batch(dataclasses.replace(due, webhook=claimed))
+        assert await store.list_webhooks_due(now=NOW + 59) == []
+        assert ids(await store.list_webhooks_due(now=NOW + 60)) == [rec.id]
+        finished = copy.deepcopy(due.webhook)
+        finished["done"].append({**finished["pending"].pop(0), "outcome": "delivered"})
+        await store.update_batch(dataclasses.replace(due, webhook=finished))
+        assert await store.list_webhooks_due(now=NOW + 10**6) == []
+        # Later writes of the batch (no webhook change) keep it out.
+        cur = await store.get_batch(rec.id)
+        assert cur is not None
+        await store.update_batch(dataclasses.replace(cur, metadata={"k": "v"}))
+        assert await store.list_webhooks_due(now=NOW + 10**6) == []
+
+    async def test_a_losing_writer_changes_nothing_in_the_due_list(self, store: Store) -> None:
+        rec = make_batch(status="completed", webhook=owing(NOW))
+        await store.insert_batch(rec)
+        read = await store.get_batch(rec.id)
+        assert read is not None
+        # Two replicas claim the same delivery at once: exactly one claim lands.
+        claims = []
+        for i in range(6):
+            w = copy.deepcopy(read.webhook)
+            w["pending"][0].update(next_at=NOW + 10 + i, claimed_by=f"replica-{i}")
+            claims.append(dataclasses.replace(read, webhook=w))
+        results = await asyncio.gather(*(store.update_batch(c) for c in claims), return_exceptions=True)
+        (winner,) = [r for r in results if isinstance(r, BatchRecord)]
+        assert all(isinstance(r, VersionConflict) for r in results if r is not winner)
+        at = winner.webhook["pending"][0]["next_at"]
+        assert await store.list_webhooks_due(now=at - 0.5) == []
+        assert await store.list_webhooks_due(now=at) == [winner]
+
+
+class StoreContract(ShardContract, WebhookDueContract):
     """Subclass as ``TestXStore`` with a ``store`` fixture (opened, empty)."""
 
     # -- files -------------------------------------------------------------
@@ -369,6 +461,7 @@ class StoreContract(ShardContract):
             lease_expires_at=1_800_000_030.5,
             lease_token=4,
             version=2,
+            webhook=owing(NOW + 0.125, event="evt_rt"),
         )
         await store.insert_batch(rec)
         assert await store.get_batch(rec.id) == rec
@@ -428,6 +521,22 @@ class StoreContract(ShardContract):
         active = await store.list_active_batches()
         assert ids(active) == [b.id]
         assert active[0].status == "finalizing"
+
+    async def test_count_active_batches_by_status(self, store: Store) -> None:
+        assert await store.count_active_batches() == dict.fromkeys(ACTIVE_STATUSES, 0)
+        statuses = ["validating", "in_progress", "in_progress", "completed", "failed", "cancelling", "expired"]
+        recs = [make_batch(status=s, tenant=f"t{i % 3}") for i, s in enumerate(statuses)]
+        for rec in recs:
+            await store.insert_batch(rec)
+        assert await store.count_active_batches() == {
+            "validating": 1, "in_progress": 2, "finalizing": 0, "cancelling": 1,
+        }
+        await set_status(store, recs[1].id, "finalizing")
+        await set_status(store, recs[2].id, "completed")
+        await set_status(store, recs[5].id, "cancelled")
+        assert await store.count_active_batches() == {
+            "validating": 1, "in_progress": 0, "finalizing": 1, "cancelling": 0,
+        }
 
     async def test_batches_reading_file_lists_active_readers_only(self, store: Store) -> None:
         r1 = make_batch(input_file_id="file-a", status="validating")

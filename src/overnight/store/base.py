@@ -65,6 +65,11 @@ class Store(Protocol):
     async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
         """Active batches whose input is ``file_id``."""
 
+    async def count_active_batches(self) -> dict[str, int]:
+        """How many batches are in each of ``ACTIVE_STATUSES`` (every one a key, 0
+        when none), store-wide. Served by the status index, never a scan of finished
+        batches, so ``/metrics`` can call it on every scrape."""
+
     async def update_batch(self, rec: BatchRecord, *, checkpoint: bytes | None = None) -> BatchRecord:
         """Write ``rec`` if the stored version still equals ``rec.version``; return the
         record with the bumped version. With ``checkpoint``, store it in the same
@@ -72,6 +77,11 @@ class Store(Protocol):
         ``NotFoundError`` when the batch is gone."""
 
     async def get_checkpoint(self, batch_id: str) -> bytes | None: ...
+
+    async def list_webhooks_due(self, *, now: float, limit: int = 100) -> list[BatchRecord]:
+        """Batches with a webhook delivery due by ``now`` (``records.webhook_due_at``),
+        soonest first. The index behind it is written in the same atomic step as the
+        record, so a batch is listed exactly while its stored record owes a delivery."""
 
     # -- shards ------------------------------------------------------------
     # A shard is named by (batch_id, index). The store keeps what it is given; who

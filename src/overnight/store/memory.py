@@ -8,7 +8,7 @@ from typing import Literal
 
 from overnight.errors import NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
-from overnight.store.records import BatchRecord, FileRecord, ShardRecord
+from overnight.store.records import BatchRecord, FileRecord, ShardRecord, webhook_due_at
 
 __all__ = ["MemoryStore"]
 
@@ -83,6 +83,13 @@ class MemoryStore:
         recs = sorted((r for r in self._batches.values() if r.status in ACTIVE_STATUSES), key=lambda r: r.id)
         return copy.deepcopy(recs[:limit])
 
+    async def count_active_batches(self) -> dict[str, int]:
+        counts = dict.fromkeys(ACTIVE_STATUSES, 0)
+        for r in self._batches.values():
+            if r.status in counts:
+                counts[r.status] += 1
+        return counts
+
     async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
         return [
             copy.deepcopy(r)
@@ -104,6 +111,15 @@ class MemoryStore:
 
     async def get_checkpoint(self, batch_id: str) -> bytes | None:
         return self._checkpoints.get(batch_id)
+
+    async def list_webhooks_due(self, *, now: float, limit: int = 100) -> list[BatchRecord]:
+        due = []
+        for r in self._batches.values():
+            at = webhook_due_at(r)
+            if at is not None and at <= now:
+                due.append((at, r.id, r))
+        due.sort(key=lambda t: (t[0], t[1]))
+        return copy.deepcopy([r for _, _, r in due[:max(limit, 0)]])
 
     async def insert_shard(self, rec: ShardRecord) -> None:
         if rec.key in self._shards:

@@ -3,7 +3,8 @@
 The database is the URL's path (default ``overnight``), with four collections:
 
 - ``files``: ``{_id, tenant, purpose, expires_at, doc}``
-- ``batches``: ``{_id, tenant, status, input_file_id, version, doc}``
+- ``batches``: ``{_id, tenant, status, input_file_id, version, webhook_due_at, doc}``
+  (``webhook_due_at``: when the batch's next webhook delivery is due, null when none)
 - ``checkpoints``: ``{_id: batch_id, version, data}``
 - ``shards``: ``{_id: "<batch_id>:<index>", batch_id, index, status, version, doc, checkpoint}``
 
@@ -57,6 +58,7 @@ from overnight.store.records import (
     file_from_doc,
     record_to_doc,
     shard_from_doc,
+    webhook_due_at,
 )
 
 __all__ = ["MongoStore", "DEFAULT_DATABASE"]
@@ -74,6 +76,7 @@ _INDEXES: dict[str, list[tuple[str, list[tuple[str, int]]]]] = {
         ("tenant_id", [("tenant", ASCENDING), ("_id", ASCENDING)]),
         ("status_id", [("status", ASCENDING), ("_id", ASCENDING)]),
         ("input_file_id_status", [("input_file_id", ASCENDING), ("status", ASCENDING)]),
+        ("webhook_due_at", [("webhook_due_at", ASCENDING)]),
     ],
     "shards": [
         ("batch_id_index", [("batch_id", ASCENDING), ("index", ASCENDING)]),
@@ -222,6 +225,7 @@ class MongoStore:
                     "status": rec.status,
                     "input_file_id": rec.input_file_id,
                     "version": rec.version,
+                    "webhook_due_at": webhook_due_at(rec),
                     "doc": _dumps(rec),
                 }
             )
@@ -249,6 +253,13 @@ class MongoStore:
             docs = await self._docs(self._batches.find(query, _DOC_ONLY).sort("_id", ASCENDING).limit(limit))
         return [batch_from_doc(d) for d in docs]
 
+    async def count_active_batches(self) -> dict[str, int]:
+        counts = dict.fromkeys(ACTIVE_STATUSES, 0)
+        async with _translated("count_active_batches"):
+            for status in ACTIVE_STATUSES:  # one indexed count each (the status_id index)
+                counts[status] = await self._batches.count_documents({"status": status})
+        return counts
+
     async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
         query = {"input_file_id": file_id, "status": {"$in": list(ACTIVE_STATUSES)}}
         async with _translated("batches_reading_file"):
@@ -260,7 +271,8 @@ class MongoStore:
         async with _translated("update_batch"):
             res = await self._batches.update_one(
                 {"_id": rec.id, "version": rec.version},
-                {"$set": {"status": new.status, "version": new.version, "doc": _dumps(new)}},
+                {"$set": {"status": new.status, "version": new.version,
+                          "webhook_due_at": webhook_due_at(new), "doc": _dumps(new)}},
             )
             if res.matched_count == 0:
                 stored = await self._batches.find_one({"_id": rec.id}, {"version": 1})
@@ -290,6 +302,17 @@ class MongoStore:
         async with _translated("get_checkpoint"):
             row = await self._checkpoints.find_one({"_id": batch_id}, {"data": 1})
         return bytes(row["data"]) if row else None
+
+    async def list_webhooks_due(self, *, now: float, limit: int = 100) -> list[BatchRecord]:
+        if limit <= 0:
+            return []
+        # Documents written before the field existed lack it: they owe nothing.
+        query = {"webhook_due_at": {"$ne": None, "$lte": float(now)}}
+        async with _translated("list_webhooks_due"):
+            cursor = self._batches.find(query, _DOC_ONLY).sort([("webhook_due_at", ASCENDING), ("_id", ASCENDING)])
+            docs = await self._docs(cursor.limit(limit))
+        recs = (batch_from_doc(d) for d in docs)
+        return [r for r in recs if (due := webhook_due_at(r)) is not None and due <= now]
 
     # -- shards ------------------------------------------------------------
     @staticmethod

@@ -31,6 +31,7 @@ from overnight.store.records import (
     file_from_doc,
     record_to_doc,
     shard_from_doc,
+    webhook_due_at,
 )
 
 __all__ = ["RedisStore", "DEFAULT_PREFIX"]
@@ -50,6 +51,7 @@ DEFAULT_PREFIX = "overnight:"
 #   batches:{tenant}                     zset    the tenant's batch ids, score 0 (ordered by id)
 #   batches-active:{status}              zset    ids of batches in that active status, score 0
 #   batches-reading:{file_id}            set     ids of active batches whose input is file_id
+#   batches-webhook-due                  zset    ids of batches owing a webhook delivery, scored by when
 #   checkpoint:{batch_id}                string  the batch's checkpoint bytes
 #   shard:{batch_id}:{index}             hash    doc (record JSON), version, status
 #   shard-checkpoint:{batch_id}:{index}  string  the shard's checkpoint bytes
@@ -67,6 +69,7 @@ _BATCH = "batch:{}"
 _BATCHES_OF_TENANT = "batches:{}"
 _BATCHES_ACTIVE = "batches-active:{}"
 _BATCHES_READING = "batches-reading:{}"
+_BATCHES_WEBHOOK_DUE = "batches-webhook-due"
 _CHECKPOINT = "checkpoint:{}"
 _SHARD = "shard:{}:{}"
 _SHARD_CHECKPOINT = "shard-checkpoint:{}:{}"
@@ -94,14 +97,17 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
 """
 
-# KEYS: batch, batches:{tenant}, batches-reading:{input}, batches-active:{s} per active status
-# ARGV: id, tenant, status, input_file_id, version, doc, the active statuses (same order)
+# KEYS: batch, batches:{tenant}, batches-reading:{input}, batches-webhook-due,
+#       batches-active:{s} per active status
+# ARGV: id, tenant, status, input_file_id, version, doc, webhook due ('' = none),
+#       the active statuses (same order)
 _INSERT_BATCH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[6], 'version', ARGV[5], 'status', ARGV[3],
            'tenant', ARGV[2], 'input_file_id', ARGV[4])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
-for i = 7, #ARGV do
+if ARGV[7] ~= '' then redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1]) end
+for i = 8, #ARGV do
   if ARGV[i] == ARGV[3] then
     redis.call('ZADD', KEYS[i - 3], 0, ARGV[1])
     redis.call('SADD', KEYS[3], ARGV[1])
@@ -112,9 +118,11 @@ return 1
 
 # The compare-and-set. Returns {1} when written, {0} when the batch does not exist,
 # {-1, stored_version} when another writer got there first (nothing is written).
-# KEYS: batch, checkpoint, batches-reading:{input}, batches-active:{s} per active status
+# KEYS: batch, checkpoint, batches-reading:{input}, batches-webhook-due,
+#       batches-active:{s} per active status
 # ARGV: id, expected version, new version, new status, doc, '1' to write the
-#       checkpoint (else '0'), checkpoint bytes, the active statuses (same order)
+#       checkpoint (else '0'), checkpoint bytes, webhook due ('' = none), the
+#       active statuses (same order)
 _UPDATE_BATCH = """
 local stored = redis.call('HGET', KEYS[1], 'version')
 if not stored then return {0} end
@@ -122,8 +130,13 @@ if stored ~= ARGV[2] then return {-1, stored} end
 local old = redis.call('HGET', KEYS[1], 'status')
 local new = ARGV[4]
 redis.call('HSET', KEYS[1], 'doc', ARGV[5], 'version', ARGV[3], 'status', new)
+if ARGV[8] == '' then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[1])
+end
 local active = false
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   if ARGV[i] == new then
     redis.call('ZADD', KEYS[i - 4], 0, ARGV[1])
     active = true
@@ -204,6 +217,13 @@ def _split_prefix(url: str) -> tuple[str, str]:
 
 def _dumps(rec: FileRecord | BatchRecord | ShardRecord) -> bytes:
     return orjson.dumps(record_to_doc(rec))
+
+
+def _due_arg(rec: BatchRecord) -> str:
+    """The batch's score in ``batches-webhook-due`` ('' = not in it). ``repr`` of a
+    float round-trips exactly, so the score is the due time to the bit."""
+    due = webhook_due_at(rec)
+    return "" if due is None else repr(float(due))
 
 
 @asynccontextmanager
@@ -349,6 +369,7 @@ class RedisStore:
                     self._key(_BATCH, rec.id),
                     self._key(_BATCHES_OF_TENANT, rec.tenant),
                     self._key(_BATCHES_READING, rec.input_file_id),
+                    self.prefix + _BATCHES_WEBHOOK_DUE,
                     *self._active_keys(),
                 ],
                 args=[
@@ -358,6 +379,7 @@ class RedisStore:
                     rec.input_file_id,
                     str(rec.version),
                     _dumps(rec),
+                    _due_arg(rec),
                     *ACTIVE_STATUSES,
                 ],
             )
@@ -395,6 +417,14 @@ class RedisStore:
         # A batch can finish between the two reads; report only what is still active.
         return [r for r in recs if r.status in ACTIVE_STATUSES]
 
+    async def count_active_batches(self) -> dict[str, int]:
+        async with _translated("count_active_batches"):
+            pipe = self.client.pipeline(transaction=True)
+            for key in self._active_keys():
+                pipe.zcard(key)
+            sizes = await pipe.execute()
+        return {s: int(n) for s, n in zip(ACTIVE_STATUSES, sizes)}
+
     async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
         async with _translated("batches_reading_file"):
             ids = sorted(i.decode() for i in await self.client.smembers(self._key(_BATCHES_READING, file_id)))
@@ -410,6 +440,7 @@ class RedisStore:
                     self._key(_BATCH, rec.id),
                     self._key(_CHECKPOINT, rec.id),
                     self._key(_BATCHES_READING, rec.input_file_id),
+                    self.prefix + _BATCHES_WEBHOOK_DUE,
                     *self._active_keys(),
                 ],
                 args=[
@@ -420,6 +451,7 @@ class RedisStore:
                     _dumps(new),
                     "0" if checkpoint is None else "1",
                     b"" if checkpoint is None else checkpoint,
+                    _due_arg(new),
                     *ACTIVE_STATUSES,
                 ],
             )
@@ -434,6 +466,17 @@ class RedisStore:
         async with _translated("get_checkpoint"):
             data = await self.client.get(self._key(_CHECKPOINT, batch_id))
         return bytes(data) if data is not None else None
+
+    async def list_webhooks_due(self, *, now: float, limit: int = 100) -> list[BatchRecord]:
+        if limit <= 0:
+            return []
+        async with _translated("list_webhooks_due"):
+            ids = await self.client.zrangebyscore(
+                self.prefix + _BATCHES_WEBHOOK_DUE, "-inf", repr(float(now)), start=0, num=limit
+            )
+            docs = await self._docs(_BATCH, (i.decode() for i in ids))
+        recs = (batch_from_doc(orjson.loads(d)) for d in docs)
+        return [r for r in recs if (due := webhook_due_at(r)) is not None and due <= now]
 
     # -- shards ------------------------------------------------------------
     def _shard_key(self, batch_id: str, index: int) -> str:

@@ -22,6 +22,7 @@ from overnight.store.records import (
     file_from_doc,
     record_to_doc,
     shard_from_doc,
+    webhook_due_at,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "checkpoints_table",
     "shards_table",
     "shard_checkpoints_table",
+    "webhook_due_table",
 ]
 
 metadata = sa.MetaData()
@@ -87,6 +89,18 @@ shard_checkpoints_table = sa.Table(
     sa.Column("batch_id", sa.String(64), primary_key=True),
     sa.Column("shard_index", sa.Integer, primary_key=True),
     sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# When each batch that owes a webhook delivery is due (``records.webhook_due_at``):
+# an index of the batch documents, written in the same transaction as the batch,
+# kept in its own table (not a column of overnight_batches) so that an older
+# SQLite file gains it on open like any new table, with no ALTER TABLE.
+webhook_due_table = sa.Table(
+    "overnight_webhook_due",
+    metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("due_at", sa.Float, nullable=False),
+    sa.Index("ix_overnight_webhook_due_due_at", "due_at"),
 )
 
 
@@ -214,18 +228,33 @@ class SQLStore:
         )
         return [file_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
 
+    def _webhook_due(self, rec: BatchRecord) -> sa.Executable:
+        """The statement that makes the due index say what ``rec`` owes."""
+        due = webhook_due_at(rec)
+        c = webhook_due_table.c
+        if due is None:
+            return sa.delete(webhook_due_table).where(c.batch_id == rec.id)
+        stmt = self._insert()(webhook_due_table).values(batch_id=rec.id, due_at=due)
+        return stmt.on_conflict_do_update(index_elements=["batch_id"], set_={"due_at": due})
+
     # -- batches -----------------------------------------------------------
     async def insert_batch(self, rec: BatchRecord) -> None:
-        await self._run(
-            sa.insert(batches_table).values(
-                id=rec.id,
-                tenant=rec.tenant,
-                status=rec.status,
-                input_file_id=rec.input_file_id,
-                version=rec.version,
-                doc=_dumps(rec),
-            )
-        )
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    sa.insert(batches_table).values(
+                        id=rec.id,
+                        tenant=rec.tenant,
+                        status=rec.status,
+                        input_file_id=rec.input_file_id,
+                        version=rec.version,
+                        doc=_dumps(rec),
+                    )
+                )
+                if rec.webhook is not None:
+                    await conn.execute(self._webhook_due(rec))
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         rows = await self._rows(sa.select(batches_table.c.doc).where(batches_table.c.id == batch_id))
@@ -243,6 +272,14 @@ class SQLStore:
         c = batches_table.c
         stmt = sa.select(c.doc).where(c.status.in_(ACTIVE_STATUSES)).order_by(c.id.asc()).limit(limit)
         return [batch_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    async def count_active_batches(self) -> dict[str, int]:
+        c = batches_table.c
+        stmt = sa.select(c.status, sa.func.count()).where(c.status.in_(ACTIVE_STATUSES)).group_by(c.status)
+        counts = dict.fromkeys(ACTIVE_STATUSES, 0)
+        for status, n in await self._rows(stmt):
+            counts[status] = int(n)
+        return counts
 
     async def batches_reading_file(self, file_id: str) -> list[BatchRecord]:
         c = batches_table.c
@@ -266,6 +303,11 @@ class SQLStore:
                     raise VersionConflict(f"batch {rec.id} changed (version {exists[0]} != {rec.version})")
                 if checkpoint is not None:
                     await conn.execute(self._upsert_checkpoint(rec.id, checkpoint))
+                # Only records that ever owed a webhook touch the index: a running
+                # batch's checkpoint writes (every second) cost no extra statement.
+                # ``webhook`` is never set back to None once set.
+                if new.webhook is not None:
+                    await conn.execute(self._webhook_due(new))
         except _DRIVER_ERRORS as exc:
             raise StoreError(f"store query failed: {exc}") from exc
         return new
@@ -275,6 +317,20 @@ class SQLStore:
             sa.select(checkpoints_table.c.data).where(checkpoints_table.c.batch_id == batch_id)
         )
         return bytes(rows[0][0]) if rows else None
+
+    async def list_webhooks_due(self, *, now: float, limit: int = 100) -> list[BatchRecord]:
+        if limit <= 0:
+            return []
+        b, w = batches_table.c, webhook_due_table.c
+        stmt = (
+            sa.select(b.doc)
+            .join(webhook_due_table, w.batch_id == b.id)
+            .where(w.due_at <= now)
+            .order_by(w.due_at.asc(), w.batch_id.asc())
+            .limit(limit)
+        )
+        recs = [batch_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+        return [r for r in recs if (due := webhook_due_at(r)) is not None and due <= now]
 
     # -- shards ------------------------------------------------------------
     async def insert_shard(self, rec: ShardRecord) -> None:
