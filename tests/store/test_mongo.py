@@ -42,7 +42,7 @@ async def test_open_creates_the_list_indexes(store: MongoStore) -> None:
     files = {ix["name"] async for ix in await db["files"].list_indexes()}
     batches = {ix["name"] async for ix in await db["batches"].list_indexes()}
     assert {"tenant_id", "tenant_purpose_id", "expires_at"} <= files
-    assert {"tenant_id", "status_id", "input_file_id_status"} <= batches
+    assert {"tenant_id", "status_id", "input_file_id_status", "webhook_due_at"} <= batches
     shards = {ix["name"] async for ix in await db["shards"].list_indexes()}
     assert "batch_id_index" in shards
 

@@ -157,6 +157,40 @@ async def test_upgrading_a_0001_database_keeps_its_records_and_adds_shards(postg
 
 
 @pg
+async def test_upgrading_a_0002_database_adds_the_webhook_due_index(postgres_url: str) -> None:
+    import dataclasses
+
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.engine import Connection
+
+    from overnight.store.postgres import _alembic_config, _with_connection
+    from tests.store.contract import NOW, owing
+
+    def to_0002(conn: Connection, schema: str) -> None:
+        conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        conn.commit()
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+
+    await _with_connection(postgres_url, to_0002, postgres_url.rsplit("schema=", 1)[1])
+    assert await current_revision(postgres_url) == "0002"
+    with pytest.raises(StoreError, match=f"needs {head_revision()}"):
+        await PostgresStore(postgres_url).open()
+    assert await upgrade(postgres_url) == head_revision() == "0003"
+    s = PostgresStore(postgres_url)
+    await s.open()
+    try:
+        rec = make_batch(status="finalizing")
+        await s.insert_batch(rec)
+        done = await s.update_batch(dataclasses.replace(rec, status="completed", webhook=owing(NOW)))
+        assert await s.list_webhooks_due(now=NOW) == [done]
+    finally:
+        await s.aclose()
+
+
+@pg
 async def test_concurrent_upgrades_apply_each_revision_once(postgres_url: str) -> None:
     import asyncio
 

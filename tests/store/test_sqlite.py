@@ -68,3 +68,27 @@ async def test_a_database_made_before_shards_gains_their_tables_on_open(tmp_path
         assert await second.get_shard_checkpoint(rec.id, 0) == b"cp"
     finally:
         await second.aclose()
+
+
+async def test_a_database_made_before_webhooks_gains_the_due_index_on_open(tmp_path: Path) -> None:
+    import dataclasses
+    import sqlite3
+
+    from tests.store.contract import NOW, make_batch, owing
+
+    url = f"sqlite:///{tmp_path / 'overnight.db'}"
+    first = connect_store(url)
+    await first.open()
+    rec = make_batch(status="in_progress")
+    await first.insert_batch(rec)
+    await first.aclose()
+    with sqlite3.connect(tmp_path / "overnight.db") as db:  # as an overnight before webhooks left it
+        db.execute("DROP TABLE overnight_webhook_due")
+    second = connect_store(url)
+    await second.open()
+    try:
+        assert await second.list_webhooks_due(now=NOW + 10**6) == []
+        done = await second.update_batch(dataclasses.replace(rec, status="completed", webhook=owing(NOW)))
+        assert await second.list_webhooks_due(now=NOW) == [done]
+    finally:
+        await second.aclose()

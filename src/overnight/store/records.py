@@ -19,6 +19,7 @@ __all__ = [
     "file_from_doc",
     "batch_from_doc",
     "shard_from_doc",
+    "webhook_due_at",
 ]
 
 
@@ -85,6 +86,10 @@ class BatchRecord:
     #: Epoch seconds before which no scheduler claims it (it gave its running
     #: slot up while its engine was unreachable).
     not_before: float = 0.0
+    #: Its webhook events and their deliveries (``webhooks/state.py``): set in the
+    #: same write as the terminal status, so a delivery is owed exactly when the
+    #: data it announces is durable. Stores index ``webhook_due_at`` of it.
+    webhook: dict[str, Any] | None = None
     #: Compare-and-set version; every write bumps it.
     version: int = 0
     #: Lease: which replica executes the batch, until when, and the fencing token
@@ -138,6 +143,28 @@ class ShardRecord:
     @property
     def key(self) -> tuple[str, int]:
         return (self.batch_id, self.index)
+
+
+def webhook_due_at(rec: BatchRecord) -> float | None:
+    """When the batch's next webhook delivery is due (epoch seconds), or None when
+    none is pending. Only the first pending delivery per target counts: the ones
+    behind it wait for it, so they must not make the batch look due.
+
+    The stores keep this in an index (a column, a sorted set, a field) written in
+    the same atomic step as the record, so ``list_webhooks_due`` is one query."""
+    state = rec.webhook
+    if not state:
+        return None
+    due: float | None = None
+    seen: set[str] = set()
+    for d in state.get("pending") or ():
+        target = d.get("target", "")
+        if target in seen:
+            continue
+        seen.add(target)
+        at = float(d.get("next_at", 0.0))
+        due = at if due is None else min(due, at)
+    return due
 
 
 def record_to_doc(rec: FileRecord | BatchRecord | ShardRecord) -> dict[str, Any]:
