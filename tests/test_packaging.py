@@ -1,35 +1,57 @@
-"""What ships: pyproject.toml and the container image.
+"""What ships: pyproject.toml, the wheel built from it, and the container image.
 
 There is no Docker engine on the test machine, so the Dockerfile is checked by
 parsing it (pinned base, numeric non-root user, health check, the wheel is what
-gets installed, nothing fetched or secret) and against deploy/kubernetes/.
+gets installed, nothing fetched or secret) and against deploy/kubernetes/, and what
+the image does is done here instead: build the wheel, install it with its extras
+into a fresh virtual environment, and run the image's ENTRYPOINT + CMD and its
+HEALTHCHECK from there.
 """
 
 from __future__ import annotations
 
+import email.parser
 import json
+import os
 import re
 import shlex
+import shutil
+import signal
+import subprocess
+import sys
 import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.conftest import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 #: One extra per store / storage backend and the Kubernetes runtimes; `all` is them.
 BACKEND_EXTRAS = {"postgres", "redis", "mongo", "s3", "kubernetes"}
+#: A web console's assets: no file matches them until one exists (the wheel built
+#: with some in test_wheel_ships_web_assets_anywhere_in_the_package proves them).
+WEB_ASSET_PATTERNS = {"**/*.html", "**/*.js", "**/*.css"}
 
 
 # -- pyproject.toml ---------------------------------------------------------------------
 def test_every_package_data_pattern_matches_a_file() -> None:
     config = PYPROJECT["tool"]["setuptools"]["package-data"]
+    assert WEB_ASSET_PATTERNS <= set(config["overnight"])
     for package, patterns in config.items():
         base = ROOT / "src" / package.replace(".", "/")
         for pattern in patterns:
+            if package == "overnight" and pattern in WEB_ASSET_PATTERNS:
+                continue
             assert any(p.is_file() for p in base.glob(pattern)), f"package-data {package}: {pattern!r} matches nothing"
 
 
@@ -54,6 +76,38 @@ def test_one_extra_per_backend_and_all_is_exactly_them() -> None:
     assert "all" in _self_extras(extras["test"])
 
 
+# -- the wheel ------------------------------------------------------------------------
+def _source_copy(dest: Path) -> Path:
+    """What the wheel is built from (the Docker build context), without build
+    leftovers: an in-tree build/ directory would leak stale modules into the wheel."""
+    dest.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    return dest
+
+
+def _build_wheel(source: Path, out: Path) -> Path:
+    """``python -m build --wheel`` without network: the build backend comes from
+    this environment (setuptools, and wheel for setuptools < 70.1)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"wheel build failed:\n{proc.stdout}\n{proc.stderr}"
+    wheels = list(out.glob("overnight-*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("wheel")
+    return _build_wheel(_source_copy(base / "src-copy"), base / "dist")
+
+
 def _package_files(src: Path) -> set[str]:
     return {
         p.relative_to(src).as_posix()
@@ -61,6 +115,58 @@ def _package_files(src: Path) -> set[str]:
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
 
+
+def test_wheel_ships_every_package_file_and_nothing_else(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {n for n in zf.namelist() if n.startswith("overnight/")}
+    expected = _package_files(ROOT / "src")
+    assert expected - shipped == set(), f"missing from the wheel: {sorted(expected - shipped)}"
+    assert shipped - expected == set(), f"in the wheel but not in src/: {sorted(shipped - expected)}"
+    # What the image and `overnight db upgrade` need by name.
+    for name in ("overnight/py.typed", "overnight/store/migrations/env.py", "overnight/store/migrations/script.py.mako"):
+        assert name in shipped
+    assert any(re.fullmatch(r"overnight/store/migrations/versions/\d{4}_\w+\.py", n) for n in shipped)
+
+
+def test_wheel_metadata_declares_the_extras_and_the_command(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as zf:
+        dist_info = next(n.split("/")[0] for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = email.parser.Parser().parsestr(zf.read(f"{dist_info}/METADATA").decode())
+        entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
+    assert meta["Name"] == "overnight" and meta["Version"] == PROJECT["version"]
+    assert BACKEND_EXTRAS | {"all"} <= set(meta.get_all("Provides-Extra"))
+    declared = [Requirement(r) for r in meta.get_all("Requires-Dist")]
+    for extra in BACKEND_EXTRAS:
+        for spec in PROJECT["optional-dependencies"][extra]:
+            want = Requirement(spec)
+            assert any(
+                canonicalize_name(r.name) == canonicalize_name(want.name)
+                and r.specifier == want.specifier
+                and r.marker is not None
+                and r.marker.evaluate({"extra": extra})
+                and not r.marker.evaluate({"extra": ""})
+                for r in declared
+            ), (extra, spec)
+    assert re.search(r"^overnight = overnight\.cli\.main:main$", entry_points, re.M), entry_points
+
+
+def test_wheel_ships_web_assets_anywhere_in_the_package(tmp_path: Path) -> None:
+    """A web console added later (src/overnight/console_static/) ships in the wheel
+    with no packaging change: its files are built into one here."""
+    source = _source_copy(tmp_path / "src-copy")
+    assets = {
+        "overnight/console_static/index.html": "<!doctype html><title>overnight</title>",
+        "overnight/console_static/assets/app.js": "console.log('overnight');",
+        "overnight/console_static/assets/app.css": "body { margin: 0 }",
+    }
+    for rel, text in assets.items():
+        (source / "src" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (source / "src" / rel).write_text(text)
+    built = _build_wheel(source, tmp_path / "dist")
+    with zipfile.ZipFile(built) as zf:
+        names = set(zf.namelist())
+        assert set(assets) <= names, f"missing: {sorted(set(assets) - names)}"
+        assert zf.read("overnight/console_static/assets/app.js").decode() == assets["overnight/console_static/assets/app.js"]
 
 
 # -- the Dockerfile -------------------------------------------------------------------
@@ -311,3 +417,90 @@ def test_dockerignore_keeps_the_context_to_the_wheel_sources() -> None:
         if ins.keyword == "COPY" and not ins.args.startswith("--from="):
             for source in shlex.split(ins.args)[:-1]:
                 assert (ROOT / source).exists() and not dockerignored(DOCKERIGNORE, source), source
+
+
+# -- the wheel in a fresh virtual environment: what the image runs ---------------------
+def _clean_env(**extra: str) -> dict[str, str]:
+    drop = ("OVERNIGHT_", "PYTHON", "PIP_", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(extra)
+    return env
+
+
+def test_the_wheel_installed_in_a_fresh_venv_runs_like_the_image(wheel: Path, tmp_path: Path) -> None:
+    """``pip install <wheel>[all]`` into a new venv, then the image's ENTRYPOINT + CMD
+    and HEALTHCHECK from it. The venv sees this environment's site-packages
+    (``--system-site-packages``): the dependencies cannot be downloaded offline, and
+    ``--no-index`` makes pip resolve every one of them, the extras' included, from what
+    is installed. overnight itself must come from the wheel, not the checkout."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    bin_dir = venv / "bin"
+    env = _clean_env()
+    pip = subprocess.run(
+        [str(bin_dir / "python"), "-m", "pip", "install", "--no-index", "--find-links", str(wheel.parent),
+         "--disable-pip-version-check", f"{wheel}[all]"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert pip.returncode == 0, f"{pip.stdout}\n{pip.stderr}"
+
+    probe = subprocess.run(
+        [str(bin_dir / "python"), "-c",
+         "import overnight, sys; from overnight.store import postgres as p; "
+         "print(overnight.__file__); print(p._MIGRATIONS_DIR); print(p.head_revision())"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    module, migrations, head = probe.stdout.split()
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    assert Path(module).is_relative_to(site) and Path(migrations).is_relative_to(site), probe.stdout
+    from overnight.store.postgres import head_revision
+
+    assert head == head_revision()  # the wheel's migration scripts, complete
+
+    exe = str(bin_dir / _one(FINAL, "ENTRYPOINT").exec_form()[0])
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"overnight {PROJECT['version']}"
+    from overnight.runtimes.kubernetes.manifests import WORKER_COMMAND
+
+    worker = subprocess.run([exe, *WORKER_COMMAND[1:], "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert worker.returncode == 0 and "--podinfo-dir" in worker.stdout, worker.stdout + worker.stderr
+
+    # ENTRYPOINT + CMD with the image's ENV, the data directory and port moved here.
+    port = free_port()
+    image_env = _env(FINAL)
+    run_env = _clean_env(
+        OVERNIGHT_DATA_DIR=str(tmp_path / "data"),
+        OVERNIGHT_PORT=str(port),
+        PYTHONDONTWRITEBYTECODE=image_env["PYTHONDONTWRITEBYTECODE"],
+        PYTHONUNBUFFERED=image_env["PYTHONUNBUFFERED"],
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
+    (tmp_path / "data").mkdir()
+    log = tmp_path / "serve.log"
+    health_cmd = json.loads(_one(FINAL, "HEALTHCHECK").args.partition("CMD ")[2])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, *_one(FINAL, "CMD").exec_form()], cwd=tmp_path / "data", env=run_env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=30, proc=proc)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"] == "ok"
+        check = subprocess.run(health_cmd, env=run_env, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    output = log.read_text()
+    # What `docker stop` sends; uvicorn re-raises SIGTERM after a clean shutdown.
+    assert rc in (0, -signal.SIGTERM) and "Application shutdown complete" in output, output
+    assert "Traceback" not in output, output
+    assert (tmp_path / "data" / "overnight.db").is_file()  # OVERNIGHT_DATA_DIR was used
+    # With nothing listening the health check fails, as Docker must see it.
+    down = subprocess.run(health_cmd, env=run_env, capture_output=True, text=True, timeout=30)
+    assert down.returncode != 0
