@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from overnight.errors import NotFoundError, StoreError, VersionConflict
+from overnight.errors import InvalidRequestError, NotFoundError, StoreError, VersionConflict
 from overnight.ids import new_id
-from overnight.store import ACTIVE_STATUSES, BatchRecord, FileRecord, ShardRecord, Store
+from overnight.store import ACTIVE_STATUSES, BatchRecord, DocRecord, FileRecord, ShardRecord, Store
 
 NOW = 1_800_000_000
 
@@ -336,6 +336,396 @@ class WebhookDueContract:
         at = winner.webhook["pending"][0]["next_at"]
         assert await store.list_webhooks_due(now=at - 0.5) == []
         assert await store.list_webhooks_due(now=at) == [winner]
+
+
+def make_doc(
+    *, kind: str = "job", tenant: str = "acme", created_at: float = NOW, status: str = "queued", **kw: Any
+) -> DocRecord:
+    return DocRecord(
+        kind=kind,
+        id=kw.pop("id", None) or new_id(kind),
+        tenant=tenant,
+        created_at=created_at,
+        status=status,
+        body=kw.pop("body", {"n": 1}),
+        **kw,
+    )
+
+
+async def set_doc_status(store: Store, kind: str, doc_id: str, status: str) -> DocRecord:
+    cur = await store.get_doc(kind, doc_id)
+    assert cur is not None
+    return await store.update_doc(dataclasses.replace(cur, status=status))
+
+
+def newest_first(recs: list[DocRecord]) -> list[str]:
+    return [r.id for r in sorted(recs, key=lambda r: (r.created_at, r.id), reverse=True)]
+
+
+#: Every kind of JSON value, and keys MongoDB or Redis would treat specially.
+ODD_BODY: dict[str, Any] = {
+    "ünïcode": "日本語 🚀 nul:\u0000 \"quoted\" \\ back\nslash\ttab",
+    "nested": {"list": [1, 2.5, None, True, False, "x", {"deep": [[[]]]}], "empty": {}, "none": None},
+    "big": 2**53,
+    "negative_big": -(2**53),
+    "zero": 0,
+    "small_float": 1e-300,
+    "tenth": 0.1,
+    "a.b": "dotted",
+    "$set": "dollar",
+    "": "empty key",
+    "key:with:colons": ["x:y"],
+}
+
+
+class DocContract:
+    """Document records (``store.base.Store``'s doc methods): compare-and-set, a
+    unique key per (kind, tenant), lists by (created_at, id) with stable cursors;
+    joined by each backend's test class as the backend gains them."""
+
+    async def test_doc_round_trips_every_field_and_any_json_body(self, store: Store) -> None:
+        rec = make_doc(
+            kind="provision",
+            status="provisioning",
+            key="idem-1",
+            created_at=NOW + 0.123456789,
+            updated_at=NOW + 1.5,
+            version=7,
+            body=ODD_BODY,
+        )
+        await store.insert_doc(rec)
+        got = await store.get_doc("provision", rec.id)
+        assert got == rec
+        assert got.body["big"] == 2**53 and isinstance(got.body["big"], int)
+        assert got.created_at == NOW + 0.123456789
+        assert await store.get_doc_by_key("provision", "acme", "idem-1") == rec
+        assert await store.list_docs("provision") == [rec]
+        plain = make_doc(status="", body={})
+        await store.insert_doc(plain)
+        assert await store.get_doc("job", plain.id) == plain
+
+    async def test_missing_docs_are_none(self, store: Store) -> None:
+        rec = make_doc(key="k")
+        await store.insert_doc(rec)
+        assert await store.get_doc("job", "job_nope") is None
+        assert await store.get_doc("model", rec.id) is None
+        assert await store.get_doc_by_key("job", "globex", "k") is None
+        assert await store.get_doc_by_key("model", "acme", "k") is None
+        assert await store.get_doc_by_key("job", "acme", "other") is None
+        assert await store.list_docs("model") == []
+
+    async def test_a_duplicate_id_is_refused_and_the_first_kept(self, store: Store) -> None:
+        first = make_doc(key="first")
+        await store.insert_doc(first)
+        with pytest.raises(StoreError, match="already exists"):
+            await store.insert_doc(dataclasses.replace(first, tenant="globex", key="second", status="running"))
+        assert await store.get_doc("job", first.id) == first
+        assert await store.get_doc_by_key("job", "globex", "second") is None
+        assert await store.list_docs("job", tenant="globex") == []
+        assert await store.list_docs("job", statuses=["running"]) == []
+
+    async def test_a_duplicate_key_is_refused_within_kind_and_tenant_only(self, store: Store) -> None:
+        first = make_doc(key="llama-3")
+        await store.insert_doc(first)
+        clash = make_doc(key="llama-3", status="running")
+        with pytest.raises(StoreError, match="already exists"):
+            await store.insert_doc(clash)
+        assert await store.get_doc("job", clash.id) is None
+        assert ids(await store.list_docs("job")) == [first.id]
+        assert await store.list_docs("job", statuses=["running"]) == []
+        assert await store.get_doc_by_key("job", "acme", "llama-3") == first
+        # The same key in another tenant or kind, and any number of docs without one.
+        other_tenant = make_doc(key="llama-3", tenant="globex")
+        other_kind = make_doc(kind="model", key="llama-3")
+        keyless = [make_doc(), make_doc()]
+        for rec in (other_tenant, other_kind, *keyless):
+            await store.insert_doc(rec)
+        assert await store.get_doc_by_key("job", "globex", "llama-3") == other_tenant
+        assert await store.get_doc_by_key("model", "acme", "llama-3") == other_kind
+        assert len(await store.list_docs("job", tenant="acme")) == 3
+
+    async def test_kinds_never_mix(self, store: Store) -> None:
+        job = make_doc(kind="job", id="shared-id", key="k", status="ready")
+        model = make_doc(kind="model", id="shared-id", key="k", status="ready", body={"m": True})
+        await store.insert_doc(job)
+        await store.insert_doc(model)
+        assert await store.get_doc("job", "shared-id") == job
+        assert await store.get_doc("model", "shared-id") == model
+        assert await store.list_docs("job") == [job]
+        assert await store.list_docs("model", tenant="acme", statuses=["ready"]) == [model]
+        assert await store.delete_doc("job", "shared-id") is True
+        assert await store.get_doc("model", "shared-id") == model
+        assert await store.get_doc_by_key("model", "acme", "k") == model
+        assert await store.list_docs("job") == []
+        assert await store.list_docs("template") == []
+
+    async def test_update_doc_bumps_version_and_writes_status_body_and_key(self, store: Store) -> None:
+        rec = make_doc(key="old")
+        await store.insert_doc(rec)
+        changed = dataclasses.replace(rec, status="running", body={"step": 2}, key="new", updated_at=NOW + 9)
+        written = await store.update_doc(changed)
+        assert written == dataclasses.replace(changed, version=rec.version + 1)
+        assert await store.get_doc("job", rec.id) == written
+        assert await store.get_doc_by_key("job", "acme", "new") == written
+        assert await store.get_doc_by_key("job", "acme", "old") is None
+        # The old key is free again; dropping a key frees it too.
+        taker = make_doc(key="old")
+        await store.insert_doc(taker)
+        dropped = await store.update_doc(dataclasses.replace(written, key=None))
+        assert dropped.version == rec.version + 2 and dropped.key is None
+        assert await store.get_doc_by_key("job", "acme", "new") is None
+        await store.insert_doc(make_doc(key="new"))
+
+    async def test_update_doc_to_a_taken_key_is_refused_and_writes_nothing(self, store: Store) -> None:
+        a = make_doc(key="a")
+        b = make_doc(key="b")
+        await store.insert_doc(a)
+        await store.insert_doc(b)
+        with pytest.raises(StoreError, match="already exists"):
+            await store.update_doc(dataclasses.replace(b, key="a", status="running"))
+        assert await store.get_doc("job", b.id) == b
+        assert await store.get_doc_by_key("job", "acme", "a") == a
+        assert await store.get_doc_by_key("job", "acme", "b") == b
+        assert await store.list_docs("job", statuses=["running"]) == []
+        # Keeping one's own key is no clash.
+        assert (await store.update_doc(dataclasses.replace(a, body={"x": 1}))).key == "a"
+
+    async def test_a_stale_version_raises_version_conflict_and_writes_nothing(self, store: Store) -> None:
+        rec = make_doc(key="k")
+        await store.insert_doc(rec)
+        current = await store.update_doc(dataclasses.replace(rec, body={"n": 2}))
+        with pytest.raises(VersionConflict):
+            await store.update_doc(dataclasses.replace(rec, status="failed", key="stale"))
+        assert await store.get_doc("job", rec.id) == current
+        assert await store.get_doc_by_key("job", "acme", "stale") is None
+        assert await store.list_docs("job", statuses=["failed"]) == []
+        with pytest.raises(NotFoundError):
+            await store.update_doc(make_doc())
+        with pytest.raises(NotFoundError):
+            await store.update_doc(dataclasses.replace(rec, kind="model"))
+
+    async def test_tenant_and_created_at_cannot_change(self, store: Store) -> None:
+        rec = make_doc(key="k")
+        await store.insert_doc(rec)
+        for field_name, value in (("tenant", "globex"), ("created_at", NOW + 1)):
+            with pytest.raises(InvalidRequestError) as err:
+                await store.update_doc(dataclasses.replace(rec, status="running", **{field_name: value}))
+            assert err.value.param == field_name
+        assert await store.get_doc("job", rec.id) == rec
+        assert await store.list_docs("job", tenant="globex") == []
+
+    async def test_two_writers_racing_exactly_one_wins_and_indexes_agree(self, store: Store) -> None:
+        rec = make_doc(status="queued", key="k0")
+        await store.insert_doc(rec)
+        writers = [dataclasses.replace(rec, status=f"s{i}", key=f"k{i + 1}") for i in range(8)]
+        results = await asyncio.gather(*(store.update_doc(w) for w in writers), return_exceptions=True)
+        (winner,) = [r for r in results if isinstance(r, DocRecord)]
+        assert all(isinstance(r, VersionConflict) for r in results if r is not winner), results
+        assert await store.get_doc("job", rec.id) == winner
+        for i in range(8):
+            listed = await store.list_docs("job", statuses=[f"s{i}"])
+            assert listed == ([winner] if winner.status == f"s{i}" else [])
+            by_key = await store.get_doc_by_key("job", "acme", f"k{i + 1}")
+            assert by_key == (winner if winner.key == f"k{i + 1}" else None)
+        assert await store.list_docs("job", statuses=["queued"]) == []
+        assert await store.get_doc_by_key("job", "acme", "k0") is None
+
+    async def test_status_lists_follow_updates(self, store: Store) -> None:
+        a = make_doc(status="queued", created_at=NOW + 1)
+        b = make_doc(status="running", created_at=NOW + 2)
+        c = make_doc(status="queued", created_at=NOW + 3, tenant="globex")
+        for rec in (a, b, c):
+            await store.insert_doc(rec)
+        assert ids(await store.list_docs("job", statuses=["queued"])) == [c.id, a.id]
+        assert ids(await store.list_docs("job", statuses=["queued", "running"])) == [c.id, b.id, a.id]
+        assert ids(await store.list_docs("job", tenant="acme", statuses=["queued"])) == [a.id]
+        await set_doc_status(store, "job", a.id, "running")
+        await set_doc_status(store, "job", c.id, "done")
+        assert await store.list_docs("job", statuses=["queued"]) == []
+        running = await store.list_docs("job", statuses=["running"], order="oldest")
+        assert ids(running) == [a.id, b.id] and running[0].status == "running"
+        assert ids(await store.list_docs("job", tenant="globex", statuses={"done"})) == [c.id]
+        assert await store.list_docs("job", tenant="globex", statuses=["running"]) == []
+        assert await store.list_docs("job", statuses=[]) == []
+
+    async def test_tenant_and_status_filters(self, store: Store) -> None:
+        recs = [
+            make_doc(tenant=tenant, status=status, created_at=NOW + i)
+            for i, (tenant, status) in enumerate(
+                [("acme", "queued"), ("globex", "queued"), ("acme", "done"), ("acme", "running"),
+                 ("globex", "done"), ("acme", "queued")]
+            )
+        ]
+        for rec in recs:
+            await store.insert_doc(rec)
+
+        def expect(pred: Any) -> list[str]:
+            return newest_first([r for r in recs if pred(r)])
+
+        assert ids(await store.list_docs("job")) == expect(lambda r: True)
+        assert ids(await store.list_docs("job", tenant="acme")) == expect(lambda r: r.tenant == "acme")
+        assert ids(await store.list_docs("job", tenant="initech")) == []
+        assert ids(await store.list_docs("job", statuses=("queued", "running"))) == expect(
+            lambda r: r.status in ("queued", "running")
+        )
+        assert ids(await store.list_docs("job", tenant="acme", statuses=["queued", "done"])) == expect(
+            lambda r: r.tenant == "acme" and r.status in ("queued", "done")
+        )
+        oldest = await store.list_docs("job", tenant="globex", order="oldest")
+        assert ids(oldest) == expect(lambda r: r.tenant == "globex")[::-1]
+        assert ids(await store.list_docs("job", limit=2)) == expect(lambda r: True)[:2]
+        assert await store.list_docs("job", limit=0) == []
+
+    async def test_separators_in_tenants_statuses_and_keys_do_not_collide(self, store: Store) -> None:
+        a = make_doc(tenant="a:b", status="c", key="d")
+        b = make_doc(tenant="a", status="b:c", key="b:d")
+        await store.insert_doc(a)
+        await store.insert_doc(b)
+        assert await store.get_doc_by_key("job", "a:b", "d") == a
+        assert await store.get_doc_by_key("job", "a", "b:d") == b
+        assert await store.get_doc_by_key("job", "a", "b:d:") is None
+        assert await store.list_docs("job", tenant="a:b") == [a]
+        assert await store.list_docs("job", tenant="a", statuses=["b:c"]) == [b]
+        assert await store.list_docs("job", tenant="a", statuses=["c"]) == []
+        assert await store.list_docs("job", tenant="a:b", statuses=["c"]) == [a]
+
+    async def test_ties_in_created_at_are_broken_by_id(self, store: Store) -> None:
+        recs = [make_doc(id=i, created_at=NOW + 0.5) for i in ("job-b", "job-a", "job-c", "job-a1")]
+        recs.append(make_doc(id="job-0", created_at=NOW + 1))
+        for rec in recs:
+            await store.insert_doc(rec)
+        assert ids(await store.list_docs("job")) == ["job-0", "job-c", "job-b", "job-a1", "job-a"]
+        assert ids(await store.list_docs("job", order="oldest")) == ["job-a", "job-a1", "job-b", "job-c", "job-0"]
+        assert ids(await store.list_docs("job", after="job-b")) == ["job-a1", "job-a"]
+        assert ids(await store.list_docs("job", after="job-a1", order="oldest")) == ["job-b", "job-c", "job-0"]
+        assert ids(await store.list_docs("job", statuses=["queued"], after="job-c", limit=2)) == ["job-b", "job-a1"]
+
+    @pytest.mark.parametrize("order", ["newest", "oldest"])
+    @pytest.mark.parametrize("filtered", [False, True], ids=["tenant", "tenant+statuses"])
+    async def test_paging_gives_every_doc_once_while_docs_change_and_arrive(
+        self, store: Store, order: str, filtered: bool
+    ) -> None:
+        # Twelve docs, three of them sharing a created_at, with another tenant's
+        # and another kind's docs in between that must never show.
+        offsets = [0, 1, 2, 3, 4, 4, 4, 5, 6, 7, 8, 9]
+        recs = [
+            make_doc(created_at=NOW + off, status=("queued", "running")[i % 2], id=f"job-{(i * 7) % 12:02d}")
+            for i, off in enumerate(offsets)
+        ]
+        for i, rec in enumerate(recs):
+            await store.insert_doc(rec)
+            await store.insert_doc(make_doc(tenant="globex", created_at=NOW + offsets[i]))
+            await store.insert_doc(make_doc(kind="model", created_at=NOW + offsets[i]))
+        done = make_doc(created_at=NOW + 4, status="done")  # outside the status filter
+        await store.insert_doc(done)
+        statuses = ["queued", "running"] if filtered else None
+        expected = newest_first(recs if filtered else [*recs, done])
+        if order == "oldest":
+            expected = expected[::-1]
+
+        seen: list[str] = []
+        arrived: list[DocRecord] = []
+        after: str | None = None
+        for page_no in range(30):
+            page = await store.list_docs(
+                "job", tenant="acme", statuses=statuses, after=after, limit=3, order=order  # type: ignore[arg-type]
+            )
+            if not page:
+                break
+            seen += ids(page)
+            after = page[-1].id
+            # Between pages: a seen doc and an unseen one change status (within
+            # the filter), and, for the first pages, a new doc arrives (newer
+            # than every other).
+            unseen = [i for i in expected if i not in seen]
+            for doc_id in [page[0].id, *unseen[:1]]:
+                cur = await store.get_doc("job", doc_id)
+                assert cur is not None
+                flipped = "running" if cur.status == "queued" else "queued"
+                await store.update_doc(dataclasses.replace(cur, status=flipped, body={"page": page_no}))
+            if page_no < 3:
+                new = make_doc(created_at=NOW + 100 + page_no, status="queued")
+                await store.insert_doc(new)
+                arrived.append(new)
+        else:
+            pytest.fail(f"paging never ended: {seen}")
+        # Newest first, arrivals are before the cursor and never listed; oldest
+        # first, they come after everything that was there, in order.
+        assert seen == (expected if order == "newest" else expected + ids(arrived))
+        assert len(seen) == len(set(seen))
+
+    async def test_a_deleted_cursor_still_works_and_an_unknown_one_is_not_found(self, store: Store) -> None:
+        recs = [make_doc(created_at=NOW + i, key=f"k{i}") for i in range(5)]
+        for rec in recs:
+            await store.insert_doc(rec)
+        page = await store.list_docs("job", limit=2)
+        assert ids(page) == [recs[4].id, recs[3].id]
+        assert await store.delete_doc("job", recs[3].id) is True
+        # As with list_batches, the list goes on from where the cursor stood.
+        assert ids(await store.list_docs("job", after=recs[3].id)) == [recs[2].id, recs[1].id, recs[0].id]
+        assert ids(await store.list_docs("job", after=recs[3].id, order="oldest")) == [recs[4].id]
+        with pytest.raises(NotFoundError):
+            await store.list_docs("job", after="job_never")
+        with pytest.raises(NotFoundError):
+            await store.list_docs("model", after=recs[0].id)  # a job is no cursor for models
+
+    async def test_delete_doc_removes_it_everywhere(self, store: Store) -> None:
+        gone = make_doc(key="k", status="running", created_at=NOW + 1)
+        kept = make_doc(status="running", created_at=NOW)
+        await store.insert_doc(gone)
+        await store.insert_doc(kept)
+        assert await store.delete_doc("job", gone.id) is True
+        assert await store.get_doc("job", gone.id) is None
+        assert await store.get_doc_by_key("job", "acme", "k") is None
+        for filters in ({}, {"tenant": "acme"}, {"statuses": ["running"]}, {"tenant": "acme", "statuses": ["running"]}):
+            assert ids(await store.list_docs("job", **filters)) == [kept.id], filters
+        assert await store.delete_doc("job", gone.id) is False
+        assert await store.delete_doc("job", "job_never") is False
+        with pytest.raises(NotFoundError):
+            await store.update_doc(gone)
+        # Its key and its id are free again.
+        await store.insert_doc(make_doc(key="k"))
+        again = dataclasses.replace(gone, created_at=NOW + 2, key=None)
+        await store.insert_doc(again)
+        assert await store.get_doc("job", gone.id) == again
+        assert ids(await store.list_docs("job", after=gone.id)) == [
+            i for i in ids(await store.list_docs("job")) if i != gone.id
+        ]
+
+    async def test_bad_records_and_arguments_are_refused_naming_the_field(self, store: Store) -> None:
+        with pytest.raises(InvalidRequestError) as err:
+            make_doc(kind="Jobs")
+        assert err.value.param == "kind"
+        with pytest.raises(InvalidRequestError) as err:
+            make_doc(kind="job:x")
+        assert err.value.param == "kind"
+        with pytest.raises(InvalidRequestError) as err:
+            make_doc(key="")
+        assert err.value.param == "key"
+        with pytest.raises(InvalidRequestError) as err:
+            make_doc(created_at=float("nan"))
+        assert err.value.param == "created_at"
+        for body in ({"s": {1, 2}}, {"huge": 2**64}, {1: "non-string key"}):
+            rec = make_doc(body=body)
+            with pytest.raises(InvalidRequestError) as err:
+                await store.insert_doc(rec)
+            assert err.value.param == "body"
+            assert await store.get_doc("job", rec.id) is None
+        ok = make_doc()
+        await store.insert_doc(ok)
+        with pytest.raises(InvalidRequestError) as err:
+            await store.update_doc(dataclasses.replace(ok, body={"s": {1}}))
+        assert err.value.param == "body"
+        assert await store.get_doc("job", ok.id) == ok
+        with pytest.raises(InvalidRequestError) as err:
+            await store.list_docs("job", order="desc")  # type: ignore[arg-type]
+        assert err.value.param == "order"
+        with pytest.raises(InvalidRequestError) as err:
+            await store.list_docs("job", statuses="queued")
+        assert err.value.param == "statuses"
+        with pytest.raises(InvalidRequestError) as err:
+            await store.list_docs("Job")
+        assert err.value.param == "kind"
 
 
 class StoreContract(ShardContract, WebhookDueContract):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from overnight._registry import LazyRegistry
 from overnight.errors import StoreError
 from overnight.store.base import ACTIVE_STATUSES, Store
-from overnight.store.records import BatchRecord, FileRecord, ShardRecord
+from overnight.store.records import BatchRecord, DocRecord, FileRecord, ShardRecord
 
 __all__ = [
     "ACTIVE_STATUSES",
     "BatchRecord",
+    "DocRecord",
     "FileRecord",
     "ShardRecord",
     "Store",

@@ -1,7 +1,9 @@
 """The record store interface.
 
-A store keeps file metadata, batch records and batch checkpoints, and the shard
-records (and shard checkpoints) of batches sharded over several pods. Every batch
+A store keeps file metadata, batch records and batch checkpoints, the shard
+records (and shard checkpoints) of batches sharded over several pods, and
+document records of other kinds (the console's jobs, provisioning records,
+models and templates). Every batch
 or shard write is a compare-and-set on ``version``: two replicas or a racing
 cancel cannot both win. Backends store each record as a document plus the few indexed fields
 lists need (tenant, purpose, status, id), so adding a field never needs a migration.
@@ -9,9 +11,10 @@ lists need (tenant, purpose, status, id), so adding a field never needs a migrat
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Literal, Protocol, runtime_checkable
 
-from overnight.store.records import BatchRecord, FileRecord, ShardRecord
+from overnight.store.records import BatchRecord, DocRecord, FileRecord, ShardRecord
 
 __all__ = ["Store", "ACTIVE_STATUSES"]
 
@@ -104,3 +107,47 @@ class Store(Protocol):
 
     async def delete_shards(self, batch_id: str) -> int:
         """Delete the batch's shard records and their checkpoints; how many records went."""
+
+    # -- document records ----------------------------------------------------
+    # A doc is named by (kind, id); kinds never mix. Lists are ordered by
+    # (created_at, id) and served by indexes (per kind, kind+tenant, kind+status,
+    # kind+tenant+status), never by a scan of the kind.
+    async def insert_doc(self, rec: DocRecord) -> None:
+        """Raises ``StoreError`` ("already exists") when the kind already has a doc
+        ``rec.id``, or, when ``rec.key`` is set, a doc of that tenant with that key;
+        nothing is written then. ``InvalidRequestError`` (param ``body``) when the
+        body is not JSON."""
+
+    async def get_doc(self, kind: str, id: str) -> DocRecord | None: ...
+
+    async def get_doc_by_key(self, kind: str, tenant: str, key: str) -> DocRecord | None: ...
+
+    async def update_doc(self, rec: DocRecord) -> DocRecord:
+        """Compare-and-set like ``update_batch``: write ``rec`` if the stored version
+        still equals ``rec.version`` and return it with the bumped version. It may
+        change status, body, key and updated_at; tenant and created_at are fixed at
+        insert (``InvalidRequestError`` naming the field). Raises ``VersionConflict``,
+        ``NotFoundError``, or ``StoreError`` when the new key is another doc's."""
+
+    async def delete_doc(self, kind: str, id: str) -> bool:
+        """Delete the doc (its key becomes free); True if it existed. The store keeps
+        where it stood in the lists, so a cursor naming it still works."""
+
+    async def list_docs(
+        self,
+        kind: str,
+        *,
+        tenant: str | None = None,
+        statuses: Collection[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        order: Literal["newest", "oldest"] = "newest",
+    ) -> list[DocRecord]:
+        """Docs of ``kind`` (of one tenant, in some statuses) ordered by
+        (created_at, id), descending for ``newest``, ascending for ``oldest``.
+
+        ``after`` is the id of a doc of this kind: the list goes on strictly after
+        it in that order, so paging never repeats or skips a doc while docs change
+        status or new ones arrive. Like ``list_batches``, a cursor doc that has
+        since been deleted still works (the list goes on from where it stood); an
+        id the kind never had raises ``NotFoundError``."""

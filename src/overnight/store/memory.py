@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Collection
 from typing import Literal
 
-from overnight.errors import NotFoundError, StoreError, VersionConflict
+import orjson
+
+from overnight.errors import InvalidRequestError, NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
-from overnight.store.records import BatchRecord, FileRecord, ShardRecord, webhook_due_at
+from overnight.store.records import (
+    BatchRecord,
+    DocRecord,
+    FileRecord,
+    ShardRecord,
+    check_doc_kind,
+    check_doc_order,
+    check_doc_statuses,
+    doc_record_from_doc,
+    doc_record_json,
+    webhook_due_at,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -21,6 +35,11 @@ class MemoryStore:
         self._checkpoints: dict[str, bytes] = {}
         self._shards: dict[tuple[str, int], ShardRecord] = {}
         self._shard_checkpoints: dict[tuple[str, int], bytes] = {}
+        self._docs: dict[tuple[str, str], DocRecord] = {}
+        #: (kind, tenant, key) -> id
+        self._doc_keys: dict[tuple[str, str, str], str] = {}
+        #: (kind, id) -> created_at of deleted docs, so a cursor naming one still works.
+        self._docs_gone: dict[tuple[str, str], float] = {}
 
     async def open(self) -> None:
         return None
@@ -158,3 +177,88 @@ class MemoryStore:
         for key in [k for k in self._shard_checkpoints if k[0] == batch_id]:
             del self._shard_checkpoints[key]
         return len(keys)
+
+    # -- document records --------------------------------------------------
+    @staticmethod
+    def _copy(rec: DocRecord) -> DocRecord:
+        # Through JSON, as every other store keeps it (a tuple comes back a list).
+        return doc_record_from_doc(orjson.loads(doc_record_json(rec)))
+
+    async def insert_doc(self, rec: DocRecord) -> None:
+        stored = self._copy(rec)
+        if (rec.kind, rec.id) in self._docs:
+            raise StoreError(f"{rec.kind} {rec.id} already exists")
+        if rec.key is not None and (rec.kind, rec.tenant, rec.key) in self._doc_keys:
+            raise StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}")
+        self._docs[(rec.kind, rec.id)] = stored
+        if rec.key is not None:
+            self._doc_keys[(rec.kind, rec.tenant, rec.key)] = rec.id
+
+    async def get_doc(self, kind: str, id: str) -> DocRecord | None:
+        rec = self._docs.get((check_doc_kind(kind), id))
+        return copy.deepcopy(rec) if rec else None
+
+    async def get_doc_by_key(self, kind: str, tenant: str, key: str) -> DocRecord | None:
+        doc_id = self._doc_keys.get((check_doc_kind(kind), tenant, key))
+        return await self.get_doc(kind, doc_id) if doc_id is not None else None
+
+    async def update_doc(self, rec: DocRecord) -> DocRecord:
+        new = self._copy(dataclasses.replace(rec, version=rec.version + 1))
+        cur = self._docs.get((rec.kind, rec.id))
+        if cur is None:
+            raise NotFoundError(f"{rec.kind} {rec.id} not found")
+        if cur.version != rec.version:
+            raise VersionConflict(f"{rec.kind} {rec.id} changed (version {cur.version} != {rec.version})")
+        for name in ("tenant", "created_at"):
+            if getattr(cur, name) != getattr(rec, name):
+                raise InvalidRequestError(f"{rec.kind} {rec.id}: {name} cannot change after insert", param=name)
+        if rec.key is not None and rec.key != cur.key and (rec.kind, rec.tenant, rec.key) in self._doc_keys:
+            raise StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}")
+        if cur.key is not None:
+            del self._doc_keys[(cur.kind, cur.tenant, cur.key)]
+        if new.key is not None:
+            self._doc_keys[(new.kind, new.tenant, new.key)] = new.id
+        self._docs[(rec.kind, rec.id)] = new
+        return copy.deepcopy(new)
+
+    async def delete_doc(self, kind: str, id: str) -> bool:
+        rec = self._docs.pop((check_doc_kind(kind), id), None)
+        if rec is None:
+            return False
+        if rec.key is not None:
+            del self._doc_keys[(kind, rec.tenant, rec.key)]
+        self._docs_gone[(kind, id)] = rec.created_at
+        return True
+
+    async def list_docs(
+        self,
+        kind: str,
+        *,
+        tenant: str | None = None,
+        statuses: Collection[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        order: Literal["newest", "oldest"] = "newest",
+    ) -> list[DocRecord]:
+        check_doc_kind(kind)
+        desc = check_doc_order(order)
+        wanted = check_doc_statuses(statuses)
+        if limit <= 0:
+            return []
+        recs = sorted(
+            (
+                r
+                for (k, _), r in self._docs.items()
+                if k == kind and (tenant is None or r.tenant == tenant) and (wanted is None or r.status in wanted)
+            ),
+            key=lambda r: (r.created_at, r.id),
+            reverse=desc,
+        )
+        if after is not None:
+            cur = self._docs.get((kind, after))
+            at = cur.created_at if cur is not None else self._docs_gone.get((kind, after))
+            if at is None:
+                raise NotFoundError(f"no {kind} {after} to list after")
+            pos = (at, after)
+            recs = [r for r in recs if ((r.created_at, r.id) < pos if desc else (r.created_at, r.id) > pos)]
+        return copy.deepcopy(recs[:limit])

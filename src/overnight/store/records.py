@@ -7,18 +7,30 @@ not in the API schemas.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
+
+from overnight.errors import InvalidRequestError
 
 __all__ = [
     "FileRecord",
     "BatchRecord",
     "ShardRecord",
+    "DocRecord",
     "SHARD_STATUSES",
     "record_to_doc",
     "file_from_doc",
     "batch_from_doc",
     "shard_from_doc",
+    "doc_record_from_doc",
+    "doc_record_json",
+    "check_doc_kind",
+    "check_doc_order",
+    "check_doc_statuses",
     "webhook_due_at",
 ]
 
@@ -145,6 +157,103 @@ class ShardRecord:
         return (self.batch_id, self.index)
 
 
+#: A doc's kind: lower-case letters, digits and '-' (it is part of Redis keys and
+#: MongoDB ids, so it must never hold a separator).
+_DOC_KIND = re.compile(r"[a-z0-9-]{1,32}")
+#: Longest id, tenant, status and key a doc may have: what the SQL columns hold,
+#: checked here so that every backend refuses the same records.
+DOC_ID_MAX, DOC_TENANT_MAX, DOC_STATUS_MAX, DOC_KEY_MAX = 128, 128, 64, 256
+
+
+@dataclass(kw_only=True)
+class DocRecord:
+    """A JSON document of some ``kind`` (a console job, a provisioning record, a
+    model, a deployment template), kept by every store with the few fields that
+    lists and lookups need beside it.
+
+    ``created_at`` is set when the doc is inserted and never changes: lists are
+    ordered by (created_at, id), so a cursor stays valid however the doc changes.
+    ``key`` is an optional second name, unique per (kind, tenant) (an idempotency
+    key, a model's name). Every write is a compare-and-set on ``version``, exactly
+    like ``BatchRecord``."""
+
+    kind: str
+    id: str
+    tenant: str
+    created_at: float
+    #: Queryable state (a job's status); "" when the kind has none.
+    status: str = ""
+    key: str | None = None
+    body: dict[str, Any]
+    updated_at: float = 0.0
+    #: Compare-and-set version; every write bumps it.
+    version: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked on every construction (``dataclasses.replace`` included), so a
+        # bad record fails where it is made, the same way on every backend.
+        check_doc_kind(self.kind)
+        _check_text("id", self.id, DOC_ID_MAX, allow_empty=False)
+        _check_text("tenant", self.tenant, DOC_TENANT_MAX, allow_empty=True)
+        _check_text("status", self.status, DOC_STATUS_MAX, allow_empty=True)
+        if self.key is not None:
+            _check_text("key", self.key, DOC_KEY_MAX, allow_empty=False)
+        if not isinstance(self.body, dict):
+            raise InvalidRequestError(f"doc body must be a JSON object, not {type(self.body).__name__}", param="body")
+        self.created_at = _check_time("created_at", self.created_at)
+        self.updated_at = _check_time("updated_at", self.updated_at)
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 0:
+            raise InvalidRequestError(f"doc version must be an integer >= 0, not {self.version!r}", param="version")
+
+
+def check_doc_kind(kind: Any) -> str:
+    """``kind`` if it is a valid doc kind, else ``InvalidRequestError`` naming it."""
+    if not isinstance(kind, str) or not _DOC_KIND.fullmatch(kind):
+        raise InvalidRequestError(f"doc kind {kind!r} must be 1 to 32 lower-case letters, digits or '-'", param="kind")
+    return kind
+
+
+def check_doc_order(order: Any) -> bool:
+    """True for ``newest`` (descending), False for ``oldest``; anything else is refused."""
+    if order not in ("newest", "oldest"):
+        raise InvalidRequestError(f"doc list order must be 'newest' or 'oldest', not {order!r}", param="order")
+    return order == "newest"
+
+
+def check_doc_statuses(statuses: Any) -> list[str] | None:
+    """The status filter as a sorted list without repeats (None: no filter). A bare
+    string is refused: it is a collection of characters, not of statuses."""
+    if statuses is None:
+        return None
+    if isinstance(statuses, (str, bytes)) or not all(isinstance(s, str) for s in statuses):
+        raise InvalidRequestError(f"doc statuses must be a collection of strings, not {statuses!r}", param="statuses")
+    return sorted(set(statuses))
+
+
+def _check_text(name: str, value: Any, most: int, *, allow_empty: bool) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"doc {name} must be a string, not {type(value).__name__}", param=name)
+    if not value and not allow_empty:
+        raise InvalidRequestError(f"doc {name} must not be empty", param=name)
+    if len(value) > most:
+        raise InvalidRequestError(f"doc {name} is {len(value)} characters long; at most {most} are allowed", param=name)
+
+
+def _check_time(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(f"doc {name} must be a finite number of epoch seconds, not {value!r}", param=name)
+    return float(value)
+
+
+def doc_record_json(rec: DocRecord) -> bytes:
+    """The record as the JSON every backend stores. A body that is not JSON (a set,
+    a non-string key, an integer past 64 bits) is refused naming ``body``."""
+    try:
+        return orjson.dumps(dataclasses.asdict(rec))
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidRequestError(f"doc {rec.kind} {rec.id}: body is not JSON: {exc}", param="body") from exc
+
+
 def webhook_due_at(rec: BatchRecord) -> float | None:
     """When the batch's next webhook delivery is due (epoch seconds), or None when
     none is pending. Only the first pending delivery per target counts: the ones
@@ -167,13 +276,14 @@ def webhook_due_at(rec: BatchRecord) -> float | None:
     return due
 
 
-def record_to_doc(rec: FileRecord | BatchRecord | ShardRecord) -> dict[str, Any]:
+def record_to_doc(rec: FileRecord | BatchRecord | ShardRecord | DocRecord) -> dict[str, Any]:
     return dataclasses.asdict(rec)
 
 
 _FILE_FIELDS = {f.name for f in dataclasses.fields(FileRecord)}
 _BATCH_FIELDS = {f.name for f in dataclasses.fields(BatchRecord)}
 _SHARD_FIELDS = {f.name for f in dataclasses.fields(ShardRecord)}
+_DOC_FIELDS = {f.name for f in dataclasses.fields(DocRecord)}
 
 
 def file_from_doc(doc: dict[str, Any]) -> FileRecord:
@@ -186,3 +296,7 @@ def batch_from_doc(doc: dict[str, Any]) -> BatchRecord:
 
 def shard_from_doc(doc: dict[str, Any]) -> ShardRecord:
     return ShardRecord(**{k: v for k, v in doc.items() if k in _SHARD_FIELDS})
+
+
+def doc_record_from_doc(doc: dict[str, Any]) -> DocRecord:
+    return DocRecord(**{k: v for k, v in doc.items() if k in _DOC_FIELDS})
