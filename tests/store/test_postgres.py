@@ -9,7 +9,7 @@ import pytest
 from overnight.errors import StoreError
 from overnight.store import connect_store
 from overnight.store.postgres import PostgresStore, current_revision, head_revision, upgrade
-from tests.store.contract import StoreContract, make_batch
+from tests.store.contract import DocContract, StoreContract, make_batch
 
 pg = pytest.mark.postgres
 
@@ -25,7 +25,7 @@ async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
 
 
 @pg
-class TestPostgresStore(StoreContract):
+class TestPostgresStore(StoreContract, DocContract):
     pass
 
 
@@ -178,7 +178,7 @@ async def test_upgrading_a_0002_database_adds_the_webhook_due_index(postgres_url
     assert await current_revision(postgres_url) == "0002"
     with pytest.raises(StoreError, match=f"needs {head_revision()}"):
         await PostgresStore(postgres_url).open()
-    assert await upgrade(postgres_url) == head_revision() == "0003"
+    assert await upgrade(postgres_url) == head_revision()
     s = PostgresStore(postgres_url)
     await s.open()
     try:
@@ -188,6 +188,85 @@ async def test_upgrading_a_0002_database_adds_the_webhook_due_index(postgres_url
         assert await s.list_webhooks_due(now=NOW) == [done]
     finally:
         await s.aclose()
+
+
+@pg
+async def test_upgrading_a_0003_database_adds_document_records(postgres_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.engine import Connection
+
+    from overnight.store.postgres import _alembic_config, _with_connection
+    from tests.store.contract import make_doc
+
+    def to_0003(conn: Connection, schema: str) -> None:
+        conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        conn.commit()
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+
+    await _with_connection(postgres_url, to_0003, postgres_url.rsplit("schema=", 1)[1])
+    assert await current_revision(postgres_url) == "0003"
+    with pytest.raises(StoreError, match=f"needs {head_revision()}"):
+        await PostgresStore(postgres_url).open()
+    assert await upgrade(postgres_url) == head_revision() == "0004"
+    s = PostgresStore(postgres_url)
+    await s.open()
+    try:
+        rec = make_doc(key="k")
+        await s.insert_doc(rec)
+        assert await s.get_doc_by_key("job", "acme", "k") == rec
+        assert await s.list_docs("job", tenant="acme", statuses=["queued"]) == [rec]
+    finally:
+        await s.aclose()
+
+
+@pg
+async def test_doc_lists_and_lookups_are_served_by_indexes(store: PostgresStore) -> None:
+    """Every statement list_docs and the lookups send is planned as an index scan
+    (with sequential scans priced out, a statement no index fits still shows one)."""
+    import asyncpg
+    from sqlalchemy import event
+
+    from tests.store.contract import NOW, make_doc
+
+    for i in range(5):
+        await store.insert_doc(make_doc(created_at=NOW + i, key=f"k{i}", status=("queued", "done")[i % 2]))
+    first = (await store.list_docs("job"))[2]
+    sent: list[tuple[str, tuple]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if "overnight_docs" in statement:
+            sent.append((statement, tuple(parameters or ())))
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        for order in ("newest", "oldest"):
+            await store.list_docs("job", order=order, after=first.id, limit=2)
+            await store.list_docs("job", tenant="acme", order=order, after=first.id)
+            await store.list_docs("job", statuses=["queued"], order=order)
+            await store.list_docs("job", statuses=["queued", "done"], order=order, after=first.id)
+            await store.list_docs("job", tenant="acme", statuses=["queued", "done"], order=order, after=first.id)
+        await store.get_doc("job", first.id)
+        await store.get_doc_by_key("job", "acme", "k1")
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+    assert len(sent) >= 12
+    conn = await asyncpg.connect(host="127.0.0.1", port=5432, user="postgres", database="test")
+    try:
+        await conn.execute(f'SET search_path TO "{store.schema}"')
+        await conn.execute("SET enable_seqscan = off")
+        for statement, params in sent:
+            plan = [r[0] for r in await conn.fetch("EXPLAIN " + statement, *params)]
+            conds = [line for line in plan if "Index Cond" in line and "overnight_docs_gone" not in line]
+            assert conds and not any("Seq Scan" in line for line in plan), (statement, plan)
+            # Each filter is a condition of the index, not a check on rows read.
+            for column in ("tenant", "status", "doc_key"):
+                if f"overnight_docs.{column} " in statement:
+                    assert all(column in line for line in conds if "kind" in line), (column, statement, plan)
+    finally:
+        await conn.close()
 
 
 @pg

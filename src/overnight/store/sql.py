@@ -5,20 +5,32 @@ Each record is a JSON document plus the columns lists and compare-and-set need.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Collection
 from typing import Any, Literal, TypeVar
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from overnight.errors import NotFoundError, StoreError, VersionConflict
+from overnight.errors import InvalidRequestError, NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
 from overnight.store.records import (
+    DOC_ID_MAX,
+    DOC_KEY_MAX,
+    DOC_STATUS_MAX,
+    DOC_TENANT_MAX,
     BatchRecord,
+    DocRecord,
     FileRecord,
     ShardRecord,
     batch_from_doc,
+    check_doc_kind,
+    check_doc_order,
+    check_doc_statuses,
+    doc_record_from_doc,
+    doc_record_json,
     file_from_doc,
     record_to_doc,
     shard_from_doc,
@@ -34,6 +46,8 @@ __all__ = [
     "shards_table",
     "shard_checkpoints_table",
     "webhook_due_table",
+    "docs_table",
+    "docs_gone_table",
 ]
 
 metadata = sa.MetaData()
@@ -101,6 +115,45 @@ webhook_due_table = sa.Table(
     sa.Column("batch_id", sa.String(64), primary_key=True),
     sa.Column("due_at", sa.Float, nullable=False),
     sa.Index("ix_overnight_webhook_due_due_at", "due_at"),
+)
+
+
+# Document records of every kind (the console's jobs, provisions, models,
+# templates): the JSON record beside the columns lookups and lists need. Lists
+# are ordered by (created_at, id) within a kind, optionally of one tenant and/or
+# in some statuses, and each of those four shapes has its index, so a page is an
+# index range scan however many docs the kind holds. The unique index on the key
+# lets any number of docs go without one (NULLs are distinct). On PostgreSQL the
+# id compares byte-wise (collation "C"), as SQLite, Redis, MongoDB and Python do,
+# so ties in created_at break the same way on every backend.
+_DOC_ID = sa.String(DOC_ID_MAX).with_variant(sa.String(DOC_ID_MAX, collation="C"), "postgresql")
+
+docs_table = sa.Table(
+    "overnight_docs",
+    metadata,
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("id", _DOC_ID, primary_key=True),
+    sa.Column("tenant", sa.String(DOC_TENANT_MAX), nullable=False),
+    sa.Column("status", sa.String(DOC_STATUS_MAX), nullable=False),
+    sa.Column("doc_key", sa.String(DOC_KEY_MAX), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("doc", sa.Text, nullable=False),
+    sa.Index("ix_overnight_docs_kind_created", "kind", "created_at", "id"),
+    sa.Index("ix_overnight_docs_tenant_created", "kind", "tenant", "created_at", "id"),
+    sa.Index("ix_overnight_docs_status_created", "kind", "status", "created_at", "id"),
+    sa.Index("ix_overnight_docs_tenant_status_created", "kind", "tenant", "status", "created_at", "id"),
+    sa.Index("ux_overnight_docs_key", "kind", "tenant", "doc_key", unique=True),
+)
+
+# Where deleted docs stood in the lists, so that a cursor naming one goes on from
+# there (as ``list_batches`` does for a deleted batch) instead of failing.
+docs_gone_table = sa.Table(
+    "overnight_docs_gone",
+    metadata,
+    sa.Column("kind", sa.String(32), primary_key=True),
+    sa.Column("id", _DOC_ID, primary_key=True),
+    sa.Column("created_at", sa.Float, nullable=False),
 )
 
 
@@ -390,11 +443,170 @@ class SQLStore:
             raise StoreError(f"store query failed: {exc}") from exc
         return int(res.rowcount)
 
+    # -- document records --------------------------------------------------
+    async def _doc_clash(self, rec: DocRecord) -> StoreError:
+        """Which unique index refused ``rec``: its id or its key."""
+        c = docs_table.c
+        rows = await self._rows(sa.select(c.id).where(c.kind == rec.kind, c.id == rec.id))
+        if rows:
+            return StoreError(f"{rec.kind} {rec.id} already exists")
+        return StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}")
+
+    async def insert_doc(self, rec: DocRecord) -> None:
+        data = doc_record_json(rec).decode()
+        try:
+            await self._run_unique(
+                sa.insert(docs_table).values(
+                    kind=rec.kind,
+                    id=rec.id,
+                    tenant=rec.tenant,
+                    status=rec.status,
+                    doc_key=rec.key,
+                    created_at=rec.created_at,
+                    version=rec.version,
+                    doc=data,
+                )
+            )
+        except IntegrityError:
+            raise await self._doc_clash(rec) from None
+
+    async def _run_unique(self, stmt: sa.Executable) -> None:
+        """``_run`` that lets ``IntegrityError`` (a unique index refused the row)
+        through, for the caller to say which."""
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(stmt)
+        except IntegrityError:
+            raise
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+
+    async def get_doc(self, kind: str, id: str) -> DocRecord | None:
+        c = docs_table.c
+        rows = await self._rows(sa.select(c.doc).where(c.kind == check_doc_kind(kind), c.id == id))
+        return doc_record_from_doc(orjson.loads(rows[0][0])) if rows else None
+
+    async def get_doc_by_key(self, kind: str, tenant: str, key: str) -> DocRecord | None:
+        c = docs_table.c
+        stmt = sa.select(c.doc).where(c.kind == check_doc_kind(kind), c.tenant == tenant, c.doc_key == key)
+        rows = await self._rows(stmt)
+        return doc_record_from_doc(orjson.loads(rows[0][0])) if rows else None
+
+    async def update_doc(self, rec: DocRecord) -> DocRecord:
+        c = docs_table.c
+        new = dataclasses.replace(rec, version=rec.version + 1)
+        data = doc_record_json(new).decode()
+        try:
+            async with self.engine.begin() as conn:
+                res = await conn.execute(
+                    sa.update(docs_table)
+                    .where(
+                        c.kind == rec.kind,
+                        c.id == rec.id,
+                        c.version == rec.version,
+                        c.tenant == rec.tenant,
+                        c.created_at == rec.created_at,
+                    )
+                    .values(status=new.status, doc_key=new.key, version=new.version, doc=data)
+                )
+                if res.rowcount == 0:
+                    stored = (
+                        await conn.execute(
+                            sa.select(c.version, c.tenant, c.created_at).where(c.kind == rec.kind, c.id == rec.id)
+                        )
+                    ).first()
+                    if stored is None:
+                        raise NotFoundError(f"{rec.kind} {rec.id} not found")
+                    if stored[0] != rec.version:
+                        raise VersionConflict(f"{rec.kind} {rec.id} changed (version {stored[0]} != {rec.version})")
+                    name = "tenant" if stored[1] != rec.tenant else "created_at"
+                    raise InvalidRequestError(f"{rec.kind} {rec.id}: {name} cannot change after insert", param=name)
+        except IntegrityError:
+            raise StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}") from None
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+        return new
+
+    async def delete_doc(self, kind: str, id: str) -> bool:
+        c = docs_table.c
+        where = (c.kind == check_doc_kind(kind), c.id == id)
+        try:
+            async with self.engine.begin() as conn:
+                row = (await conn.execute(sa.select(c.created_at).where(*where))).first()
+                if row is None:
+                    return False
+                res = await conn.execute(sa.delete(docs_table).where(*where))
+                if res.rowcount == 0:  # another delete got there between the two statements
+                    return False
+                gone = self._insert()(docs_gone_table).values(kind=kind, id=id, created_at=row[0])
+                await conn.execute(
+                    gone.on_conflict_do_update(index_elements=["kind", "id"], set_={"created_at": row[0]})
+                )
+        except _DRIVER_ERRORS as exc:
+            raise StoreError(f"store query failed: {exc}") from exc
+        return True
+
+    async def list_docs(
+        self,
+        kind: str,
+        *,
+        tenant: str | None = None,
+        statuses: Collection[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        order: Literal["newest", "oldest"] = "newest",
+    ) -> list[DocRecord]:
+        check_doc_kind(kind)
+        desc = check_doc_order(order)
+        wanted = check_doc_statuses(statuses)
+        if limit <= 0 or wanted == []:
+            return []
+        c = docs_table.c
+        base = sa.select(c.doc, c.created_at, c.id).where(c.kind == kind)
+        if tenant is not None:
+            base = base.where(c.tenant == tenant)
+        if after is not None:
+            at = await self._doc_position(kind, after)
+            cursor = sa.tuple_(sa.literal(at, sa.Float), sa.literal(after, sa.String))
+            position = sa.tuple_(c.created_at, c.id)
+            base = base.where(position < cursor if desc else position > cursor)
+
+        def ordered(stmt: Any, cols: Any) -> Any:
+            if desc:
+                return stmt.order_by(cols.created_at.desc(), cols.id.desc()).limit(limit)
+            return stmt.order_by(cols.created_at.asc(), cols.id.asc()).limit(limit)
+
+        if wanted is None:
+            stmt = ordered(base, c)
+        elif len(wanted) == 1:
+            stmt = ordered(base.where(c.status == wanted[0]), c)
+        else:
+            # One ordered, limited range per status, merged: each reads at most
+            # ``limit`` rows off its (kind[, tenant], status, created_at, id) index,
+            # where one IN over the statuses would read every doc they hold.
+            parts = [ordered(base.where(c.status == st), c).subquery() for st in wanted]
+            merged = sa.union_all(*(sa.select(p.c.doc, p.c.created_at, p.c.id) for p in parts)).subquery()
+            stmt = ordered(sa.select(merged.c.doc, merged.c.created_at, merged.c.id), merged.c)
+        return [doc_record_from_doc(orjson.loads(r[0])) for r in await self._rows(stmt)]
+
+    async def _doc_position(self, kind: str, doc_id: str) -> float:
+        """The created_at of the cursor doc, live or deleted; ``NotFoundError`` if
+        the kind never had it."""
+        live, gone = docs_table.c, docs_gone_table.c
+        stmt = sa.select(
+            sa.func.coalesce(
+                sa.select(live.created_at).where(live.kind == kind, live.id == doc_id).scalar_subquery(),
+                sa.select(gone.created_at).where(gone.kind == kind, gone.id == doc_id).scalar_subquery(),
+            )
+        )
+        rows = await self._rows(stmt)
+        if not rows or rows[0][0] is None:
+            raise NotFoundError(f"no {kind} {doc_id} to list after")
+        return float(rows[0][0])
+
 
 _R = TypeVar("_R", BatchRecord, ShardRecord)
 
 
 def _bumped(rec: _R) -> _R:
-    import dataclasses
-
     return dataclasses.replace(rec, version=rec.version + 1)
