@@ -14,7 +14,7 @@ from overnight import __version__
 from overnight._diagnostics import install_task_dump
 from overnight.api.edge import EdgeMiddleware, public_paths
 from overnight.api.errors import install_error_handlers
-from overnight.api.routes import batches, files, health, metrics, models
+from overnight.api.routes import batches, console, files, health, metrics, models
 from overnight.composition import open_services
 from overnight.config import Settings
 
@@ -41,12 +41,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         EdgeMiddleware,
         keys=settings.tenant_for_key(),
-        public=public_paths(metrics_require_key=settings.metrics_require_key, public_docs=settings.public_docs),
+        public=public_paths(metrics_require_key=settings.metrics_require_key, public_docs=settings.public_docs)
+        | console.PUBLIC_PATHS,
         max_json_body_bytes=settings.max_json_body_bytes,
     )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(console.router)
     for r in (files.router, batches.router, models.router):
         app.include_router(r, prefix="/v1")
     return app
