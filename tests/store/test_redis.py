@@ -9,7 +9,7 @@ import pytest
 
 from overnight.errors import StoreError
 from overnight.store import connect_store
-from tests.store.contract import StoreContract, make_batch, make_file, make_shard
+from tests.store.contract import DocContract, StoreContract, ids, make_batch, make_file, make_shard
 
 redis_store = pytest.importorskip("overnight.store.redis")
 RedisStore = redis_store.RedisStore
@@ -25,7 +25,7 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
 
 
 @pytest.mark.redis
-class TestRedisStore(StoreContract):
+class TestRedisStore(StoreContract, DocContract):
     pass
 
 
@@ -153,3 +153,80 @@ async def test_losing_the_server_after_open_raises_store_error(store: RedisStore
     finally:
         await store.client.aclose()
         store._client = live
+
+
+@pytest.mark.redis
+async def test_doc_keys_live_under_the_prefix_and_only_the_cursor_mark_outlives_a_delete(store: RedisStore) -> None:
+    from tests.store.contract import make_doc
+
+    rec = make_doc(kind="model", tenant="a:b", status="ready", key="llama 3")
+    await store.insert_doc(rec)
+    p = store.prefix
+    assert await _keys(store, p + "doc*") == {
+        f"{p}doc:model:{rec.id}",
+        f"{p}docs:model",
+        f"{p}docs-of-tenant:model:a%3Ab",
+        f"{p}docs-in-status:model:ready",
+        f"{p}docs-of-tenant-in-status:model:a%3Ab:ready",
+        f"{p}doc-key:model:a%3Ab:llama%203",
+    }
+    moved = await store.update_doc(dataclasses.replace(rec, status="retired", key=None))
+    assert await _keys(store, p + "doc*-in-status*") == {
+        f"{p}docs-in-status:model:retired",
+        f"{p}docs-of-tenant-in-status:model:a%3Ab:retired",
+    }
+    assert await _keys(store, p + "doc-key*") == set()
+    assert await store.delete_doc("model", moved.id) is True
+    # No empty index is left; the deleted doc's list position stays for cursors.
+    assert await _keys(store, p + "doc*") == {f"{p}doc-gone:model:{rec.id}"}
+
+
+@pytest.mark.redis
+async def test_doc_scripts_refuse_a_stale_read_and_write_nothing(store: RedisStore) -> None:
+    from overnight.store.redis import _doc_pos
+    from tests.store.contract import make_doc
+
+    rec = make_doc(status="queued", key="k")
+    await store.insert_doc(rec)
+    doc_key = store._key("doc:{}:{}", "job", rec.id)
+    idx = store._doc_index_keys("job", "acme", "queued")
+    # What update_doc and delete_doc send after reading status "running" (stale).
+    key_k = store._doc_key_key("job", "acme", "k")
+    stale_update = await store._script("update_doc")(
+        keys=[doc_key, *idx[2:], *idx[2:], key_k, key_k],
+        args=["0", "1", "done", b"{}", "running", "k", "k", "acme", _doc_pos(rec), rec.id],
+    )
+    assert int(stale_update[0]) == -2
+    stale_delete = await store._script("delete_doc")(
+        keys=[doc_key, *idx, key_k, store._key("doc-gone:{}:{}", "job", rec.id)],
+        args=["running", "k", _doc_pos(rec), "acme"],
+    )
+    assert int(stale_delete) == -1
+    assert await store.get_doc("job", rec.id) == rec
+    assert await store.list_docs("job", statuses=["queued"]) == [rec]
+
+
+@pytest.mark.redis
+async def test_a_page_is_filled_past_index_entries_whose_doc_is_gone(store: RedisStore) -> None:
+    from tests.store.contract import NOW, make_doc
+
+    recs = [make_doc(created_at=NOW + i) for i in range(6)]
+    for rec in recs:
+        await store.insert_doc(rec)
+    # Index entries left behind by a doc that vanished between the two reads of a list.
+    for rec in recs[3:5]:
+        await store.client.delete(store._key("doc:{}:{}", "job", rec.id))
+    page = await store.list_docs("job", limit=3)
+    assert ids(page) == [recs[5].id, recs[2].id, recs[1].id]
+    assert ids(await store.list_docs("job", after=recs[1].id)) == [recs[0].id]
+
+
+@pytest.mark.redis
+async def test_created_at_orders_the_index_like_the_number(store: RedisStore) -> None:
+    from overnight.store.redis import _doc_pos
+    from tests.store.contract import make_doc
+
+    increasing = [-1e300, -2.5, -1.0, -1e-300, 0.0, 1e-300, 0.5, 1.0, 1_800_000_000.25, 1_800_000_000.5, 1e300]
+    pos = [_doc_pos(make_doc(id="x", created_at=v)) for v in increasing]
+    assert sorted(pos) == pos and len(set(pos)) == len(pos)
+    assert _doc_pos(make_doc(id="x", created_at=0.0)) == _doc_pos(make_doc(id="x", created_at=-0.0))

@@ -6,13 +6,17 @@ lexicographic = creation order and ``after`` cursors are ``ZRANGEBYLEX`` bounds:
 ``KEYS``/``SCAN`` on the serving path. Every write that touches more than one key
 is a Lua script, so a record and its indexes change together or not at all, and
 the batch compare-and-set and its checkpoint are one atomic step; shards the same.
+Document records are listed by (created_at, id): their index members are the
+created_at as 16 sortable hex digits followed by the id, so the same lexicographic
+ranges serve them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import AsyncIterator, Iterable
+import struct
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -21,13 +25,19 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from overnight.errors import NotFoundError, StoreError, VersionConflict
+from overnight.errors import InvalidRequestError, NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
 from overnight.store.records import (
     BatchRecord,
+    DocRecord,
     FileRecord,
     ShardRecord,
     batch_from_doc,
+    check_doc_kind,
+    check_doc_order,
+    check_doc_statuses,
+    doc_record_from_doc,
+    doc_record_json,
     file_from_doc,
     record_to_doc,
     shard_from_doc,
@@ -56,6 +66,14 @@ DEFAULT_PREFIX = "overnight:"
 #   shard:{batch_id}:{index}             hash    doc (record JSON), version, status
 #   shard-checkpoint:{batch_id}:{index}  string  the shard's checkpoint bytes
 #   shards:{batch_id}                    zset    the batch's shard indexes, scored by index
+#   doc:{kind}:{id}                      hash    doc (record JSON), version, status, tenant, key ('' = none),
+#                                                pos (its index member)
+#   docs:{kind}                          zset    the kind's docs, score 0, members pos = created_at + id
+#   docs-of-tenant:{kind}:{tenant}       zset    the same, for one tenant
+#   docs-in-status:{kind}:{status}       zset    the same, for one status
+#   docs-of-tenant-in-status:{kind}:{tenant}:{status}   zset   both filters at once
+#   doc-key:{kind}:{tenant}:{key}        string  the id of the doc that has that key
+#   doc-gone:{kind}:{id}                 string  pos of a deleted doc, so a cursor naming it goes on
 #
 # The by-status and by-input indexes hold active batches only, so they stay as
 # small as the work in flight even though batch records are kept for good. A
@@ -74,6 +92,13 @@ _CHECKPOINT = "checkpoint:{}"
 _SHARD = "shard:{}:{}"
 _SHARD_CHECKPOINT = "shard-checkpoint:{}:{}"
 _SHARDS_OF_BATCH = "shards:{}"
+_DOC = "doc:{}:{}"
+_DOCS = "docs:{}"
+_DOCS_OF_TENANT = "docs-of-tenant:{}:{}"
+_DOCS_IN_STATUS = "docs-in-status:{}:{}"
+_DOCS_OF_TENANT_IN_STATUS = "docs-of-tenant-in-status:{}:{}:{}"
+_DOC_KEY = "doc-key:{}:{}:{}"
+_DOC_GONE = "doc-gone:{}:{}"
 
 # -- scripts ---------------------------------------------------------------
 # KEYS: file, files:{tenant}, files-by-purpose, files-expiry
@@ -195,6 +220,68 @@ redis.call('DEL', KEYS[1])
 return deleted
 """
 
+# -- document records --------------------------------------------------------
+# Returns 1 inserted, 0 the id exists, -1 the key is taken (nothing is written).
+# KEYS: doc, docs, docs-of-tenant, docs-in-status, docs-of-tenant-in-status,
+#       doc-key (any key when the doc has none: not touched)
+# ARGV: pos, doc, version, status, tenant, key ('' = none), id
+_INSERT_DOC = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[6] ~= '' then
+  if redis.call('EXISTS', KEYS[6]) == 1 then return -1 end
+  redis.call('SET', KEYS[6], ARGV[7])
+end
+redis.call('HSET', KEYS[1], 'doc', ARGV[2], 'version', ARGV[3], 'status', ARGV[4], 'tenant', ARGV[5],
+           'key', ARGV[6], 'pos', ARGV[1])
+for i = 2, 5 do redis.call('ZADD', KEYS[i], 0, ARGV[1]) end
+return 1
+"""
+
+# The doc compare-and-set. {1} written; {0} no such doc; {-1, stored version} lost
+# to another writer; {-2} the status or key the caller read is no longer the
+# stored one (read again); {-3, field} tenant or created_at differ from the
+# stored ones; {-4} the new key is another doc's. Only {1} writes anything.
+# KEYS: doc, old docs-in-status, old docs-of-tenant-in-status, new docs-in-status,
+#       new docs-of-tenant-in-status, old doc-key, new doc-key (any key for none)
+# ARGV: expected version, new version, new status, doc, old status, old key,
+#       new key ('' = none), tenant, pos, id
+_UPDATE_DOC = """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'status', 'key', 'tenant', 'pos')
+if not cur[1] then return {0} end
+if cur[1] ~= ARGV[1] then return {-1, cur[1]} end
+if cur[4] ~= ARGV[8] then return {-3, 'tenant'} end
+if cur[5] ~= ARGV[9] then return {-3, 'created_at'} end
+if cur[2] ~= ARGV[5] or cur[3] ~= ARGV[6] then return {-2} end
+if ARGV[7] ~= '' and ARGV[7] ~= ARGV[6] and redis.call('EXISTS', KEYS[7]) == 1 then return {-4} end
+redis.call('HSET', KEYS[1], 'doc', ARGV[4], 'version', ARGV[2], 'status', ARGV[3], 'key', ARGV[7])
+if ARGV[3] ~= ARGV[5] then
+  redis.call('ZREM', KEYS[2], ARGV[9])
+  redis.call('ZREM', KEYS[3], ARGV[9])
+  redis.call('ZADD', KEYS[4], 0, ARGV[9])
+  redis.call('ZADD', KEYS[5], 0, ARGV[9])
+end
+if ARGV[7] ~= ARGV[6] then
+  if ARGV[6] ~= '' then redis.call('DEL', KEYS[6]) end
+  if ARGV[7] ~= '' then redis.call('SET', KEYS[7], ARGV[10]) end
+end
+return {1}
+"""
+
+# Returns 1 deleted, 0 no such doc, -1 the fields the caller read changed (read again).
+# KEYS: doc, docs, docs-of-tenant, docs-in-status, docs-of-tenant-in-status,
+#       doc-key (any key when none), doc-gone
+# ARGV: status, key ('' = none), pos, tenant (all as the caller read them)
+_DELETE_DOC = """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'key', 'pos', 'tenant')
+if not cur[3] then return 0 end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] or cur[3] ~= ARGV[3] or cur[4] ~= ARGV[4] then return -1 end
+redis.call('DEL', KEYS[1])
+for i = 2, 5 do redis.call('ZREM', KEYS[i], ARGV[3]) end
+if ARGV[2] ~= '' then redis.call('DEL', KEYS[6]) end
+redis.call('SET', KEYS[7], ARGV[3])
+return 1
+"""
+
 
 def _part(value: str) -> str:
     """Percent-encode a key component that comes from outside."""
@@ -224,6 +311,18 @@ def _due_arg(rec: BatchRecord) -> str:
     float round-trips exactly, so the score is the due time to the bit."""
     due = webhook_due_at(rec)
     return "" if due is None else repr(float(due))
+
+
+def _doc_pos(rec: DocRecord) -> str:
+    """The doc's member in its list indexes: created_at as 16 hex digits that sort
+    like the number (IEEE 754 bits, sign-flipped), then the id. Byte order of
+    members is then (created_at, id) order, which ZRANGEBYLEX ranges follow."""
+    bits = struct.unpack(">Q", struct.pack(">d", rec.created_at + 0.0))[0]  # + 0.0: -0.0 is 0.0
+    bits = bits ^ 0xFFFF_FFFF_FFFF_FFFF if bits >> 63 else bits | 1 << 63
+    return f"{bits:016x}{rec.id}"
+
+
+_POS_DIGITS = 16
 
 
 @asynccontextmanager
@@ -262,6 +361,9 @@ class RedisStore:
             "insert_shard": client.register_script(_INSERT_SHARD),
             "update_shard": client.register_script(_UPDATE_SHARD),
             "delete_shards": client.register_script(_DELETE_SHARDS),
+            "insert_doc": client.register_script(_INSERT_DOC),
+            "update_doc": client.register_script(_UPDATE_DOC),
+            "delete_doc": client.register_script(_DELETE_DOC),
         }
 
     async def aclose(self) -> None:
@@ -555,3 +657,193 @@ class RedisStore:
                 if deleted >= 0:
                     return deleted
         raise StoreError(f"redis store: the shards of batch {batch_id} change too fast to delete")
+
+    # -- document records --------------------------------------------------
+    def _doc_index_keys(self, kind: str, tenant: str, status: str) -> list[str]:
+        """docs, docs-of-tenant, docs-in-status, docs-of-tenant-in-status."""
+        return [
+            self._key(_DOCS, kind),
+            self._key(_DOCS_OF_TENANT, kind, tenant),
+            self._key(_DOCS_IN_STATUS, kind, status),
+            self._key(_DOCS_OF_TENANT_IN_STATUS, kind, tenant, status),
+        ]
+
+    def _doc_key_key(self, kind: str, tenant: str, key: str | None) -> str:
+        # A doc without a key still fills the script's KEYS slot; the script never touches it then.
+        return self._key(_DOC_KEY, kind, tenant, key) if key is not None else self._key(_DOC, kind, "")
+
+    async def insert_doc(self, rec: DocRecord) -> None:
+        data = doc_record_json(rec)
+        async with _translated("insert_doc"):
+            created = await self._script("insert_doc")(
+                keys=[
+                    self._key(_DOC, rec.kind, rec.id),
+                    *self._doc_index_keys(rec.kind, rec.tenant, rec.status),
+                    self._doc_key_key(rec.kind, rec.tenant, rec.key),
+                ],
+                args=[_doc_pos(rec), data, str(rec.version), rec.status, rec.tenant, rec.key or "", rec.id],
+            )
+        if created == 0:
+            raise StoreError(f"{rec.kind} {rec.id} already exists")
+        if created < 0:
+            raise StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}")
+
+    async def get_doc(self, kind: str, id: str) -> DocRecord | None:
+        async with _translated("get_doc"):
+            doc = await self.client.hget(self._key(_DOC, check_doc_kind(kind), id), "doc")
+        return doc_record_from_doc(orjson.loads(doc)) if doc is not None else None
+
+    async def get_doc_by_key(self, kind: str, tenant: str, key: str) -> DocRecord | None:
+        check_doc_kind(kind)
+        async with _translated("get_doc_by_key"):
+            for _ in range(10):
+                doc_id = await self.client.get(self._key(_DOC_KEY, kind, tenant, key))
+                if doc_id is None:
+                    return None
+                rec = await self.get_doc(kind, doc_id.decode())
+                # The key can move to another doc between the two reads: then read again.
+                if rec is not None and rec.tenant == tenant and rec.key == key:
+                    return rec
+        raise StoreError(f"redis store: the {kind} key {key!r} changes too fast to read")
+
+    async def update_doc(self, rec: DocRecord) -> DocRecord:
+        new = dataclasses.replace(rec, version=rec.version + 1)
+        data = doc_record_json(new)
+        doc_key = self._key(_DOC, rec.kind, rec.id)
+        async with _translated("update_doc"):
+            for _ in range(100):
+                status, old_key = await self.client.hmget(doc_key, ["status", "key"])
+                if status is None:
+                    raise NotFoundError(f"{rec.kind} {rec.id} not found")
+                old_status, old = status.decode(), old_key.decode()
+                reply = await self._script("update_doc")(
+                    keys=[
+                        doc_key,
+                        self._key(_DOCS_IN_STATUS, rec.kind, old_status),
+                        self._key(_DOCS_OF_TENANT_IN_STATUS, rec.kind, rec.tenant, old_status),
+                        self._key(_DOCS_IN_STATUS, rec.kind, new.status),
+                        self._key(_DOCS_OF_TENANT_IN_STATUS, rec.kind, rec.tenant, new.status),
+                        self._doc_key_key(rec.kind, rec.tenant, old or None),
+                        self._doc_key_key(rec.kind, rec.tenant, new.key),
+                    ],
+                    args=[
+                        str(rec.version),
+                        str(new.version),
+                        new.status,
+                        data,
+                        old_status,
+                        old,
+                        new.key or "",
+                        rec.tenant,
+                        _doc_pos(rec),
+                        rec.id,
+                    ],
+                )
+                outcome = int(reply[0])
+                if outcome == 1:
+                    return new
+                if outcome == 0:
+                    raise NotFoundError(f"{rec.kind} {rec.id} not found")
+                if outcome == -1:
+                    raise VersionConflict(
+                        f"{rec.kind} {rec.id} changed (version {reply[1].decode()} != {rec.version})"
+                    )
+                if outcome == -3:
+                    name = reply[1].decode()
+                    raise InvalidRequestError(f"{rec.kind} {rec.id}: {name} cannot change after insert", param=name)
+                if outcome == -4:
+                    raise StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}")
+                # -2: written by someone else since the read above; read again.
+        raise StoreError(f"redis store: {rec.kind} {rec.id} changes too fast to update")
+
+    async def delete_doc(self, kind: str, id: str) -> bool:
+        doc_key = self._key(_DOC, check_doc_kind(kind), id)
+        async with _translated("delete_doc"):
+            for _ in range(100):
+                status, key, pos, tenant = await self.client.hmget(doc_key, ["status", "key", "pos", "tenant"])
+                if pos is None:
+                    return False
+                st, k, t = status.decode(), key.decode(), tenant.decode()
+                deleted = int(
+                    await self._script("delete_doc")(
+                        keys=[
+                            doc_key,
+                            *self._doc_index_keys(kind, t, st),
+                            self._doc_key_key(kind, t, k or None),
+                            self._key(_DOC_GONE, kind, id),
+                        ],
+                        args=[st, k, pos, t],
+                    )
+                )
+                if deleted >= 0:
+                    return bool(deleted)
+        raise StoreError(f"redis store: {kind} {id} changes too fast to delete")
+
+    async def list_docs(
+        self,
+        kind: str,
+        *,
+        tenant: str | None = None,
+        statuses: Collection[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        order: Literal["newest", "oldest"] = "newest",
+    ) -> list[DocRecord]:
+        check_doc_kind(kind)
+        desc = check_doc_order(order)
+        wanted = check_doc_statuses(statuses)
+        if limit <= 0 or wanted == []:
+            return []
+        if wanted is None:
+            keys = [self._key(_DOCS, kind) if tenant is None else self._key(_DOCS_OF_TENANT, kind, tenant)]
+        elif tenant is None:
+            keys = [self._key(_DOCS_IN_STATUS, kind, st) for st in wanted]
+        else:
+            keys = [self._key(_DOCS_OF_TENANT_IN_STATUS, kind, tenant, st) for st in wanted]
+        out: list[DocRecord] = []
+        async with _translated("list_docs"):
+            bound = await self._doc_cursor(kind, after) if after is not None else None
+            # An index entry whose doc was deleted or changed status after the index
+            # was read is dropped, and the page is filled up from further on.
+            for _ in range(100):
+                want = limit - len(out)
+                members = await self._doc_members(keys, desc=desc, bound=bound, limit=want)
+                for rec in await self._load_docs(kind, [m[_POS_DIGITS:] for m in members]):
+                    if (tenant is None or rec.tenant == tenant) and (wanted is None or rec.status in wanted):
+                        out.append(rec)
+                if len(members) < want or len(out) >= limit:
+                    break
+                bound = members[-1]
+        return out[:limit]
+
+    async def _load_docs(self, kind: str, ids: list[str]) -> list[DocRecord]:
+        """The docs with these ids, in order, skipping ids that vanished."""
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for doc_id in ids:
+            pipe.hget(self._key(_DOC, kind, doc_id), "doc")
+        return [doc_record_from_doc(orjson.loads(d)) for d in await pipe.execute() if d is not None]
+
+    async def _doc_cursor(self, kind: str, doc_id: str) -> str:
+        """The index member of the cursor doc, live or deleted."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self._key(_DOC, kind, doc_id), "pos")
+        pipe.get(self._key(_DOC_GONE, kind, doc_id))
+        live, gone = await pipe.execute()
+        pos = live if live is not None else gone
+        if pos is None:
+            raise NotFoundError(f"no {kind} {doc_id} to list after")
+        return pos.decode()
+
+    async def _doc_members(self, keys: list[str], *, desc: bool, bound: str | None, limit: int) -> list[str]:
+        """The first ``limit`` members after ``bound`` across ``keys`` (one snapshot),
+        in list order: each index gives at most ``limit``, then they are merged."""
+        pipe = self.client.pipeline(transaction=len(keys) > 1)
+        for key in keys:
+            if desc:
+                pipe.zrevrangebylex(key, f"({bound}" if bound else "+", "-", start=0, num=limit)
+            else:
+                pipe.zrangebylex(key, f"({bound}" if bound else "-", "+", start=0, num=limit)
+        per_key = [[m.decode() for m in members] for members in await pipe.execute()]
+        return list(heapq.merge(*per_key, reverse=desc))[:limit]
