@@ -95,6 +95,9 @@ def test_create_wait_json_downloads_the_output_next_to_the_input(server: Proc, t
     assert not (tmp_path / f"in.{batch['id']}.errors.jsonl").exists()  # no error file on the server
     assert "\x1b[" not in proc.stdout + proc.stderr  # no colour, no progress with --json
     assert not list(tmp_path.glob(".*.part"))
+    # Cancelling it now: the server's 409 is a 4xx, with its message.
+    again = cli(server, "batch", "cancel", batch["id"])
+    assert again.returncode == 2 and "server said 409" in again.stderr and "completed" in again.stderr
 
 
 def test_create_without_wait_then_watch_get_list_download(server: Proc, tmp_path: Path) -> None:
@@ -139,14 +142,19 @@ def test_a_batch_that_fails_exits_1_with_its_errors(server: Proc, tmp_path: Path
     assert "line 1" in proc.stdout and "model" in proc.stdout
 
 
-def test_a_template_is_sent_as_the_overnight_extension(server: Proc, tmp_path: Path) -> None:
+@pytest.mark.slow  # starts the template's engine
+def test_a_template_runs_the_batch_on_its_engine(server: Proc, tmp_path: Path) -> None:
     body = {"model": "mock-tiny", "messages": [{"role": "user", "content": "hi"}]}
     inp = write_input(tmp_path / "in.jsonl", 3, body=body)
     proc = cli(server, "batch", "create", str(inp), "--template", "mock-tiny", "--wait", "--json", "--interval", "0.2")
     assert proc.returncode == 0, proc.stderr
     batch = one_json(proc)
     assert batch["status"] == "completed" and batch["overnight"]["model_template"]["template"] == "mock-tiny"
-    # A template the server does not have: its 404, naming it.
+
+
+def test_a_template_is_sent_as_the_overnight_extension(server: Proc, tmp_path: Path) -> None:
+    # A template the server does not have: its 404 names the one the flag sent.
+    inp = write_input(tmp_path / "in.jsonl", 1)
     unknown = cli(server, "batch", "create", str(inp), "--template", "no-such-template")
     assert unknown.returncode == 2
     assert "server said 404" in unknown.stderr and "no-such-template" in unknown.stderr, unknown.stderr
@@ -217,10 +225,6 @@ def test_usage_errors_exit_2(server: Proc, tmp_path: Path) -> None:
     assert meta.returncode == 2 and "KEY=VALUE" in one_json(meta)["error"]["message"]
     assert cli("ftp://x", "batch", "list").returncode == 2
     assert cli(server, "batch", "list", "--bogus").returncode == 2
-    # The cancel of a terminal batch: the server's 409 is a 4xx.
-    done = one_json(cli(server, "batch", "create", str(inp), "--wait", "--json", "--interval", "0.2"))
-    again = cli(server, "batch", "cancel", done["id"])
-    assert again.returncode == 2 and "server said 409" in again.stderr
 
 
 def test_without_the_openai_sdk_one_line_names_the_extra() -> None:
@@ -286,7 +290,7 @@ def test_live_view_to_completion_then_the_summary(server: Proc, tmp_path: Path) 
     child.expect(r"created (batch_\w+)")
     batch_id = child.match.group(1)
     # A progress line part way: done/total, req/s, the engine's concurrency.
-    child.expect(r"in_progress\s.*?\b([1-9]\d?)/24 done · 0 failed · [\d.]+ req/s · [\d,]+ tok/s \(out\) · "
+    child.expect(r"in_progress\s.*?\b([1-9]\d?)/24 done · 0 failed · [\d.]+ req/s · [\d,]+ tok/s · "
                  r"\d+ in flight \(limit \d+\) · ETA \d+:\d\d")
     assert 0 < int(child.match.group(1)) < 24
     child.expect(pexpect.EOF)
@@ -295,7 +299,7 @@ def test_live_view_to_completion_then_the_summary(server: Proc, tmp_path: Path) 
     rest = _screen(child)
     # The view's last state, then the summary naming the downloaded output.
     assert "24/24 done" in rest
-    assert re.search(rf"{batch_id} completed: 24 completed, 0 failed of 24 in \d+:\d\d \([\d.]+ req/s\); "
+    assert re.search(rf"{batch_id} completed: 24 completed, 0 failed of 24 in [\d.]+ s \([\d.]+ req/s\); "
                      r"tokens [\d,]+ in / [\d,]+ out", rest), rest
     out = tmp_path / f"in.{batch_id}.output.jsonl"
     assert re.search(rf"output\s+{re.escape(str(out.name))}", rest), rest
@@ -370,7 +374,17 @@ def test_rates_and_eta_come_from_successive_polls() -> None:
     rates.add(_polled("in_progress", 30, 100, 480), now=11.0)
     late = rates.add(_polled("in_progress", 42, 100, 650), now=13.0)
     assert late.rate == pytest.approx((42 - 20) / 11)
-    assert "42/100 done · 0 failed · 2.0 req/s · 30 tok/s (out)" in late.describe()
+    assert "42/100 done · 0 failed · 2.0 req/s · 30 tok/s" in late.describe()
     assert "ETA 0:29" in late.describe()
     # Ended: no rate, no ETA.
     assert rates.add(_polled("completed", 100, 100, 1600), now=14.0).describe() == "100/100 done · 0 failed"
+
+
+def test_embeddings_show_input_tokens_per_second() -> None:
+    rates = Rates(window_s=10)
+    batch = {"id": "batch_e", "status": "in_progress", "request_counts": {"total": 10, "completed": 0, "failed": 0},
+             "usage": {"input_tokens": 0, "output_tokens": 0}}
+    rates.add(batch, now=0.0)
+    later = {**batch, "request_counts": {"total": 10, "completed": 4, "failed": 0},
+             "usage": {"input_tokens": 400, "output_tokens": 0}}
+    assert "2.0 req/s · 200 input tok/s" in rates.add(later, now=2.0).describe()

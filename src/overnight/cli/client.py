@@ -350,7 +350,7 @@ class Snapshot:
         if self.rate is not None:
             parts.append(f"{self.rate:.1f} req/s")
         if self.tokens_rate is not None:
-            parts.append(f"{self.tokens_rate:,.0f} tok/s ({self.tokens_kind})")
+            parts.append(f"{self.tokens_rate:,.0f} {'input ' if self.tokens_kind == 'in' else ''}tok/s")
         conc = self.concurrency()
         if conc:
             parts.append(conc)
@@ -445,11 +445,12 @@ class LiveView(View):
         from rich.progress import BarColumn, Progress, TextColumn
 
         self._bar = Progress(
-            TextColumn("[bold]{task.fields[id]}[/] {task.fields[status]}"), BarColumn(bar_width=30),
+            # The id was printed above; the line keeps what changes (and fits 150 columns).
+            TextColumn("{task.fields[status]}"), BarColumn(bar_width=24),
             TextColumn("{task.fields[info]}", markup=False), TextColumn("[yellow]{task.fields[elapsed]}[/]"),
             console=self.console, transient=False, refresh_per_second=4,
         )
-        self._task = self._bar.add_task("batch", id=snap.batch["id"], **self._fields(snap))
+        self._task = self._bar.add_task("batch", **self._fields(snap))
         self._bar.start()
 
     def update(self, snap: Snapshot) -> None:
@@ -556,8 +557,11 @@ def _watch(ctx: Ctx, batch: dict[str, Any], *, interval: float) -> WatchResult:
     return WatchResult(batch)
 
 
-def _summary(ctx: Ctx, batch: dict[str, Any], files: dict[str, str] | None = None) -> None:
-    """The final lines a person reads after a watch."""
+def _summary(ctx: Ctx, batch: dict[str, Any], files: dict[str, str] | None = None, *,
+             seconds: float | None = None) -> None:
+    """The final lines a person reads after a watch. ``seconds``: how long the batch
+    took as this process saw it from its creation (the server's timestamps are whole
+    seconds, too coarse for a short batch's rate)."""
     counts = batch.get("request_counts") or {}
     usage = batch.get("usage") or {}
     status = batch.get("status")
@@ -565,9 +569,10 @@ def _summary(ctx: Ctx, batch: dict[str, Any], files: dict[str, str] | None = Non
     ended = next((batch.get(k) for k in ("completed_at", "failed_at", "expired_at", "cancelled_at") if batch.get(k)),
                  None)
     took = ""
-    if ended and batch.get("created_at"):
+    if seconds is None and ended and batch.get("created_at"):
         seconds = max(1, int(ended) - int(batch["created_at"]))
-        took = f" in {_duration(seconds)}"
+    if seconds:
+        took = f" in {seconds:.1f} s" if seconds < 60 else f" in {_duration(seconds)}"
         if status == "completed":
             done = int(counts.get("completed") or 0) + int(counts.get("failed") or 0)
             took += f" ({done / seconds:.1f} req/s)"
@@ -671,7 +676,9 @@ def batch_create(
         if not as_json:
             ctx.err.print(f"created {batch['id']} from {uploaded['id']} ({input_path.name}, "
                           f"{_size(uploaded.get('bytes') or 0)})", markup=False)
+        created = time.monotonic()
         result = _watch(ctx, batch, interval=interval)
+        took = time.monotonic() - created
         batch = result.batch
         if result.detached:
             if as_json:
@@ -681,7 +688,7 @@ def batch_create(
         if as_json:
             ctx.emit(batch)
         else:
-            _summary(ctx, batch, files)
+            _summary(ctx, batch, files, seconds=took)
     raise typer.Exit(_exit_for(batch))
 
 
