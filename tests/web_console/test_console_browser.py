@@ -2,8 +2,9 @@
 a downloaded one) driven by Playwright, against ``overnight serve`` with its built-in
 mock engine and API keys configured.
 
-Screenshots land in each test's pytest tmp dir (``<basetemp>/<test name>N/*.png``,
-by default under ``/tmp/pytest-of-$USER/pytest-current/``).
+Screenshots land in each test's pytest tmp dir: ``<basetemp>/<test name>0/*.png``,
+the base by default ``/tmp/pytest-of-$USER/pytest-<run number>/`` (``--basetemp DIR``
+puts them in DIR).
 """
 
 from __future__ import annotations
@@ -268,9 +269,11 @@ def test_cancel_a_slow_batch(page, api, tmp_path):
     assert api.batch(slow["id"])["status"] == "in_progress"
 
     page.once("dialog", lambda d: d.accept())
-    cancel.click()
+    cancel.focus()
+    page.keyboard.press("Enter")
     sync_api.expect(item.locator(".badge")).to_have_text("cancelled", timeout=30_000)
     sync_api.expect(cancel).to_be_hidden()
+    assert focused(page)["text"] == slow["id"]  # focus moved to the batch's link, not lost
     assert api.batch(slow["id"])["status"] == "cancelled"
     sync_api.expect(page.locator("#announcer")).to_contain_text(f"Batch {slow['id']} is now cancelled.")
     sync_api.expect(item.locator(".progress-text")).to_contain_text("3 failed")

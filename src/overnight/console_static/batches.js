@@ -241,10 +241,11 @@ class BatchCard {
     this.download = h("button", {type: "button", class: "secondary", hidden: true,
       "aria-label": `Download the output of batch ${id}`, text: "Download output",
       onclick: () => downloadFile(ctx, this.outputFileId, `${id}_output.jsonl`, this.download)});
+    this.link = h("a", {href: `#/batches/${encodeURIComponent(id)}`, text: id});
     this.el = h("li", {class: "batch-card", "data-batch-id": id},
       h("article", {"aria-labelledby": titleId},
         h("div", {class: "card-head"},
-          h("h3", {id: titleId}, h("a", {href: `#/batches/${encodeURIComponent(id)}`, text: id})),
+          h("h3", {id: titleId}, this.link),
           this.badge.el),
         this.progress.el,
         this.details,
@@ -262,6 +263,8 @@ class BatchCard {
       this.signature = signature;
     }
     this.el.dataset.status = batch.status;
+    // A button that disappears under the keyboard would drop focus to the page's start.
+    if (document.activeElement === this.cancel && !CANCELLABLE.has(batch.status)) this.link.focus();
     this.cancel.hidden = !CANCELLABLE.has(batch.status);
     this.outputFileId = batch.output_file_id;
     this.download.hidden = !batch.output_file_id;
