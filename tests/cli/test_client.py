@@ -11,7 +11,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +220,52 @@ def test_4xx_exits_2_with_the_servers_message(server: Proc, tmp_path: Path) -> N
     assert window.returncode == 2 and "completion_window" in window.stderr, window.stderr
 
 
+class _Recorder(BaseHTTPRequestHandler):
+    """A stand-in server: every request is recorded and answered with ``status``."""
+
+    status = 500
+    seen: list[tuple[str, str | None]] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).seen.append((self.path, self.headers.get("Authorization")))
+        body = json.dumps({"error": {"message": f"stand-in says {self.status}", "type": "x"}}).encode()
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in() -> Iterator[tuple[str, type[_Recorder]]]:
+    handler = type("Handler", (_Recorder,), {"seen": []})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_5xx_exits_1_with_the_message_and_the_api_key_is_sent(stand_in: tuple[str, type[_Recorder]]) -> None:
+    url, handler = stand_in
+    proc = cli(url, "batch", "get", "batch_1", "--api-key", "sk-flag")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "overnight: server said 500: stand-in says 500"
+    # /v1 added to the server URL; the key as a Bearer token (the SDK retried the 500).
+    assert handler.seen[0] == ("/v1/batches/batch_1", "Bearer sk-flag") and len(handler.seen) == 3
+    handler.status = 401
+    env = {**os.environ, "OVERNIGHT_SERVER": url + "/v1/", "OVERNIGHT_API_KEY": "sk-env"}
+    keyed = subprocess.run([*CLI, "files", "list", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert keyed.returncode == 2 and one_json(keyed)["error"]["status_code"] == 401
+    assert handler.seen[-1] == ("/v1/files?limit=20", "Bearer sk-env")
+
+
 def test_usage_errors_exit_2(server: Proc, tmp_path: Path) -> None:
     missing = cli(server, "batch", "create", str(tmp_path / "nope.jsonl"), "--endpoint", ENDPOINT)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
@@ -388,3 +437,21 @@ def test_embeddings_show_input_tokens_per_second() -> None:
     later = {**batch, "request_counts": {"total": 10, "completed": 4, "failed": 0},
              "usage": {"input_tokens": 400, "output_tokens": 0}}
     assert "2.0 req/s · 200 input tok/s" in rates.add(later, now=2.0).describe()
+
+
+@pytest.mark.slow  # restarts a server
+def test_watch_rides_out_a_server_restart(cluster: Cluster, tmp_path: Path) -> None:
+    env = {"OVERNIGHT_MOCK_LATENCY_MS": LATENCY_MS}
+    first = cluster.server(engine_url=None, env=env)
+    created = cli(first, "batch", "create", str(write_input(tmp_path / "in.jsonl", 40)), "--max-concurrency", "2",
+                  "--json")
+    batch_id = one_json(created)["id"]
+    child = spawn(first, "batch", "watch", batch_id, "--interval", "0.2", cwd=tmp_path)
+    child.expect(r"[1-9]\d*/40 done")
+    first.stop()  # SIGTERM: the batch is checkpointed and resumes on the next start
+    child.expect(r"server unreachable for \d+ s, retrying")
+    cluster.server(engine_url=None, env=env, port=first.port, data_dir=cluster.tmp / "data")  # the same data
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    assert child.exitstatus == 0, _screen(child)
+    assert re.search(rf"{batch_id} completed: 40 completed, 0 failed of 40", _screen(child)), _screen(child)
