@@ -381,7 +381,7 @@ ODD_BODY: dict[str, Any] = {
 class DocContract:
     """Document records (``store.base.Store``'s doc methods): compare-and-set, a
     unique key per (kind, tenant), lists by (created_at, id) with stable cursors;
-    joined by each backend's test class as the backend gains them."""
+    part of ``StoreContract``, so every backend runs it."""
 
     async def test_doc_round_trips_every_field_and_any_json_body(self, store: Store) -> None:
         rec = make_doc(
@@ -728,7 +728,7 @@ class DocContract:
         assert err.value.param == "kind"
 
 
-class StoreContract(ShardContract, WebhookDueContract):
+class StoreContract(ShardContract, WebhookDueContract, DocContract):
     """Subclass as ``TestXStore`` with a ``store`` fixture (opened, empty)."""
 
     # -- files -------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from overnight.store import connect_store
 from overnight.store.memory import MemoryStore
-from tests.store.contract import DocContract, StoreContract
+from tests.store.contract import StoreContract
 
 
 @pytest.fixture
@@ -20,5 +20,5 @@ async def store() -> AsyncIterator[MemoryStore]:
     await s.aclose()
 
 
-class TestMemoryStore(StoreContract, DocContract):
+class TestMemoryStore(StoreContract):
     pass

@@ -14,7 +14,7 @@ import pytest
 
 from overnight.errors import StoreError, VersionConflict
 from overnight.store import connect_store
-from tests.store.contract import StoreContract, make_batch, make_file, make_shard
+from tests.store.contract import StoreContract, make_batch, make_doc, make_file, make_shard
 
 mongo_store = pytest.importorskip("overnight.store.mongo")
 MongoStore = mongo_store.MongoStore
@@ -45,6 +45,11 @@ async def test_open_creates_the_list_indexes(store: MongoStore) -> None:
     assert {"tenant_id", "status_id", "input_file_id_status", "webhook_due_at"} <= batches
     shards = {ix["name"] async for ix in await db["shards"].list_indexes()}
     assert "batch_id_index" in shards
+    docs = {ix["name"]: ix async for ix in await db["docs"].list_indexes()}
+    assert {"kind_created_id", "kind_tenant_created_id", "kind_status_created_id",
+            "kind_tenant_status_created_id", "kind_tenant_key"} <= set(docs)
+    assert docs["kind_tenant_key"]["unique"] is True
+    assert docs["kind_tenant_key"]["partialFilterExpression"] == {"key": {"$type": "string"}}
 
 
 async def test_open_twice_on_one_database_is_fine(store: MongoStore, mongo_url: str) -> None:
@@ -117,3 +122,48 @@ async def test_unreachable_server_raises_store_error() -> None:
 async def test_bad_url_raises_store_error() -> None:
     with pytest.raises(StoreError):
         await MongoStore("mongodb://host:notaport/x").open()
+
+
+async def test_doc_lists_read_index_ranges_that_use_every_filter(mongo_url: str) -> None:
+    """Each find list_docs sends is planned as an index scan whose index holds
+    every field it filters on (tenant, status), never as a collection scan."""
+    from pymongo import monitoring
+
+    from tests.store.contract import NOW
+
+    class Finds(monitoring.CommandListener):
+        def __init__(self) -> None:
+            self.sent: list[dict] = []
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name == "find" and event.command.get("find") == "docs":
+                self.sent.append({"filter": event.command.get("filter", {}), "sort": event.command.get("sort")})
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None: ...
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None: ...
+
+    listener = Finds()
+    store = MongoStore(mongo_url, event_listeners=[listener])
+    await store.open()
+    try:
+        for i in range(5):
+            await store.insert_doc(make_doc(created_at=NOW + i, status=("queued", "done")[i % 2]))
+        first = (await store.list_docs("job"))[2]
+        listener.sent.clear()
+        for order in ("newest", "oldest"):
+            await store.list_docs("job", order=order, after=first.id, limit=2)
+            await store.list_docs("job", tenant="acme", order=order, after=first.id)
+            await store.list_docs("job", statuses=["queued", "done"], order=order)
+            await store.list_docs("job", tenant="acme", statuses=["queued", "done"], order=order, after=first.id)
+        finds = [f for f in listener.sent if "kind" in f["filter"]]
+        assert len(finds) >= 16
+        for find in finds:
+            explained = await store._doc_coll.find(find["filter"]).sort(list(find["sort"].items())).explain()
+            plan = str(explained["queryPlanner"]["winningPlan"])
+            assert "IXSCAN" in plan and "COLLSCAN" not in plan, (find, plan)
+            for field in ("tenant", "status"):
+                if field in find["filter"]:
+                    assert f"'{field}': 1" in plan, (field, find, plan)
+    finally:
+        await store.aclose()

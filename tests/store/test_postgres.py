@@ -9,7 +9,7 @@ import pytest
 from overnight.errors import StoreError
 from overnight.store import connect_store
 from overnight.store.postgres import PostgresStore, current_revision, head_revision, upgrade
-from tests.store.contract import DocContract, StoreContract, make_batch
+from tests.store.contract import StoreContract, make_batch
 
 pg = pytest.mark.postgres
 
@@ -25,7 +25,7 @@ async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
 
 
 @pg
-class TestPostgresStore(StoreContract, DocContract):
+class TestPostgresStore(StoreContract):
     pass
 
 

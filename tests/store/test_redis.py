@@ -9,7 +9,7 @@ import pytest
 
 from overnight.errors import StoreError
 from overnight.store import connect_store
-from tests.store.contract import DocContract, StoreContract, ids, make_batch, make_file, make_shard
+from tests.store.contract import StoreContract, ids, make_batch, make_file, make_shard
 
 redis_store = pytest.importorskip("overnight.store.redis")
 RedisStore = redis_store.RedisStore
@@ -25,7 +25,7 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
 
 
 @pytest.mark.redis
-class TestRedisStore(StoreContract, DocContract):
+class TestRedisStore(StoreContract):
     pass
 
 

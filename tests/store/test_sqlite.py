@@ -9,7 +9,7 @@ import pytest
 
 from overnight.store import connect_store
 from overnight.store.sqlite import SQLiteStore
-from tests.store.contract import DocContract, StoreContract
+from tests.store.contract import StoreContract
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await s.aclose()
 
 
-class TestSQLiteStore(StoreContract, DocContract):
+class TestSQLiteStore(StoreContract):
     pass
 
 

@@ -1,12 +1,17 @@
 """MongoDB record store (``mongodb://host:27017/overnight``), on pymongo's asyncio API.
 
-The database is the URL's path (default ``overnight``), with four collections:
+The database is the URL's path (default ``overnight``), with these collections:
 
 - ``files``: ``{_id, tenant, purpose, expires_at, doc}``
 - ``batches``: ``{_id, tenant, status, input_file_id, version, webhook_due_at, doc}``
   (``webhook_due_at``: when the batch's next webhook delivery is due, null when none)
 - ``checkpoints``: ``{_id: batch_id, version, data}``
 - ``shards``: ``{_id: "<batch_id>:<index>", batch_id, index, status, version, doc, checkpoint}``
+- ``docs``: ``{_id: "<kind>:<id>", kind, id, tenant, status, key, created_at, version, doc}``
+  (document records; ``key`` is null when the doc has none, and a partial unique
+  index over the string ones makes it unique per kind and tenant)
+- ``docs_gone``: ``{_id: "<kind>:<id>", created_at}``: where deleted docs stood in
+  the lists, so that a cursor naming one goes on from there
 
 ``doc`` is the record as a JSON string rather than a sub-document, as in the SQL
 store: user-supplied ``metadata`` keys may contain ``.`` or start with ``$``, which
@@ -39,7 +44,8 @@ document limit on a shard checkpoint (a done bitmap of a million requests is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+import heapq
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -48,13 +54,19 @@ from bson import Binary
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.errors import DocumentTooLarge, DuplicateKeyError, PyMongoError
 
-from overnight.errors import NotFoundError, StoreError, VersionConflict
+from overnight.errors import InvalidRequestError, NotFoundError, StoreError, VersionConflict
 from overnight.store.base import ACTIVE_STATUSES
 from overnight.store.records import (
     BatchRecord,
+    DocRecord,
     FileRecord,
     ShardRecord,
     batch_from_doc,
+    check_doc_kind,
+    check_doc_order,
+    check_doc_statuses,
+    doc_record_from_doc,
+    doc_record_json,
     file_from_doc,
     record_to_doc,
     shard_from_doc,
@@ -81,7 +93,36 @@ _INDEXES: dict[str, list[tuple[str, list[tuple[str, int]]]]] = {
     "shards": [
         ("batch_id_index", [("batch_id", ASCENDING), ("index", ASCENDING)]),
     ],
+    # One per list shape, each ending in (created_at, id): a page is one index range.
+    "docs": [
+        ("kind_created_id", [("kind", ASCENDING), ("created_at", ASCENDING), ("id", ASCENDING)]),
+        (
+            "kind_tenant_created_id",
+            [("kind", ASCENDING), ("tenant", ASCENDING), ("created_at", ASCENDING), ("id", ASCENDING)],
+        ),
+        (
+            "kind_status_created_id",
+            [("kind", ASCENDING), ("status", ASCENDING), ("created_at", ASCENDING), ("id", ASCENDING)],
+        ),
+        (
+            "kind_tenant_status_created_id",
+            [
+                ("kind", ASCENDING),
+                ("tenant", ASCENDING),
+                ("status", ASCENDING),
+                ("created_at", ASCENDING),
+                ("id", ASCENDING),
+            ],
+        ),
+    ],
 }
+
+#: A doc's key is unique per (kind, tenant) among the docs that have one.
+_DOC_KEY_INDEX = (
+    "kind_tenant_key",
+    [("kind", ASCENDING), ("tenant", ASCENDING), ("key", ASCENDING)],
+    {"unique": True, "partialFilterExpression": {"key": {"$type": "string"}}},
+)
 
 _DOC_ONLY = {"doc": 1, "_id": 0}
 
@@ -123,6 +164,8 @@ class MongoStore:
                 for collection, indexes in _INDEXES.items():
                     for name, keys in indexes:
                         await db[collection].create_index(keys, name=name)
+                key_name, key_keys, key_options = _DOC_KEY_INDEX
+                await db["docs"].create_index(key_keys, name=key_name, **key_options)
         except BaseException:
             await client.close()
             raise
@@ -157,6 +200,14 @@ class MongoStore:
     @property
     def _shards(self) -> Any:
         return self._require()["shards"]
+
+    @property
+    def _doc_coll(self) -> Any:
+        return self._require()["docs"]
+
+    @property
+    def _docs_gone(self) -> Any:
+        return self._require()["docs_gone"]
 
     @staticmethod
     async def _docs(cursor: Any) -> list[dict[str, Any]]:
@@ -376,3 +427,138 @@ class MongoStore:
         async with _translated("delete_shards"):
             res = await self._shards.delete_many({"batch_id": batch_id})
         return int(res.deleted_count)
+
+    # -- document records --------------------------------------------------
+    @staticmethod
+    def _doc_id(kind: str, doc_id: str) -> str:
+        # A kind never holds ':' (``check_doc_kind``), so no two (kind, id) pairs share one.
+        return f"{kind}:{doc_id}"
+
+    async def insert_doc(self, rec: DocRecord) -> None:
+        data = doc_record_json(rec).decode()
+        row = {
+            "_id": self._doc_id(rec.kind, rec.id),
+            "kind": rec.kind,
+            "id": rec.id,
+            "tenant": rec.tenant,
+            "status": rec.status,
+            "key": rec.key,
+            "created_at": rec.created_at,
+            "version": rec.version,
+            "doc": data,
+        }
+        try:
+            await self._doc_coll.insert_one(row)
+        except DuplicateKeyError:
+            if await self._doc_coll.find_one({"_id": row["_id"]}, {"_id": 1}) is not None:
+                raise StoreError(f"{rec.kind} {rec.id} already exists") from None
+            raise StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}") from None
+        except PyMongoError as exc:
+            raise StoreError(f"mongodb store: insert_doc failed: {exc}") from exc
+
+    async def get_doc(self, kind: str, id: str) -> DocRecord | None:
+        async with _translated("get_doc"):
+            row = await self._doc_coll.find_one({"_id": self._doc_id(check_doc_kind(kind), id)}, _DOC_ONLY)
+        return doc_record_from_doc(orjson.loads(row["doc"])) if row else None
+
+    async def get_doc_by_key(self, kind: str, tenant: str, key: str) -> DocRecord | None:
+        query = {"kind": check_doc_kind(kind), "tenant": tenant, "key": key}
+        async with _translated("get_doc_by_key"):
+            row = await self._doc_coll.find_one(query, _DOC_ONLY)
+        return doc_record_from_doc(orjson.loads(row["doc"])) if row else None
+
+    async def update_doc(self, rec: DocRecord) -> DocRecord:
+        new = dataclasses.replace(rec, version=rec.version + 1)
+        data = doc_record_json(new).decode()
+        doc_id = self._doc_id(rec.kind, rec.id)
+        try:
+            res = await self._doc_coll.update_one(
+                {"_id": doc_id, "version": rec.version, "tenant": rec.tenant, "created_at": rec.created_at},
+                {"$set": {"status": new.status, "key": new.key, "version": new.version, "doc": data}},
+            )
+            if res.matched_count == 1:
+                return new
+            stored = await self._doc_coll.find_one({"_id": doc_id}, {"version": 1, "tenant": 1})
+        except DuplicateKeyError:
+            raise StoreError(f"{rec.kind} key {rec.key!r} already exists in tenant {rec.tenant!r}") from None
+        except PyMongoError as exc:
+            raise StoreError(f"mongodb store: update_doc failed: {exc}") from exc
+        if stored is None:
+            raise NotFoundError(f"{rec.kind} {rec.id} not found")
+        if stored["version"] != rec.version:
+            raise VersionConflict(f"{rec.kind} {rec.id} changed (version {stored['version']} != {rec.version})")
+        name = "tenant" if stored["tenant"] != rec.tenant else "created_at"
+        raise InvalidRequestError(f"{rec.kind} {rec.id}: {name} cannot change after insert", param=name)
+
+    async def delete_doc(self, kind: str, id: str) -> bool:
+        doc_id = self._doc_id(check_doc_kind(kind), id)
+        async with _translated("delete_doc"):
+            row = await self._doc_coll.find_one({"_id": doc_id}, {"created_at": 1})
+            if row is None:
+                return False
+            # Where it stood first, then the doc: a crash between the two leaves the
+            # doc in place (a live doc's position wins), never a cursor with no position.
+            await self._docs_gone.update_one(
+                {"_id": doc_id}, {"$set": {"created_at": row["created_at"]}}, upsert=True
+            )
+            res = await self._doc_coll.delete_one({"_id": doc_id})
+        return res.deleted_count > 0
+
+    async def list_docs(
+        self,
+        kind: str,
+        *,
+        tenant: str | None = None,
+        statuses: Collection[str] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        order: Literal["newest", "oldest"] = "newest",
+    ) -> list[DocRecord]:
+        check_doc_kind(kind)
+        desc = check_doc_order(order)
+        wanted = check_doc_statuses(statuses)
+        if limit <= 0 or wanted == []:
+            return []
+        base: dict[str, Any] = {"kind": kind}
+        if tenant is not None:
+            base["tenant"] = tenant
+        direction = DESCENDING if desc else ASCENDING
+        sort = [("created_at", direction), ("id", direction)]
+        async with _translated("list_docs"):
+            at = await self._doc_position(kind, after) if after is not None else None
+            # Each status is its own index range (an $in would have to sort the
+            # ranges together), and the cursor splits each into two ranges: the ties
+            # at the cursor's created_at past its id, then everything past that
+            # created_at. Every range is read in index order, ``limit`` at most.
+            queries: list[list[dict[str, Any]]] = []
+            for status in wanted if wanted is not None else [None]:
+                query = dict(base) if status is None else {**base, "status": status}
+                if at is None:
+                    queries.append([query])
+                else:
+                    past = "$lt" if desc else "$gt"
+                    queries.append(
+                        [{**query, "created_at": at, "id": {past: after}}, {**query, "created_at": {past: at}}]
+                    )
+            per_status: list[list[dict[str, Any]]] = []
+            for ranges in queries:
+                rows: list[dict[str, Any]] = []
+                for query in ranges:
+                    want = limit - len(rows)
+                    if want <= 0:
+                        break
+                    cursor = self._doc_coll.find(query, {"doc": 1, "created_at": 1, "id": 1, "_id": 0})
+                    rows += [row async for row in cursor.sort(sort).limit(want)]
+                per_status.append(rows)
+        merged = heapq.merge(*per_status, key=lambda r: (r["created_at"], r["id"]), reverse=desc)
+        return [doc_record_from_doc(orjson.loads(r["doc"])) for _, r in zip(range(limit), merged)]
+
+    async def _doc_position(self, kind: str, doc_id: str) -> float:
+        """The created_at of the cursor doc, live or deleted."""
+        key = self._doc_id(kind, doc_id)
+        row = await self._doc_coll.find_one({"_id": key}, {"created_at": 1})
+        if row is None:
+            row = await self._docs_gone.find_one({"_id": key}, {"created_at": 1})
+        if row is None:
+            raise NotFoundError(f"no {kind} {doc_id} to list after")
+        return float(row["created_at"])
