@@ -1,0 +1,139 @@
+"""The console API under ``/api/v1``: jobs, models, the file proxy and the catalog.
+
+API keys and tenants apply exactly as on ``/v1``: another tenant's job or model is
+a 404, identical to an unknown id. The business rules are in ``console/``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from overnight.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
+from overnight.api.routes import files as file_routes
+from overnight.console import jobs as job_service
+from overnight.console import models as model_service
+from overnight.errors import InvalidRequestError, NotFoundError
+
+router = APIRouter(prefix="/api/v1", tags=["console"])
+
+
+def _console(request: Request) -> Any:
+    console = getattr(request.app.state.services, "console", None)
+    if console is None:
+        raise NotFoundError("The console is not enabled on this server (OVERNIGHT_CONSOLE=false).")
+    return console
+
+
+def _page(items: list[dict[str, Any]], more: bool) -> dict[str, Any]:
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": more}
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+@router.post("/jobs")
+async def create_job(request: Request, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
+    console = _console(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidRequestError("The request body must be JSON.") from None
+    rec = await console.create_job(tenant=tenant, body=body)
+    return job_service.job_object(rec)
+
+
+@router.get("/jobs")
+async def list_jobs(
+    request: Request, store: StoreDep, tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None,
+) -> dict[str, Any]:
+    _console(request)
+    recs, more = await job_service.list_jobs(store=store, tenant=tenant, after=after, limit=limit)
+    return _page([job_service.job_object(r) for r in recs], more)
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(request: Request, job_id: str, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
+    _console(request)
+    return job_service.job_object(await job_service.get_job(store=store, tenant=tenant, job_id=job_id))
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(request: Request, job_id: str, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
+    console = _console(request)
+    rec = await job_service.cancel_job(store=store, tenant=tenant, job_id=job_id)
+    console.planner.wake()
+    return job_service.job_object(rec)
+
+
+# -- models ----------------------------------------------------------------------------------------
+@router.post("/models")
+async def create_model(request: Request, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
+    _console(request)
+    rec = await model_service.create_model(store=store, tenant=tenant, body=await _json(request))
+    return model_service.model_object(rec)
+
+
+@router.get("/models")
+async def list_models(
+    request: Request, store: StoreDep, tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None,
+) -> dict[str, Any]:
+    _console(request)
+    recs, more = await model_service.list_models(store=store, tenant=tenant, after=after, limit=limit)
+    return _page([model_service.model_object(r) for r in recs], more)
+
+
+@router.get("/models/{model_id}")
+async def get_model(request: Request, model_id: str, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
+    _console(request)
+    return model_service.model_object(await model_service.get_model(store=store, tenant=tenant, model_id=model_id))
+
+
+@router.patch("/models/{model_id}")
+async def update_model(request: Request, model_id: str, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
+    _console(request)
+    rec = await model_service.update_model(store=store, tenant=tenant, model_id=model_id, body=await _json(request))
+    return model_service.model_object(rec)
+
+
+@router.delete("/models/{model_id}")
+async def delete_model(request: Request, model_id: str, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
+    _console(request)
+    await model_service.delete_model(store=store, tenant=tenant, model_id=model_id)
+    return {"id": model_id, "object": "model", "deleted": True}
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise InvalidRequestError("The request body must be JSON.") from None
+
+
+# -- the file proxy --------------------------------------------------------------------------------
+@router.post("/files/upload")
+async def upload_file(request: Request, store: StoreDep, storage: StorageDep, tenant: TenantDep,
+                      settings: SettingsDep) -> dict[str, Any]:
+    return await file_routes.create_file(request, store, storage, tenant, settings)
+
+
+@router.get("/files/{file_id}/content")
+async def file_content(file_id: str, store: StoreDep, storage: StorageDep, tenant: TenantDep) -> StreamingResponse:
+    return await file_routes.file_content(file_id, store, storage, tenant)
+
+
+# -- the catalog -----------------------------------------------------------------------------------
+@router.get("/catalog")
+async def catalog(request: Request) -> dict[str, Any]:
+    console = _console(request)
+    items: list[dict[str, Any]] = []
+    for name, p in console.provisioners.items():
+        try:
+            items += await p.catalog()
+        except Exception as exc:  # one provider's catalog down does not hide the others
+            items.append({"provider": name, "error": str(exc)})
+    return {"object": "list", "data": items, "at": int(time.time())}

@@ -1,0 +1,547 @@
+"""The planner: takes console jobs from ``queued`` to a terminal status, provisioning
+what each needs and always releasing it.
+
+It is a reconcile loop, not a set of long-running workers: every tick it lists the
+active jobs (and the provisions waiting for release), and hands each one that is
+due to a pool of ``PLANNER_WORKER_COUNT`` workers for **one step**. A step reads
+the job's stored state, does at most one thing outside the store (ask the provider
+for a resource, read its status, create the batch, cancel it, release), and writes
+the result with compare-and-set. So the planner's whole state is in the store:
+after a restart, or a SIGKILL anywhere, the next tick carries on from what was
+written, and two replicas stepping the same job cannot both win a write.
+
+What keeps it from leaking or duplicating, step by step:
+
+* **provision**: a provisioning record (kind ``provision``, unique key = the job
+  id) is written *before* the provider is called; the provider deduplicates on the
+  same key, so a call repeated after a crash returns the same resource; its id is
+  stored right after.
+* **submit**: the batch id is derived from the job id; creating it again returns
+  the batch that exists.
+* **release**: a provision is ``release_pending`` from the moment its job needs it
+  no more until the provider confirms it gone (``release`` returns True only after
+  a re-read); failures are retried with backoff and shown as job events.
+* **sweep**: at start-up and periodically, every resource the provider lists with
+  this installation's tag whose job is terminal or unknown is released.
+
+Queued jobs are taken oldest first (``fifo``) or by priority then age
+(``priority``): ``PLANNING_POLICY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from overnight.batches.service import BatchCreate, cancel_batch, create_batch, get_batch
+from overnight.console.docs import update_doc
+from overnight.console.jobs import ACTIVE, JOB, PROVISION, TERMINAL, add_event
+from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, Provisioner
+from overnight.errors import ConflictError, NotFoundError, OvernightError, StoreError
+from overnight.store.base import Store
+from overnight.store.records import DocRecord
+from overnight.templates.resolve import Resolved
+
+__all__ = ["Planner", "PlannerConfig", "batch_id_for"]
+
+log = logging.getLogger("overnight.console")
+
+#: Batch statuses a job mirrors while its batch runs.
+_BATCH_STAGES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def batch_id_for(job_id: str) -> str:
+    """The batch a job submits: the same for the same job (idempotent submit)."""
+    return "batch_" + hashlib.sha256(job_id.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannerConfig:
+    installation_id: str
+    workers: int = 10
+    policy: str = "fifo"  # fifo | priority
+    tick_s: float = 0.5
+    #: How often a provisioning resource / running batch is looked at.
+    poll_s: float = 1.0
+    provision_timeout_s: float = 1800.0
+    sweep_interval_s: float = 300.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+
+
+class Planner:
+    def __init__(self, *, store: Store, storage: Any, provisioners: dict[str, Provisioner], config: PlannerConfig,
+                 limits: Any, rules: Any = None, on_batch: Callable[[str], None] | None = None) -> None:
+        self.store, self.storage, self.provisioners, self.cfg = store, storage, provisioners, config
+        self.limits, self.rules = limits, rules
+        #: Called with a new batch's id (the scheduler's wake-up).
+        self.on_batch = on_batch
+        self._sem = asyncio.Semaphore(max(1, config.workers))
+        self._busy: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._steps: set[asyncio.Task[None]] = set()
+        self._last_sweep = 0.0
+
+    # -- life cycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="overnight-planner")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        for t in list(self._steps):
+            t.cancel()
+        if self._steps:
+            await asyncio.gather(*self._steps, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("planner tick failed")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.tick_s):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def tick(self) -> None:
+        now = time.time()
+        if now - self._last_sweep >= self.cfg.sweep_interval_s:
+            self._last_sweep = now
+            self._spawn("sweep", self.sweep())
+        jobs = await self.store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000)
+        if self.cfg.policy == "priority":
+            jobs.sort(key=lambda j: (j.status != "queued", -int(j.body.get("priority") or 0), j.created_at))
+        for job in jobs:
+            if job.id in self._busy or float(job.body.get("next_at") or 0) > now:
+                continue
+            self._spawn(job.id, self.step(job.id))
+        for prov in await self.store.list_docs(PROVISION, statuses=("requested", "provisioning"), order="oldest",
+                                               limit=10_000):
+            # A provision whose job ended without marking it (a crash between the two
+            # writes, or a cancel that won the race to a queued job): release it.
+            key = "orphan:" + prov.id
+            if key not in self._busy:
+                self._spawn(key, self._adopt(prov))
+        for prov in await self.store.list_docs(PROVISION, statuses=("release_pending",), order="oldest",
+                                               limit=10_000):
+            key = "release:" + prov.id
+            if key in self._busy or float(prov.body.get("next_at") or 0) > now:
+                continue
+            self._spawn(key, self.release(prov.id))
+
+    def _spawn(self, key: str, coro: Any) -> None:
+        self._busy.add(key)
+
+        async def run() -> None:
+            try:
+                async with self._sem:
+                    await coro
+            except (ConflictError, StoreError) as exc:  # a racing write: the next tick reads again
+                log.debug("planner step %s: %s", key, exc)
+            except Exception:
+                log.exception("planner step %s failed", key)
+            finally:
+                self._busy.discard(key)
+
+        t = asyncio.create_task(run(), name=f"planner-{key}")
+        self._steps.add(t)
+        t.add_done_callback(self._steps.discard)
+
+    # -- one step of one job -------------------------------------------------------------------
+    async def step(self, job_id: str) -> None:
+        job = await self.store.get_doc(JOB, job_id)
+        if job is None or job.status in TERMINAL:
+            return
+        if job.status == "queued":
+            await self._take(job)
+        elif job.status == "resource_preparing":
+            await self._provisioning(job)
+        elif job.status == "submitting":
+            await self._submit(job)
+        elif job.status in _BATCH_STAGES:
+            await self._follow_batch(job)
+
+    async def _write(self, job: DocRecord, change: Callable[[DocRecord], None], *, expect: str | None = None,
+                     ) -> DocRecord:
+        """Apply ``change`` to the job's current record, only if it is still in
+        ``expect`` (default: the status it was read in)."""
+        status = expect or job.status
+
+        def mutate(rec: DocRecord) -> DocRecord | None:
+            if rec.status != status:
+                raise ConflictError(f"job {rec.id} moved on to {rec.status}")
+            change(rec)
+            return rec
+
+        return await update_doc(self.store, JOB, job.id, mutate)
+
+    def _later(self, rec: DocRecord, delay_s: float) -> None:
+        rec.body["next_at"] = time.time() + delay_s
+
+    def _to(self, rec: DocRecord, status: str, message: str = "", event: str | None = None) -> None:
+        now = int(time.time())
+        rec.status = status
+        rec.body.setdefault("timestamps", {})[f"{status}_at"] = now
+        rec.body["next_at"] = 0
+        add_event(rec, event or status, message)
+
+    async def _take(self, job: DocRecord) -> None:
+        """queued -> resource_preparing: write the provisioning record first."""
+        provider = job.body["provider"]
+        prov = await self.store.get_doc_by_key(PROVISION, job.tenant, job.id)
+        if prov is None:
+            from overnight.console.docs import new_doc_id
+
+            prov = DocRecord(kind=PROVISION, id=new_doc_id("prov"), tenant=job.tenant, created_at=time.time(),
+                             status="requested", key=job.id, updated_at=time.time(),
+                             body={"job_id": job.id, "provider": provider, "provider_id": None})
+            try:
+                await self.store.insert_doc(prov)
+            except StoreError:
+                prov = await self.store.get_doc_by_key(PROVISION, job.tenant, job.id)
+                if prov is None:
+                    raise
+
+        def change(rec: DocRecord) -> None:
+            rec.body["provision_id"] = prov.id
+            rec.body["provision"] = {"provider": provider, "status": "requested", "resource_ids": [],
+                                     "endpoint": None, "raw": {}}
+            rec.body["provision_started"] = time.time()
+            self._to(rec, "resource_preparing", f"asking {provider} for the resource",
+                     event="provision_requested")
+
+        await self._write(job, change)
+        self.wake()
+
+    def _request(self, job: DocRecord) -> ProvisionRequest:
+        r = Resolved.from_record(job.body["template"])
+        t = r.template.spec
+        return ProvisionRequest(
+            job_id=job.id, tenant=job.tenant, installation_id=self.cfg.installation_id, idempotency_key=job.id,
+            template=job.body["template"], replicas=max(1, int(t.parallelism.dp or 1)),
+            gpus_per_replica=r.gpus // max(1, int(t.parallelism.dp or 1)) if r.gpus else 0,
+            gpu_type=t.accelerator.type, deadline=job.body.get("provision_resource_deadline"),
+        )
+
+    def _provision_deadline(self, job: DocRecord, provisioner: Provisioner) -> tuple[float, str]:
+        started = float(job.body.get("provision_started") or job.created_at)
+        timeout = min(self.cfg.provision_timeout_s, getattr(provisioner, "ready_timeout_s", 1e9) or 1e9)
+        end, why = started + timeout, f"the provisioning timeout ({timeout:g} s)"
+        dl = job.body.get("provision_resource_deadline")
+        if dl and float(dl) < end:
+            end, why = float(dl), "the job's provision_resource_deadline"
+        return end, why
+
+    async def _provisioning(self, job: DocRecord) -> None:
+        provisioner = self.provisioners.get(job.body["provider"])
+        prov = await self.store.get_doc(PROVISION, job.body["provision_id"])
+        if provisioner is None or prov is None:
+            await self._fail(job, "resource_failed", f"provider {job.body['provider']!r} is not configured here")
+            return
+        if job.body.get("cancel_requested"):
+            await self._release_then(job, "cancelled", "cancelled while the resource was being prepared")
+            return
+        end, why = self._provision_deadline(job, provisioner)
+        try:
+            if not prov.body.get("provider_id"):
+                state = await provisioner.provision(self._request(job))
+
+                def noted(p: DocRecord) -> DocRecord:
+                    p.body["provider_id"] = state.provision_id
+                    p.status = "provisioning"
+                    return p
+
+                prov = await update_doc(self.store, PROVISION, prov.id, noted)
+            else:
+                state = await provisioner.status(prov.body["provider_id"])
+        except ProvisionError as exc:
+            attempt = int(job.body.get("provision_attempt") or 0) + 1
+            if not exc.retryable or time.time() >= end:
+                msg = exc.message if not exc.retryable else f"{exc.message} (gave up at {why})"
+                await self._fail(job, "resource_failed", msg)
+                return
+            delay = min(self.cfg.retry_max_s, self.cfg.retry_base_s * 2 ** (attempt - 1))
+
+            def retry(rec: DocRecord) -> None:
+                rec.body["provision_attempt"] = attempt
+                add_event(rec, "provision_retry", f"{exc.message}; trying again in {delay:g} s")
+                self._later(rec, delay)
+
+            await self._write(job, retry)
+            return
+        view = {**state.to_dict(), "status": state.status}
+        if state.status == "running" and state.endpoint:
+            def ready(rec: DocRecord) -> None:
+                rec.body["provision"] = view
+                rec.body["running_at"] = time.time()
+                rec.body["price_per_hour"] = state.price_per_hour
+                add_event(rec, "provision_ready", f"{state.provider} resource {state.provision_id} at {state.endpoint}")
+                self._to(rec, "submitting")
+
+            await self._write(job, ready)
+            self.wake()
+            return
+        if state.status in ("failed", "released"):
+            await self._fail(job, "resource_failed", state.error or f"the provider reports the resource {state.status}")
+            return
+        if time.time() >= end:
+            await self._fail(job, "resource_failed", f"the resource was not running by {why}")
+            return
+
+        def waiting(rec: DocRecord) -> None:
+            rec.body["provision"] = view
+            self._later(rec, self.cfg.poll_s)
+
+        await self._write(job, waiting)
+
+    async def _submit(self, job: DocRecord) -> None:
+        if job.body.get("cancel_requested"):
+            batch = await self.store.get_batch(batch_id_for(job.id))
+            if batch is None:
+                await self._release_then(job, "cancelled", "cancelled before the batch was created")
+                return
+        window = job.body["completion_window"]
+        dl = job.body.get("provision_resource_deadline")
+        if dl:
+            from overnight.batches.service import parse_completion_window
+
+            left = int(float(dl) - time.time())
+            if left < 60:
+                await self._fail(job, "submit_failed", "less than a minute is left before the job's "
+                                 "provision_resource_deadline")
+                return
+            window = f"{min(left, parse_completion_window(window))}s"
+        endpoint = job.body["provision"]["endpoint"]
+        body = BatchCreate(
+            input_file_id=job.body["input_dataset"], endpoint=job.body["endpoint"], completion_window=window,
+            metadata={"overnight_job_id": job.id, **({"name": job.body["name"]} if job.body.get("name") else {})},
+            extension={"runtime": {"endpoint": endpoint}, "priority": max(0, int(job.body.get("priority") or 0)),
+                       "job_id": job.id},
+        )
+        try:
+            batch = await create_batch(store=self.store, storage=self.storage, tenant=job.tenant, body=body,
+                                       limits=self.limits, batch_id=batch_id_for(job.id))
+        except OvernightError as exc:
+            await self._fail(job, "submit_failed", f"the batch could not be created: {exc.message}")
+            return
+
+        def created(rec: DocRecord) -> None:
+            rec.body["batch_id"] = batch.id
+            add_event(rec, "batch_created", f"batch {batch.id}")
+            self._to(rec, batch.status if batch.status in _BATCH_STAGES else "validating", "")
+
+        await self._write(job, created)
+        if self.on_batch is not None:
+            self.on_batch(batch.id)
+        self.wake()
+
+    async def _follow_batch(self, job: DocRecord) -> None:
+        try:
+            batch = await get_batch(store=self.store, tenant=job.tenant, batch_id=job.body["batch_id"])
+        except NotFoundError:
+            await self._fail(job, "failed", f"its batch {job.body['batch_id']} no longer exists")
+            return
+        if job.body.get("cancel_requested") and batch.status in ("validating", "in_progress", "finalizing"):
+            await cancel_batch(store=self.store, tenant=job.tenant, batch_id=batch.id)
+            if self.on_batch is not None:
+                self.on_batch(batch.id)
+            batch = await get_batch(store=self.store, tenant=job.tenant, batch_id=batch.id)
+        terminal = batch.status in ("completed", "failed", "expired", "cancelled")
+
+        def mirror(rec: DocRecord) -> None:
+            b = rec.body
+            b["request_counts"] = {"total": batch.total, "completed": batch.completed, "failed": batch.failed}
+            b["usage"] = batch.usage or None
+            b["output_dataset"], b["error_dataset"] = batch.output_file_id, batch.error_file_id
+            if batch.errors and not b.get("error_message"):
+                b["error_message"] = batch.errors[0].get("message")
+            # Every stage the batch went through is on the timeline, also those that
+            # came and went between two looks (a small batch is in progress briefly).
+            seen = {e["type"] for e in b.get("events") or []}
+            for stage in ("in_progress", "finalizing", "cancelling"):
+                at = getattr(batch, f"{stage}_at", None)
+                if at and stage not in seen and stage != batch.status:
+                    add_event(rec, stage, "", batch_at=at)
+                    b.setdefault("timestamps", {})[f"{stage}_at"] = at
+            if batch.status != rec.status:
+                self._to(rec, batch.status)
+            if not terminal:
+                self._later(rec, self.cfg.poll_s)
+
+        job = await self._write(job, mirror)
+        if terminal:
+            await self._request_release(job, why=f"the job is {batch.status}")
+
+    # -- ending ---------------------------------------------------------------------------------
+    async def _fail(self, job: DocRecord, status: str, message: str) -> None:
+        log.warning("job %s: %s: %s", job.id, status, message)
+
+        def change(rec: DocRecord) -> None:
+            rec.body["error_message"] = message
+            self._to(rec, status, message)
+
+        job = await self._write(job, change)
+        await self._request_release(job, why=f"the job is {status}")
+
+    async def _release_then(self, job: DocRecord, status: str, message: str) -> None:
+        def change(rec: DocRecord) -> None:
+            self._to(rec, status, message)
+
+        job = await self._write(job, change)
+        await self._request_release(job, why=message)
+
+    async def _request_release(self, job: DocRecord, *, why: str, provision_id: str | None = None) -> None:
+        """The job needs its resource no more: mark its provision for release (the
+        provision record, not the job, carries it to the provider's confirmation)."""
+        pid = provision_id or job.body.get("provision_id")
+        if not pid:
+            return
+
+        def pending(p: DocRecord) -> DocRecord | None:
+            if p.status in ("release_pending", "released"):
+                return None
+            p.status = "release_pending"
+            p.body["release_requested_at"] = time.time()
+            p.body["next_at"] = 0
+            return p
+
+        prov = await update_doc(self.store, PROVISION, pid, pending)
+        if prov.status == "release_pending":
+
+            def noted(rec: DocRecord) -> None:
+                add_event(rec, "release_requested", why)
+                if rec.body.get("provision"):
+                    rec.body["provision"]["status"] = "release_pending"
+
+            with contextlib.suppress(ConflictError):
+                await self._write(job, noted, expect=job.status)
+        self.wake()
+
+    async def _adopt(self, prov: DocRecord) -> None:
+        job = await self.store.get_doc(JOB, prov.body["job_id"])
+        if job is None or job.status in TERMINAL:
+            if job is None:
+                def pending(p: DocRecord) -> DocRecord | None:
+                    if p.status not in ("requested", "provisioning"):
+                        return None
+                    p.status = "release_pending"
+                    p.body["next_at"] = 0
+                    return p
+
+                await update_doc(self.store, PROVISION, prov.id, pending)
+            else:
+                await self._request_release(job, why=f"the job is {job.status}", provision_id=prov.id)
+
+    async def release(self, provision_id: str) -> None:
+        """Ask the provider to release one provision; done once it confirms."""
+        prov = await self.store.get_doc(PROVISION, provision_id)
+        if prov is None or prov.status != "release_pending":
+            return
+        provisioner = self.provisioners.get(prov.body["provider"])
+        job = await self.store.get_doc(JOB, prov.body["job_id"])
+        confirmed, error = False, None
+        if not prov.body.get("provider_id"):
+            # Never reached the provider under this record, but a provider call may
+            # have been under way: ask it by key (it deduplicates) before calling it done.
+            confirmed = True
+            if provisioner is not None and job is not None:
+                try:
+                    owned = await provisioner.list_owned(self.cfg.installation_id)
+                    hit = [s for s in owned if s.job_id == job.id]
+                    for s in hit:
+                        confirmed = await provisioner.release(s.provision_id) and confirmed
+                except ProvisionError as exc:
+                    confirmed, error = False, exc.message
+        elif provisioner is None:
+            error = f"provider {prov.body['provider']!r} is not configured here"
+        else:
+            try:
+                confirmed = await provisioner.release(prov.body["provider_id"])
+                if not confirmed:
+                    error = "the provider still lists the resource"
+            except ProvisionError as exc:
+                error = exc.message
+        now = time.time()
+        if confirmed:
+            def done(p: DocRecord) -> DocRecord:
+                p.status = "released"
+                p.body["released_at"] = now
+                return p
+
+            await update_doc(self.store, PROVISION, prov.id, done)
+            if job is not None:
+                await self._note_release(job.id, now, None)
+            log.info("provision %s (job %s): release confirmed", prov.id, prov.body["job_id"])
+            return
+        attempt = int(prov.body.get("release_attempt") or 0) + 1
+        delay = min(self.cfg.retry_max_s, self.cfg.retry_base_s * 2 ** (attempt - 1))
+
+        def again(p: DocRecord) -> DocRecord:
+            p.body["release_attempt"] = attempt
+            p.body["next_at"] = now + delay
+            return p
+
+        await update_doc(self.store, PROVISION, prov.id, again)
+        if job is not None:
+            await self._note_release(job.id, None, f"{error}; trying again in {delay:g} s")
+        log.warning("provision %s (job %s): release not confirmed: %s", prov.id, prov.body["job_id"], error)
+
+    async def _note_release(self, job_id: str, released_at: float | None, failure: str | None) -> None:
+        def mutate(rec: DocRecord) -> DocRecord:
+            b = rec.body
+            if released_at is not None:
+                add_event(rec, "release_confirmed")
+                if b.get("provision"):
+                    b["provision"]["status"] = "released"
+                running = b.get("running_at")
+                if running:
+                    gpus = max(1, Resolved.from_record(b["template"]).gpus)
+                    secs = max(0.0, released_at - float(running))
+                    price = b.get("price_per_hour")
+                    b["cost"] = {"gpu_seconds": round(secs * gpus, 3),
+                                 "usd": round(secs / 3600 * price, 6) if price is not None else None}
+            else:
+                add_event(rec, "release_failed", failure or "")
+            return rec
+
+        with contextlib.suppress(ConflictError, NotFoundError):
+            await update_doc(self.store, JOB, job_id, mutate)
+
+    async def sweep(self) -> list[str]:
+        """Release every resource of this installation whose job is terminal or unknown."""
+        released: list[str] = []
+        for name, provisioner in self.provisioners.items():
+            try:
+                owned = await provisioner.list_owned(self.cfg.installation_id)
+            except Exception as exc:
+                log.warning("sweep: listing %s resources failed: %s", name, exc)
+                continue
+            for state in owned:
+                job = await self.store.get_doc(JOB, state.job_id) if state.job_id else None
+                if job is not None and job.status not in TERMINAL:
+                    continue
+                prov = await self.store.get_doc_by_key(PROVISION, job.tenant, job.id) if job is not None else None
+                if prov is not None and prov.status == "release_pending":
+                    continue  # the release loop has it
+                try:
+                    if await provisioner.release(state.provision_id):
+                        released.append(state.provision_id)
+                        log.warning("sweep: released %s resource %s (job %s is %s)", name, state.provision_id,
+                                    state.job_id, job.status if job else "unknown")
+                except ProvisionError as exc:
+                    log.warning("sweep: releasing %s resource %s failed: %s", name, state.provision_id, exc)
+        return released

@@ -1,0 +1,1 @@
+"""Providers the console's planner gets resources from (``base.py`` is the interface)."""

@@ -1,0 +1,199 @@
+"""The ``fake`` provider: for tests and demos, a provider that behaves like a cloud.
+
+A resource is a real ``overnight mock-engine`` process on this host, started in its
+own session so that it **outlives the planner** (a cloud's GPU does not vanish
+when overnight crashes). Its record is a JSON file in the provider's state
+directory (the provider's own database), tagged with the job id and the
+installation id. It is ``provisioning`` until ``delay_s`` after the request and
+its engine answers ``/health``, then ``running``.
+
+Failures to inject, counted per process from the environment (so a test can make
+a planner process meet them):
+
+* ``OVERNIGHT_FAKE_FAIL_PROVISION=N``: the first N provision calls fail with a
+  retryable "no capacity" error (``=always``: every call, as a region that never
+  has the GPU);
+* ``OVERNIGHT_FAKE_FAIL_RELEASE=N``: the first N release calls fail (the API is
+  down), so the planner must retry them;
+* ``OVERNIGHT_FAKE_REFUSE=1``: provision fails with a non-retryable error.
+
+How it differs from a real provider: no quota, region or price (a flat
+``price_per_hour`` can be set for cost tests), the "GPU" is a mock engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import psutil
+
+from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, ProvisionState
+from overnight.ids import new_id
+
+__all__ = ["FakeProvisioner"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count(env: str) -> int:
+    v = os.environ.get(env, "").strip()
+    if v == "always":
+        return 1 << 30
+    return int(v) if v.isdigit() else 0
+
+
+class FakeProvisioner:
+    name: ClassVar[str] = "fake"
+
+    def __init__(self, state_dir: Path, *, delay_s: float = 0.0, ready_timeout_s: float = 60.0,
+                 engine_args: tuple[str, ...] = ("--latency-ms", "5"), price_per_hour: float | None = None) -> None:
+        self.dir = state_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.delay_s = delay_s
+        self.ready_timeout_s = ready_timeout_s
+        self.engine_args = engine_args
+        self.price_per_hour = price_per_hour
+        self._fail_provision = _count("OVERNIGHT_FAKE_FAIL_PROVISION")
+        self._fail_release = _count("OVERNIGHT_FAKE_FAIL_RELEASE")
+        self._refuse = os.environ.get("OVERNIGHT_FAKE_REFUSE") == "1"
+        self._lock = asyncio.Lock()
+        self._http = httpx.AsyncClient(timeout=2.0)
+
+    # -- the provider's database ------------------------------------------------------------
+    def _path(self, provision_id: str) -> Path:
+        return self.dir / f"{provision_id}.json"
+
+    def _read(self, provision_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._path(provision_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        tmp = self._path(rec["id"]).with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec))
+        tmp.replace(self._path(rec["id"]))
+
+    def _all(self) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            rec = self._read(p.stem)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    # -- the API ------------------------------------------------------------------------------
+    async def provision(self, request: ProvisionRequest) -> ProvisionState:
+        async with self._lock:
+            for rec in self._all():
+                if rec["key"] == request.idempotency_key and rec["installation"] == request.installation_id:
+                    return await self._state(rec)  # the same request again: the same resource
+            if self._refuse:
+                raise ProvisionError(f"fake provider: GPU type {request.gpu_type!r} is not offered",
+                                     retryable=False, code="no_gpu_type")
+            if self._fail_provision > 0:
+                self._fail_provision -= 1
+                raise ProvisionError("fake provider: no capacity for this GPU type right now", retryable=True,
+                                     code="no_capacity")
+            port = _free_port()
+            rec = {"id": new_id("fake"), "key": request.idempotency_key, "job_id": request.job_id,
+                   "installation": request.installation_id, "port": port, "pid": None, "create_time": None,
+                   "status": "provisioning", "ready_at": time.time() + self.delay_s, "created_at": time.time()}
+            self._write(rec)  # recorded before the process exists: a crash leaves a trace
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(port), *self.engine_args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, "OVERNIGHT_FAKE_RESOURCE": rec["id"]},
+            )
+            rec["pid"], rec["create_time"] = proc.pid, psutil.Process(proc.pid).create_time()
+            self._write(rec)
+            return await self._state(rec)
+
+    def _process(self, rec: dict[str, Any]) -> psutil.Process | None:
+        if not rec.get("pid"):
+            return None
+        try:
+            p = psutil.Process(rec["pid"])
+            if abs(p.create_time() - rec["create_time"]) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return p
+        except psutil.Error:
+            return None
+
+    async def _state(self, rec: dict[str, Any]) -> ProvisionState:
+        status = rec["status"]
+        endpoint = None
+        if status not in ("released", "failed"):
+            if self._process(rec) is None and rec.get("pid"):
+                status = "failed"
+            elif time.time() >= rec["ready_at"]:
+                try:
+                    ok = (await self._http.get(f"http://127.0.0.1:{rec['port']}/health")).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    status, endpoint = "running", f"http://127.0.0.1:{rec['port']}"
+        return ProvisionState(provision_id=rec["id"], provider=self.name, status=status, endpoint=endpoint,
+                              resource_ids=[f"pid:{rec['pid']}"] if rec.get("pid") else [],
+                              job_id=rec["job_id"], installation_id=rec["installation"],
+                              price_per_hour=self.price_per_hour,
+                              error="the resource's process is gone" if status == "failed" else None,
+                              raw={"port": rec["port"], "pid": rec["pid"]})
+
+    async def status(self, provision_id: str) -> ProvisionState:
+        rec = self._read(provision_id)
+        if rec is None:
+            raise ProvisionError(f"fake provider: no such resource {provision_id}", code="not_found")
+        return await self._state(rec)
+
+    async def release(self, provision_id: str) -> bool:
+        if self._fail_release > 0:
+            self._fail_release -= 1
+            raise ProvisionError("fake provider: the API is unavailable (503)", retryable=True)
+        rec = self._read(provision_id)
+        if rec is None or rec["status"] == "released":
+            return True
+        p = self._process(rec)
+        if p is not None:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                await asyncio.to_thread(p.wait, 10)
+            except psutil.TimeoutExpired:
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                return False  # asked; the next call confirms
+            except psutil.Error:
+                pass
+        if self._process(rec) is not None:
+            return False
+        rec["status"] = "released"
+        rec["released_at"] = time.time()
+        self._write(rec)
+        return True
+
+    async def list_owned(self, installation_id: str) -> list[ProvisionState]:
+        return [await self._state(r) for r in self._all()
+                if r["installation"] == installation_id and r["status"] != "released"]
+
+    async def catalog(self) -> list[dict[str, Any]]:
+        return [{"provider": self.name, "gpu_type": "fake-gpu", "region": "local", "price_per_hour":
+                 self.price_per_hour}]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
