@@ -134,8 +134,11 @@ class EndpointPolicy:
     """Decides whether a tenant may send a batch to an endpoint (see module doc)."""
 
     def __init__(
-        self, allowed: str | None = None, *, keyed: bool = False, default_url: str | None = None
+        self, allowed: str | None = None, *, keyed: bool = False, default_url: str | None = None,
+        setting: str = "OVERNIGHT_ALLOWED_ENDPOINTS",
     ) -> None:
+        #: The setting ``allowed`` came from, for messages (webhook URLs have their own).
+        self.setting = setting
         self.allow_any = False
         self.prefixes: list[_Prefix] = []
         self.hosts: set[str] = set()
@@ -144,9 +147,11 @@ class EndpointPolicy:
         self.default = _Prefix.of(engine_base_url(default_url)) if default_url else None
         if allowed is None:
             self.allow_any = not keyed
-            self.describe = "open mode: any endpoint" if not keyed else "keyed mode: only the default engine"
+            self.describe = ("open mode: any endpoint" if not keyed else
+                             "keyed mode: only the default engine" if setting == "OVERNIGHT_ALLOWED_ENDPOINTS"
+                             else f"keyed mode: none unless {setting} lists it")
             return
-        self.describe = f"OVERNIGHT_ALLOWED_ENDPOINTS={allowed!r}"
+        self.describe = f"{setting}={allowed!r}"
         for raw in allowed.split(","):
             entry = raw.strip().lower()
             if not entry or entry == "none":
@@ -157,19 +162,19 @@ class EndpointPolicy:
                 try:
                     self.prefixes.append(_Prefix.of(check_endpoint_url(entry)))
                 except EndpointRefused as exc:
-                    raise ValueError(f"OVERNIGHT_ALLOWED_ENDPOINTS entry {raw.strip()!r} {exc}") from None
+                    raise ValueError(f"{setting} entry {raw.strip()!r} {exc}") from None
             elif entry.startswith("*."):
                 self.suffixes.append(entry[1:].rstrip("."))
             elif "/" in entry or _ip(entry) is not None:
                 try:
                     self.networks.append(ipaddress.ip_network(entry, strict=False))
                 except ValueError:
-                    raise ValueError(f"OVERNIGHT_ALLOWED_ENDPOINTS entry {raw.strip()!r} is not an IP range") from None
+                    raise ValueError(f"{setting} entry {raw.strip()!r} is not an IP range") from None
             elif _HOST_RE.match(entry):
                 self.hosts.add(entry.rstrip("."))
             else:
                 raise ValueError(
-                    f"OVERNIGHT_ALLOWED_ENDPOINTS entry {raw.strip()!r} is not a URL prefix, host or IP range"
+                    f"{setting} entry {raw.strip()!r} is not a URL prefix, host or IP range"
                 )
 
     async def check(self, url: str, *, resolve: bool = True) -> str:
@@ -200,7 +205,7 @@ class EndpointPolicy:
             if not specific:
                 raise EndpointRefused(
                     f"points at a link-local or cloud-metadata address ({host}); the server's operator "
-                    "must list it in OVERNIGHT_ALLOWED_ENDPOINTS to allow it"
+                    f"must list it in {self.setting} to allow it"
                 )
             return url
         if self.allow_any or named or any(host.endswith(s) for s in self.suffixes):
