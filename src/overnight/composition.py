@@ -54,6 +54,8 @@ class Services:
     rules: RuntimeRules
     engines: EngineManager
     api_keys: dict[str, str]
+    #: The console (``console/service.py``): jobs, providers and the planner; None when off.
+    console: Any = None
 
 
 def _free_port() -> int:
@@ -226,6 +228,21 @@ async def _sweep_kubernetes(settings: Settings, store: Store, rt: Any, replica: 
         await asyncio.sleep(settings.kubernetes_sweep_interval_s)
 
 
+async def _console(settings: Settings, store: Store, storage: Storage, rules: RuntimeRules,
+                   scheduler: Scheduler) -> Any:
+    """The console's planner and providers, started."""
+    from overnight.console.service import Console, build_provisioners, installation_id
+
+    console = Console(
+        store=store, storage=storage, settings=settings, rules=rules, provisioners=build_provisioners(settings),
+        installation=await installation_id(store, settings.installation_id),
+        limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
+        on_batch=lambda _batch_id: scheduler.wake(),
+    )
+    console.start()
+    return console
+
+
 async def _template_sources(settings: Settings, stack: contextlib.AsyncExitStack) -> Any:
     """The templates directory and/or the labelled ConfigMaps, as one source (None: neither)."""
     from overnight.templates.source import CombinedSource, DirectorySource
@@ -311,6 +328,9 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 api_keys=settings.tenant_for_key(),
             )
             await scheduler.start()
+            if settings.console:
+                services.console = await _console(settings, store, storage, services.rules, scheduler)
+                stack.push_async_callback(services.console.aclose)
             sweepers = [asyncio.create_task(
                 run_sweeper(store=store, storage=storage, interval_s=settings.sweep_interval_s)
             )]

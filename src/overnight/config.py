@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import PositiveFloat, PositiveInt, field_validator
+from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from overnight import defaults
@@ -93,6 +93,30 @@ class Settings(BaseSettings):
     #: ``local`` for a batch with a model_template).
     default_runtime: str | None = None
 
+    # -- the console (/api/v1) and its planner ------------------------------------------
+    #: Serve the console's job API and run its planner in this process.
+    console: bool = True
+    #: The provider jobs use when they name none (``fake``: mock engines on this host).
+    provisioner: str = Field("fake", validation_alias=AliasChoices("PROVISIONER", "OVERNIGHT_PROVISIONER"))
+    planning_policy: str = Field("fifo", validation_alias=AliasChoices("PLANNING_POLICY",
+                                                                       "OVERNIGHT_PLANNING_POLICY"))
+    planner_worker_count: PositiveInt = Field(10, validation_alias=AliasChoices("PLANNER_WORKER_COUNT",
+                                                                                "OVERNIGHT_PLANNER_WORKER_COUNT"))
+    default_batch_model_deployment_template: str | None = Field(
+        None, validation_alias=AliasChoices("DEFAULT_BATCH_MODEL_DEPLOYMENT_TEMPLATE",
+                                            "OVERNIGHT_DEFAULT_BATCH_MODEL_DEPLOYMENT_TEMPLATE"))
+    #: Tags every provider resource; unset: one kept in the store (same for all replicas).
+    installation_id: str | None = None
+    #: A provision not running by then fails its job (``resource_failed``).
+    provision_timeout_s: PositiveFloat = 1800.0
+    planner_tick_s: PositiveFloat = 0.5
+    planner_poll_s: PositiveFloat = 1.0
+    #: The fake provider: seconds before a resource runs, and its price per hour.
+    fake_provider_delay_s: float = 0.0
+    fake_provider_price_per_hour: float | None = None
+    #: Latency of the fake provider's mock engines.
+    fake_provider_latency_ms: int = 5
+
     # -- Kubernetes (the kubernetes-job and kubernetes-deployment runtimes) -------------
     #: How to reach a cluster: ``in-cluster`` (the pod's service account),
     #: ``kubeconfig`` (``$KUBECONFIG`` or ``~/.kube/config``) or ``kubeconfig:PATH``.
@@ -124,7 +148,7 @@ class Settings(BaseSettings):
     #: Retries per shard before the index fails (Job ``backoffLimitPerIndex``).
     kubernetes_backoff_limit_per_index: int = 2
 
-    model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="OVERNIGHT_", extra="ignore", populate_by_name=True)
 
     @field_validator("allowed_endpoints")
     @classmethod
@@ -158,6 +182,13 @@ class Settings(BaseSettings):
         if v is None or v == "":
             return None
         return v.rstrip("/")
+
+    @field_validator("planning_policy")
+    @classmethod
+    def _check_policy(cls, v: str) -> str:
+        if v not in ("fifo", "priority"):
+            raise ValueError(f"PLANNING_POLICY={v!r}: use fifo or priority")
+        return v
 
     @field_validator("kubernetes")
     @classmethod

@@ -14,7 +14,7 @@ from overnight import __version__
 from overnight._diagnostics import install_task_dump
 from overnight.api.edge import EdgeMiddleware, public_paths
 from overnight.api.errors import install_error_handlers
-from overnight.api.routes import batches, console, files, health, metrics, models
+from overnight.api.routes import batches, console, files, health, jobs, metrics, models
 from overnight.composition import open_services
 from overnight.config import Settings
 
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(console.router)
+    app.include_router(jobs.router)
     for r in (files.router, batches.router, models.router):
         app.include_router(r, prefix="/v1")
     return app

@@ -1,0 +1,195 @@
+"""The planner step by step, in process, on the memory store with a provider written
+for the tests: what it calls and when, at every stage a cancel or a crash can meet."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from overnight.console import jobs
+from overnight.console.planner import Planner, PlannerConfig
+from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, ProvisionState
+from overnight.store.memory import MemoryStore
+from overnight.store.records import DocRecord
+from overnight.templates.source import StaticSource
+
+TEMPLATE = {"kind": "ModelDeploymentTemplate", "name": "tiny", "version": "1", "spec": {
+    "engine": {"type": "mock"}, "model_source": {"type": "local", "uri": "mock"},
+    "accelerator": {"type": "cpu", "count": 0}, "supported_endpoints": ["/v1/chat/completions"]}}
+
+
+class Provider:
+    """A provider that records every call; resources run when the test says so."""
+
+    name = "fake"
+    ready_timeout_s = 60.0
+
+    def __init__(self) -> None:
+        self.resources: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.running = True
+
+    async def provision(self, req: ProvisionRequest) -> ProvisionState:
+        self.calls.append(("provision", req.idempotency_key))
+        for rid, r in self.resources.items():
+            if r["key"] == req.idempotency_key:
+                return self._state(rid)
+        rid = f"res-{len(self.resources)}"
+        self.resources[rid] = {"key": req.idempotency_key, "job": req.job_id, "inst": req.installation_id,
+                               "gone": False}
+        return self._state(rid)
+
+    def _state(self, rid: str) -> ProvisionState:
+        r = self.resources[rid]
+        status = "released" if r["gone"] else ("running" if self.running else "provisioning")
+        return ProvisionState(provision_id=rid, provider="fake", status=status, job_id=r["job"],
+                              installation_id=r["inst"], endpoint="http://127.0.0.1:9" if status == "running" else None)
+
+    async def status(self, pid: str) -> ProvisionState:
+        self.calls.append(("status", pid))
+        return self._state(pid)
+
+    async def release(self, pid: str) -> bool:
+        self.calls.append(("release", pid))
+        self.resources[pid]["gone"] = True
+        return True
+
+    async def list_owned(self, inst: str) -> list[ProvisionState]:
+        return [self._state(rid) for rid, r in self.resources.items() if r["inst"] == inst and not r["gone"]]
+
+    async def catalog(self) -> list[dict[str, Any]]:
+        return []
+
+    async def aclose(self) -> None:
+        return None
+
+    def live(self) -> list[str]:
+        return [rid for rid, r in self.resources.items() if not r["gone"]]
+
+
+@pytest.fixture
+def env():
+    store, provider = MemoryStore(), Provider()
+    planner = Planner(store=store, storage=None, provisioners={"fake": provider}, limits=None,
+                      config=PlannerConfig(installation_id="inst-a", poll_s=0, retry_base_s=0))
+    return store, provider, planner
+
+
+async def _job(store: MemoryStore, **body: Any) -> DocRecord:
+    from overnight.templates.resolve import resolve
+
+    resolved = resolve(StaticSource([TEMPLATE]), {"name": "tiny"}, None)
+    req = jobs.JobCreate({"input_dataset": "file-x", "endpoint": "/v1/chat/completions", **body})
+    return await jobs.create_job(store=store, tenant="t", req=req, resolved=resolved.to_record(), provider="fake",
+                                 installation_id="inst-a")
+
+
+async def _release_all(store: MemoryStore, planner: Planner) -> None:
+    for prov in await store.list_docs(jobs.PROVISION, statuses=("release_pending",), limit=100):
+        await planner.release(prov.id)
+
+
+async def test_a_job_cancelled_while_queued_never_reaches_the_provider(env) -> None:
+    store, provider, planner = env
+    job = await _job(store)
+    rec = await jobs.cancel_job(store=store, tenant="t", job_id=job.id)
+    assert rec.status == "cancelled"
+    await planner.step(job.id)
+    assert provider.calls == [] and (await store.get_doc(jobs.JOB, job.id)).status == "cancelled"
+
+
+async def test_a_cancel_racing_the_planners_take_leaves_nothing_behind(env) -> None:
+    # The planner wrote the provisioning record, then lost its compare-and-set to
+    # the cancel: the record is adopted and released at the next tick.
+    store, provider, planner = env
+    job = await _job(store)
+    original = planner._write
+
+    async def cancel_first(j, change, **kw):
+        await jobs.cancel_job(store=store, tenant="t", job_id=job.id)
+        planner._write = original
+        return await original(j, change, **kw)
+
+    planner._write = cancel_first
+    with pytest.raises(Exception):
+        await planner.step(job.id)
+    assert (await store.get_doc(jobs.JOB, job.id)).status == "cancelled"
+    await planner.tick()
+    await _drain(planner)
+    await _release_all(store, planner)
+    assert provider.calls == [] or all(c[0] != "provision" for c in provider.calls)
+    assert not provider.live()
+
+
+async def _drain(planner: Planner) -> None:
+    import asyncio
+
+    while planner._steps:
+        await asyncio.gather(*list(planner._steps), return_exceptions=True)
+
+
+async def test_provisioning_is_idempotent_across_a_crash_before_the_id_was_stored(env) -> None:
+    store, provider, planner = env
+    provider.running = False
+    job = await _job(store)
+    await planner.step(job.id)  # queued -> resource_preparing (the record is written first)
+    # a crash right after the provider accepted, before its id was stored:
+    await provider.provision(planner._request(await store.get_doc(jobs.JOB, job.id)))
+    await planner.step(job.id)  # asks again with the same key
+    assert len(provider.resources) == 1
+    prov = await store.get_doc(jobs.PROVISION, (await store.get_doc(jobs.JOB, job.id)).body["provision_id"])
+    assert prov.body["provider_id"] == "res-0"
+
+
+async def test_a_cancel_while_submitting_releases_without_creating_a_batch(env) -> None:
+    store, provider, planner = env
+    job = await _job(store)
+    await planner.step(job.id)  # take
+    await planner.step(job.id)  # provision: running at once -> submitting
+    assert (await store.get_doc(jobs.JOB, job.id)).status == "submitting"
+    await jobs.cancel_job(store=store, tenant="t", job_id=job.id)
+    await planner.step(job.id)
+    j = await store.get_doc(jobs.JOB, job.id)
+    assert j.status == "cancelled" and j.body["batch_id"] is None
+    await _release_all(store, planner)
+    assert not provider.live() and ("release", "res-0") in provider.calls
+    types = [e["type"] for e in (await store.get_doc(jobs.JOB, job.id)).body["events"]]
+    assert types[-2:] == ["release_requested", "release_confirmed"] or "release_confirmed" in types
+
+
+async def test_retryable_provider_errors_are_retried_then_fail_at_the_deadline(env) -> None:
+    store, provider, planner = env
+    calls = []
+
+    async def no_capacity(req):
+        calls.append(req)
+        raise ProvisionError("no capacity", retryable=True)
+
+    provider.provision = no_capacity
+    job = await _job(store, provision_resource_deadline=time.time() + 0.3)
+    await planner.step(job.id)
+    await planner.step(job.id)
+    assert (await store.get_doc(jobs.JOB, job.id)).status == "resource_preparing"
+    time.sleep(0.35)
+    await planner.step(job.id)
+    j = await store.get_doc(jobs.JOB, job.id)
+    assert j.status == "resource_failed" and "provision_resource_deadline" in j.body["error_message"]
+    assert len(calls) == 2
+
+
+async def test_the_sweep_releases_only_this_installations_orphans(env) -> None:
+    store, provider, planner = env
+    done = await _job(store)
+    await planner.step(done.id)
+    await planner.step(done.id)  # submitting, with a live resource
+    # the job ends without its provision being marked (a crash between the writes)
+    j = await store.get_doc(jobs.JOB, done.id)
+    j.status = "failed"
+    await store.update_doc(j)
+    provider.resources["other"] = {"key": "x", "job": "job_of_another_installation", "inst": "inst-b", "gone": False}
+    provider.resources["unknown"] = {"key": "y", "job": "job_gone", "inst": "inst-a", "gone": False}
+    released = await planner.sweep()
+    assert sorted(released) == ["res-0", "unknown"]
+    assert provider.live() == ["other"]
