@@ -1,20 +1,66 @@
 """Prometheus metrics of one replica, read from live state at scrape time.
 
-Nothing here runs on the hot path: the collector walks the scheduler's running
-batches when ``/metrics`` is scraped, so dispatching a request costs no metric
-update at all.
+Nothing here runs on the hot path. The executor counts requests in plain ints
+(``executor/stats.py``); the collectors below turn those, the engines' shared
+capacities, the engine manager's GPU-seconds and the store's batch counts into
+metric families when ``/metrics`` is scraped.
+
+Labels are bounded: ``engine`` is ``default``, a runtime key or a short hash of
+an engine URL (``EnginePool.label_of``), ``endpoint`` one of the supported
+endpoints, ``status`` a batch status. No batch or tenant id is ever a label
+value: ``/metrics`` may be served without a key.
+
+Across replicas: ``overnight_batches`` is read from the shared store, so every
+replica reports the same store-wide numbers (aggregate with ``max``); everything
+else is this replica's own (aggregate with ``sum``).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["SchedulerCollector", "build_registry", "render"]
+from overnight.executor.stats import BATCH_TRANSITIONS, ExecutorStats, Histogram
+from overnight.store.base import ACTIVE_STATUSES
+
+__all__ = ["METRIC_NAMES", "Metrics", "SchedulerCollector", "build_registry", "render"]
+
+log = logging.getLogger("overnight.metrics")
+
+#: How long one store count of the active batches serves scrapes.
+BATCH_COUNT_TTL_S = 1.0
+
+#: Every metric family this module exposes (the Grafana dashboard may use only these).
+METRIC_NAMES = (
+    "overnight_batches",
+    "overnight_batch_transitions_total",
+    "overnight_batches_running",
+    "overnight_requests_inflight",
+    "overnight_running_batches_engine_overloads",
+    "overnight_requests_dispatched_total",
+    "overnight_requests_succeeded_total",
+    "overnight_requests_failed_total",
+    "overnight_requests_retried_total",
+    "overnight_input_tokens_total",
+    "overnight_output_tokens_total",
+    "overnight_engine_latency_seconds",
+    "overnight_checkpoint_write_seconds",
+    "overnight_engine_concurrency_limit",
+    "overnight_engine_requests_inflight",
+    "overnight_engine_measured_rate",
+    "overnight_engine_concurrency_mode",
+    "overnight_engine_gpu_seconds_total",
+)
+
+
+def _histogram(fam: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
+    fam.add_metric(labels, h.cumulative(), sum_value=h.sum)
 
 
 class SchedulerCollector(Collector):
@@ -49,7 +95,7 @@ class SchedulerCollector(Collector):
 
 class EngineCollector(Collector):
     """Each engine's shared concurrency: the adaptive limit, what it is doing, how
-    many are in flight and the rate it measured (label: ``default`` or a hash)."""
+    many are in flight and the rate it measured (label: ``EnginePool.label_of``)."""
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -76,12 +122,120 @@ class EngineCollector(Collector):
         yield inflight
         yield rate
         yield mode
+        runtimes = getattr(self.scheduler, "runtimes", None)
+        gpu = CounterMetricFamily(
+            "overnight_engine_gpu_seconds",
+            "GPUs x seconds held by engines overnight started (local runtime), from start to release.",
+            labels=["engine", "runtime"],
+        )
+        if runtimes is not None:
+            for (key, kind), seconds in sorted(runtimes.gpu_seconds().items()):
+                gpu.add_metric([key, kind], seconds)
+        yield gpu
 
 
-def build_registry(scheduler: Any) -> CollectorRegistry:
+class RequestCollector(Collector):
+    """The executor's plain-int request counters and histograms (``ExecutorStats``)."""
+
+    def __init__(self, stats: ExecutorStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        labels = ["engine", "endpoint"]
+        fams = {
+            "dispatched": CounterMetricFamily(
+                "overnight_requests_dispatched", "Request attempts sent to an engine (each retry is one more).",
+                labels=labels),
+            "succeeded": CounterMetricFamily(
+                "overnight_requests_succeeded", "Requests that ended with a line in the output file.", labels=labels),
+            "failed": CounterMetricFamily(
+                "overnight_requests_failed",
+                "Requests that ended with a line in the error file (engine errors after the last attempt, and lines "
+                "written for a cancel, an expiry or an unusable engine).", labels=labels),
+            "retried": CounterMetricFamily(
+                "overnight_requests_retried", "Attempts that failed and were tried again.", labels=labels),
+            "tokens_in": CounterMetricFamily(
+                "overnight_input_tokens", "Prompt tokens of succeeded requests, as the engine reported them.",
+                labels=labels),
+            "tokens_out": CounterMetricFamily(
+                "overnight_output_tokens", "Completion tokens of succeeded requests, as the engine reported them.",
+                labels=labels),
+        }
+        latency = HistogramMetricFamily(
+            "overnight_engine_latency_seconds", "Seconds from sending an attempt to its whole answer (answered ones).",
+            labels=labels)
+        for (engine, endpoint), st in sorted(self.stats.requests.items()):
+            for attr, fam in fams.items():
+                fam.add_metric([engine, endpoint], getattr(st, attr))
+            _histogram(latency, [engine, endpoint], st.latency)
+        yield from fams.values()
+        yield latency
+        cp = HistogramMetricFamily(
+            "overnight_checkpoint_write_seconds",
+            "Seconds to store one checkpoint: spool segments to storage, then the record with the checkpoint.")
+        _histogram(cp, [], self.stats.checkpoint)
+        yield cp
+
+
+class BatchCollector(Collector):
+    """Batches by status. Active statuses come from the store (``count_active_batches``,
+    an indexed count, cached ``BATCH_COUNT_TTL_S``), so every replica reports the
+    same store-wide numbers; finished ones as a counter of the transitions this
+    process wrote (its rate is batches finished per second; sum over replicas)."""
+
+    def __init__(self, store: Any, ttl_s: float = BATCH_COUNT_TTL_S) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.counts: dict[str, int] | None = None
+        self._at = -float("inf")
+
+    async def refresh(self) -> None:
+        """Count again when the last count is older than the TTL. A store error leaves
+        the gauge out of this scrape (``absent()`` shows it) rather than failing it."""
+        now = time.monotonic()
+        if self.store is None or now - self._at < self.ttl_s:
+            return
+        self._at = now
+        try:
+            self.counts = await self.store.count_active_batches()
+        except Exception as exc:
+            self.counts = None
+            log.warning("metrics: counting batches in the store failed: %s", exc)
+
+    def collect(self) -> Iterator[Any]:
+        if self.counts is not None:
+            g = GaugeMetricFamily("overnight_batches", "Batches in each active status, store-wide (all replicas).",
+                                  labels=["status"])
+            for status in ACTIVE_STATUSES:
+                g.add_metric([status], self.counts.get(status, 0))
+            yield g
+        t = CounterMetricFamily("overnight_batch_transitions",
+                                "Batch status changes this process wrote, by the status reached.", labels=["status"])
+        for status, n in sorted(BATCH_TRANSITIONS.items()):
+            t.add_metric([status], n)
+        yield t
+
+
+class Metrics:
+    """One app's ``/metrics``: the registry and what must be read before a scrape."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self.batches = BatchCollector(getattr(scheduler, "store", None))
+        self.registry = build_registry(scheduler, batches=self.batches)
+
+    async def render(self) -> bytes:
+        await self.batches.refresh()
+        return render(self.registry)
+
+
+def build_registry(scheduler: Any, *, batches: BatchCollector | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SchedulerCollector(scheduler))
     registry.register(EngineCollector(scheduler))
+    stats = getattr(getattr(scheduler, "cfg", None), "stats", None)
+    if stats is not None:
+        registry.register(RequestCollector(stats))
+    registry.register(batches if batches is not None else BatchCollector(None))
     ProcessCollector(registry=registry)
     return registry
 

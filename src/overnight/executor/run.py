@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -26,6 +27,7 @@ from overnight.executor.engine import EngineClient, EngineReply
 from overnight.executor.limiter import Signal
 from overnight.executor.retry import Decision, RetryPolicy, classify_no_answer, classify_status, overload_signal
 from overnight.executor.sharing import BatchShare
+from overnight.executor.stats import Histogram, RequestStats
 from overnight.executor.writer import Spool
 from overnight.storage.base import Storage
 
@@ -72,6 +74,10 @@ class ExecuteParams:
     persist: Callable[[bytes], Awaitable[None]]
     #: Run only part of the batch (a pod of a sharded Kubernetes Job): None is all.
     shard: Shard | None = None
+    #: Where this run's requests are counted (``/metrics``): None counts nowhere.
+    stats: RequestStats | None = None
+    #: Seconds each checkpoint took to store, observed here (None: not kept).
+    checkpoint_latency: Histogram | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +160,9 @@ class _Dispatcher:
     ) -> None:
         self.storage, self.spool, self.engine = storage, spool, engine
         self.limiter, self.policy, self.p, self.stop = limiter, policy, params, stop
+        #: Plain-int counters read at scrape time (a throwaway when nobody reads them).
+        self.stats = params.stats if params.stats is not None else RequestStats()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.sent = 0
         #: index -> [attempts made, last failure] for requests sent but without a
         #: line yet, so a line written for them on a stop says what was tried.
         self.tries: dict[int, list] = {}
@@ -165,6 +172,22 @@ class _Dispatcher:
         self.max_tasks = max(2 * limiter.cap, limiter.cap + 256)
         self._task_room = asyncio.Event()
         self._call_soon = asyncio.get_running_loop().call_soon
+        cp, usage = spool.cp, spool.usage
+        #: What the spool had recorded when last moved into ``stats`` (``count_lines``).
+        self._counted = (cp.completed, cp.failed, usage.input_tokens, usage.output_tokens)
+
+    def count_lines(self) -> None:
+        """Move the lines and tokens the spool recorded since the last call into the
+        counters: once per checkpoint and at the end, not per request, and exactly
+        what the batch's ``request_counts`` and ``usage`` say."""
+        cp, usage, st = self.spool.cp, self.spool.usage, self.stats
+        now = (cp.completed, cp.failed, usage.input_tokens, usage.output_tokens)
+        ok, failed, tokens_in, tokens_out = self._counted
+        st.succeeded += now[0] - ok
+        st.failed += now[1] - failed
+        st.tokens_in += now[2] - tokens_in
+        st.tokens_out += now[3] - tokens_out
+        self._counted = now
 
     def _line_id(self, index: int) -> bytes:
         return self._prefix + b"%08x" % index
@@ -195,7 +218,7 @@ class _Dispatcher:
     async def send_one(self, index: int, cid_json: bytes, body: bytes) -> None:
         """Own one request from first attempt to its line; holds a limiter slot
         while a request is on the wire (not while backing off)."""
-        limiter, engine, path = self.limiter, self.engine, self.p.endpoint
+        limiter, engine, path, st = self.limiter, self.engine, self.p.endpoint, self.stats
         attempt = 0
         last_error: str | None = None
         holding = True  # the dispatch loop acquired the first slot for us
@@ -206,7 +229,7 @@ class _Dispatcher:
                     await limiter.acquire()
                     holding = True
                 started = time.monotonic()
-                self.sent += 1
+                st.dispatched += 1
                 self.tries[index] = [attempt, last_error]
                 try:
                     reply = await engine.send(path, body)
@@ -226,11 +249,15 @@ class _Dispatcher:
                         decision = Decision.FAIL
                         limiter.on_success(time.monotonic() - started)
                 else:
+                    elapsed = time.monotonic() - started
+                    lat = st.latency  # Histogram.observe, inlined: this runs per attempt
+                    lat.counts[bisect_left(lat.bounds, elapsed)] += 1
+                    lat.sum += elapsed
                     status = reply.status
                     answer = _read_answer(path, reply)
                     retry_after = None
                     if 200 <= status < 300:
-                        limiter.on_success(time.monotonic() - started, _completion_tokens(answer.usage))
+                        limiter.on_success(elapsed, _completion_tokens(answer.usage))
                         if answer.error is None:
                             self._write_reply(index, cid_json, reply, answer, True)
                             return
@@ -242,7 +269,7 @@ class _Dispatcher:
                         retry_after = reply.retry_after_s
                         signal = overload_signal(status)
                         if signal is None:
-                            limiter.on_success(time.monotonic() - started)  # an answer, just not a good one
+                            limiter.on_success(elapsed)  # an answer, just not a good one
                         else:
                             limiter.on_overload(signal, retry_after)
                 if decision is Decision.FAIL or (decision is Decision.RETRY and attempt >= self.policy.max_attempts):
@@ -253,6 +280,7 @@ class _Dispatcher:
                         tries = f"{attempt} attempt" + ("s" if attempt != 1 else "")
                         self.write_no_answer(index, cid_json, code or "engine_error", f"{message} (after {tries})")
                     return
+                st.retried += 1
                 last_error = message if reply is None else f"HTTP {reply.status}"
                 self.tries[index][1] = last_error
                 limiter.release()
@@ -359,6 +387,7 @@ async def execute(
         while True:
             await asyncio.sleep(params.checkpoint_interval_s)
             await _checkpoint(spool, params, stop)
+            d.count_lines()
             limiter.remaining = spool.cp.done.missing()
 
     dispatch = asyncio.create_task(d.dispatch())
@@ -382,6 +411,7 @@ async def execute(
             t.cancel()
         await asyncio.gather(dispatch, ticker, stop_wait, return_exceptions=True)
         await d.abort_inflight()
+        d.count_lines()
     if outcome in (Outcome.LEASE_LOST, Outcome.SHUTDOWN):
         if outcome is Outcome.SHUTDOWN:
             with contextlib.suppress(Exception):
@@ -396,11 +426,15 @@ async def execute(
         await d.write_undone("engine_unreachable", stop.detail or "The engine was unreachable for too long")
     elif outcome is Outcome.ENGINE_FAILED:
         await d.write_undone("engine_failed", stop.detail or "The engine could not be started")
+    d.count_lines()
     await _checkpoint(spool, params, stop)
     return outcome
 
 
 async def _checkpoint(spool: Spool, params: ExecuteParams, stop: StopSignal) -> None:
+    started = time.monotonic()
     sealed = await spool.seal()
     await params.persist(sealed.checkpoint)
+    if params.checkpoint_latency is not None:
+        params.checkpoint_latency.observe(time.monotonic() - started)
     spool.discard(sealed.sealed_paths)

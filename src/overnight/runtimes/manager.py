@@ -64,6 +64,7 @@ class _Engine:
     key: str
     runtime: Runtime
     handle: RuntimeHandle | None = None
+    kind: str = "local"
     url: str | None = None
     refs: set[str] = field(default_factory=set)
     restarts: list[dict[str, Any]] = field(default_factory=list)
@@ -72,6 +73,9 @@ class _Engine:
     release_timer: asyncio.TimerHandle | None = None
     releasing: asyncio.Task[None] | None = None
     up_since: float = 0.0
+    #: GPUs its current handle holds, and since when (monotonic; None: no handle).
+    gpus: int = 0
+    held_since: float | None = None
 
 
 RecordHandle = Callable[[RuntimeHandle], Awaitable[None]]
@@ -88,6 +92,8 @@ class EngineManager:
         self.on_engine_died: Callable[[set[str], str], None] | None = None
         self._engines: dict[str, _Engine] = {}
         self._lock = asyncio.Lock()
+        #: (engine key, runtime type) -> GPU-seconds of handles already given back.
+        self._gpu_seconds: dict[tuple[str, str], float] = {}
         self._watch: asyncio.Task[None] | None = None
 
     def _ensure_watch(self) -> None:
@@ -149,6 +155,32 @@ class EngineManager:
         return {k: {"url": e.url, "batches": sorted(e.refs), "restarts": len(e.restarts), "handle": e.handle}
                 for k, e in self._engines.items()}
 
+    def gpu_seconds(self) -> dict[tuple[str, str], float]:
+        """GPU-seconds held by each engine overnight started, (key, runtime type) ->
+        GPUs x seconds from the engine's start to its release, live ones up to now
+        (only handles that say which GPUs they hold: the local runtime's). Never
+        decreases, so ``/metrics`` can export it as a counter."""
+        out = dict(self._gpu_seconds)
+        now = time.monotonic()
+        for e in list(self._engines.values()):
+            if e.held_since is not None and e.handle is not None and "gpus" in e.handle:
+                k = (e.key, e.kind)
+                out[k] = out.get(k, 0.0) + e.gpus * (now - e.held_since)
+        return out
+
+    def _held(self, e: _Engine, handle: RuntimeHandle) -> None:
+        """``e`` holds ``handle`` from now: its GPUs count from here."""
+        e.handle = handle
+        if e.held_since is None:
+            e.gpus, e.held_since = len(handle.get("gpus") or []), time.monotonic()
+
+    def _given_back(self, e: _Engine, handle: RuntimeHandle | None) -> None:
+        """``e``'s handle is released: add what its GPUs held to the finished total."""
+        if e.held_since is not None and handle is not None and "gpus" in handle:
+            k = (e.key, e.kind)
+            self._gpu_seconds[k] = self._gpu_seconds.get(k, 0.0) + e.gpus * (time.monotonic() - e.held_since)
+        e.gpus, e.held_since = 0, None
+
     def log_tail(self, key: str, lines: int = 100) -> str | None:
         e = self._engines.get(key)
         if e is None or e.handle is None:
@@ -176,7 +208,7 @@ class EngineManager:
             e = self._engines.get(key)
             if e is None:
                 kind, _, _, keep = self._spec_for(options)
-                e = self._engines[key] = _Engine(key, self.runtimes[kind], keep_alive_s=keep)
+                e = self._engines[key] = _Engine(key, self.runtimes[kind], kind=kind, keep_alive_s=keep)
             if e.release_timer is not None:
                 e.release_timer.cancel()
                 e.release_timer = None
@@ -213,6 +245,7 @@ class EngineManager:
         self._record_death(e, e.handle)
         with contextlib.suppress(Exception):
             await e.runtime.release(e.handle)
+        self._given_back(e, e.handle)
         e.handle = e.url = None
         return False
 
@@ -240,16 +273,17 @@ class EngineManager:
         t0 = time.monotonic()
 
         async def remember(handle: RuntimeHandle) -> None:
-            e.handle = handle
+            self._held(e, handle)
             await record(dict(handle, restarts=len(e.restarts)))
 
         handle = await e.runtime.acquire(spec, owner=e.key, record=remember)
-        e.handle = handle
+        self._held(e, handle)
         try:
             endpoint = await e.runtime.wait_ready(handle, timeout_s=timeout_s)
         except RuntimeStartError as exc:
             with contextlib.suppress(Exception):
                 await e.runtime.release(handle)
+            self._given_back(e, handle)
             e.handle = None
             raise EngineFailed(exc.message) from exc
         e.url = endpoint.url
@@ -292,7 +326,10 @@ class EngineManager:
                 # Its batches left because it died (they saw it unreachable before
                 # the watch did): count the death, or a crash loop never ends.
                 self._record_death(e, handle)
-            await e.runtime.release(handle)
+            try:
+                await e.runtime.release(handle)
+            finally:
+                self._given_back(e, handle)
             log.info("engine %s released", key)
         # An engine that died keeps its entry (and so its restart count) while
         # batches come back for it.

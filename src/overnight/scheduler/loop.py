@@ -106,23 +106,37 @@ class EnginePool:
         self._probes: dict[str, MetricsProbe] = {}
         #: batch id -> URL of the engine overnight started for it (``runtimes/manager.py``)
         self._bound: dict[str, str] = {}
+        #: base URL -> ``/metrics`` label of an engine overnight started (its runtime key)
+        self._labels: dict[str, str] = {}
 
-    def bind(self, batch_id: str, url: str) -> None:
-        """The batch's engine is one overnight started, at ``url``."""
+    def bind(self, batch_id: str, url: str, label: str | None = None) -> None:
+        """The batch's engine is one overnight started, at ``url`` (``label``: its
+        runtime key, what ``/metrics`` calls it across restarts on new ports)."""
         self._bound[batch_id] = url
+        if label:
+            self._labels[engine_base_url(url)] = label
 
     def unbind(self, batch_id: str) -> None:
         self._bound.pop(batch_id, None)
 
+    def label_of(self, url: str) -> str:
+        """An engine's label in ``/metrics``, bounded and not revealing tenants' URLs:
+        ``default`` for the server's own engine, the runtime key for one overnight
+        started, a short hash of the base URL otherwise."""
+        key = engine_base_url(url)
+        if key in self._labels:
+            return self._labels[key]
+        if self.default_url and key == engine_base_url(self.default_url):
+            return "default"
+        return "engine-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+    def label_for(self, batch: BatchRecord) -> str:
+        return self.label_of(self.endpoint_for(batch)[0])
+
     def capacities(self) -> dict[str, EngineCapacity]:
-        """Each engine's shared capacity, by a label that does not reveal tenants'
-        URLs: ``default`` for the server's own engine, a short hash otherwise."""
-        default = engine_base_url(self.default_url) if self.default_url else None
-        out: dict[str, EngineCapacity] = {}
-        for url, cap in list(self._capacities.items()):
-            label = "default" if url == default else "engine-" + hashlib.sha256(url.encode()).hexdigest()[:8]
-            out[label] = cap
-        return out
+        """Each engine's shared capacity by its ``label_of`` (an engine overnight
+        restarted on a new port: the newest capacity under its label)."""
+        return {self.label_of(url): cap for url, cap in list(self._capacities.items())}
 
     def configure(self, *, limits: ConcurrencyLimits | None = None, gates: tuple[Gate, ...] | None = None) -> None:
         """Set the engine-level limits and shared gates (before the first batch runs)."""
@@ -418,15 +432,17 @@ class Scheduler:
             await self.engines.check(claimed)
             engine = self.engines.client_for(claimed)
             capacity = self.engines.capacity_for(claimed)
+            label = self.engines.label_for(claimed)
         except Exception as exc:  # one batch's engine must never stop the others
             if not await self._fail_unrunnable(claimed, exc):
                 return False
-            engine, capacity = _UnusableEngine(exc), None
+            engine, capacity, label = _UnusableEngine(exc), None, "none"
         runner = BatchRunner(
             batch=claimed, store=self.store, storage=self.storage, engine=engine,
             gates=(self.global_gate,), config=self.cfg, capacity=capacity,
             health=self.engines.health_for(claimed) if capacity is not None else None,
         )
+        runner.engine_label = label
         self.runners[claimed.id] = runner
         task = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")
         self._tasks[claimed.id] = task
@@ -447,7 +463,8 @@ class Scheduler:
             await update_batch(self.store, b.id, mutate, fence=runner.token)
 
         url = await self.runtimes.attach(b.id, b.options, record=record)
-        self.engines.bind(b.id, url)
+        self.engines.bind(b.id, url, label=EngineManager.key_for(b.options))
+        runner.engine_label = self.engines.label_of(url)
         runner.engine = self.engines.client_for(b)
         runner.capacity = self.engines.capacity_for(b)
         runner.health = self.engines.health_for(b)

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from overnight.executor.limiter import ConcurrencyLimits, Gate
 from overnight.executor.retry import RetryPolicy
 from overnight.executor.run import ExecuteParams, Outcome, StopSignal, execute
 from overnight.executor.sharing import BatchShare, EngineCapacity
+from overnight.executor.stats import ExecutorStats
 from overnight.executor.writer import Spool
 from overnight.files.service import storage_key_for
 from overnight.runtimes.manager import EngineFailed
@@ -73,6 +74,8 @@ class RunnerConfig:
     engine_yield_after_s: float = defaults.ENGINE_YIELD_AFTER_S
     #: ... and be claimed again no sooner than this later.
     engine_recheck_s: float = defaults.ENGINE_RECHECK_S
+    #: Request and checkpoint counters of every batch run with this config (``/metrics``).
+    stats: ExecutorStats = field(default_factory=ExecutorStats, compare=False)
 
 
 class BatchRunner:
@@ -109,6 +112,8 @@ class BatchRunner:
         self._prepared = False
         #: (runtime, options) of a batch that runs in a Kubernetes Job's pods.
         self.remote = remote
+        #: The engine's label in ``/metrics`` (the scheduler sets it; never a batch id).
+        self.engine_label = "none"
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -381,6 +386,8 @@ class BatchRunner:
             deadline=b.deadline,
             checkpoint_interval_s=self.cfg.checkpoint_interval_s,
             persist=persist,
+            stats=self.cfg.stats.requests_for(self.engine_label, b.endpoint),
+            checkpoint_latency=self.cfg.stats.checkpoint,
         )
         return await execute(
             storage=self.storage, spool=spool, engine=self.engine, limiter=share,

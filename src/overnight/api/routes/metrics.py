@@ -1,11 +1,11 @@
-"""``/metrics``: Prometheus exposition of this replica."""
+"""``/metrics``: Prometheus exposition of this replica (``overnight.metrics``)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from overnight.metrics import build_registry, render
+from overnight.metrics import Metrics
 
 router = APIRouter(tags=["metrics"])
 
@@ -13,6 +13,6 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = request.app.state
-    if getattr(state, "metrics_registry", None) is None:
-        state.metrics_registry = build_registry(state.scheduler)
-    return Response(render(state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+    if getattr(state, "metrics", None) is None:
+        state.metrics = Metrics(state.scheduler)
+    return Response(await state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
