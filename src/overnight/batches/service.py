@@ -15,6 +15,7 @@ from overnight.batches.states import TERMINAL, TIMESTAMP_FIELD, BatchStatus, can
 from overnight.batches.validation import ValidationLimits, validate_input
 from overnight.errors import (
     ConflictError,
+    StoreError,
     InputError,
     InvalidRequestError,
     NotFoundError,
@@ -278,9 +279,14 @@ async def create_batch(
     policy: EndpointPolicy | None = None,
     secrets: SecretBox | None = None,
     rules: RuntimeRules | None = None,
+    batch_id: str | None = None,
 ) -> BatchRecord:
     """Create a batch in ``validating``. With ``validate_now`` the input is checked
     before anything is recorded and a bad line is an ``InputError`` (HTTP 400).
+
+    ``batch_id`` (a caller's own, e.g. the console planner's, derived from its job):
+    creating it again returns the batch that exists, so a caller that crashed after
+    the create and before noting it never makes a second batch.
 
     A tenant-named engine endpoint must pass ``policy`` (the SSRF allowlist); its
     ``api_key`` is stored sealed by ``secrets``, and refused when there is no key."""
@@ -320,8 +326,14 @@ async def create_batch(
         total, model = result.total, result.model
     t = time.time()
     now = int(t)
+    if batch_id is not None:
+        existing = await store.get_batch(batch_id)
+        if existing is not None:
+            if existing.tenant != tenant:
+                raise ConflictError(f"batch id {batch_id} is taken")
+            return existing
     rec = BatchRecord(
-        id=new_id("batch"),
+        id=batch_id or new_id("batch"),
         tenant=tenant,
         endpoint=body.endpoint,
         input_file_id=f.id,
@@ -337,7 +349,15 @@ async def create_batch(
         options=options,
         output_expires_after_s=output_expires_s,
     )
-    await store.insert_batch(rec)
+    try:
+        await store.insert_batch(rec)
+    except StoreError:
+        if batch_id is None:
+            raise
+        existing = await store.get_batch(batch_id)  # created by a racing caller meanwhile
+        if existing is None or existing.tenant != tenant:
+            raise
+        return existing
     BATCH_TRANSITIONS[rec.status] += 1
     log.info("batch %s: created -> %s", rec.id, rec.status,
              extra={"batch_id": rec.id, "status": rec.status, "tenant": tenant, "endpoint": rec.endpoint})
