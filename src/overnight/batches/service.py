@@ -268,6 +268,13 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
     return out
 
 
+def batch_id_for_job(tenant: str, job_id: str) -> str:
+    """The id of the batch created for ``job_id`` (``extra_body.overnight.job_id``)."""
+    import hashlib
+
+    return "batch_" + hashlib.sha256(f"{tenant}\0{job_id}".encode()).hexdigest()[:24]
+
+
 async def create_batch(
     *,
     store: Store,
@@ -326,6 +333,10 @@ async def create_batch(
         total, model = result.total, result.model
     t = time.time()
     now = int(t)
+    if batch_id is None and options.get("job_id"):
+        # A caller's job id (the console's, or any client's idempotency key) names
+        # the batch: a repeated create returns the batch made the first time.
+        batch_id = batch_id_for_job(tenant, options["job_id"])
     if batch_id is not None:
         existing = await store.get_batch(batch_id)
         if existing is not None:

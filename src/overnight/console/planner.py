@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from overnight.batches.service import BatchCreate, cancel_batch, create_batch, get_batch
+from overnight.batches.service import BatchCreate, batch_id_for_job, cancel_batch, create_batch, get_batch
 from overnight.console.docs import update_doc
 from overnight.console.jobs import ACTIVE, JOB, PROVISION, TERMINAL, add_event
 from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, Provisioner
@@ -48,7 +47,7 @@ from overnight.store.base import Store
 from overnight.store.records import DocRecord
 from overnight.templates.resolve import Resolved
 
-__all__ = ["Planner", "PlannerConfig", "batch_id_for"]
+__all__ = ["BatchView", "InProcessBatches", "Planner", "PlannerConfig", "batch_id_for"]
 
 log = logging.getLogger("overnight.console")
 
@@ -56,9 +55,59 @@ log = logging.getLogger("overnight.console")
 _BATCH_STAGES = ("validating", "in_progress", "finalizing", "cancelling")
 
 
-def batch_id_for(job_id: str) -> str:
-    """The batch a job submits: the same for the same job (idempotent submit)."""
-    return "batch_" + hashlib.sha256(job_id.encode()).hexdigest()[:24]
+def batch_id_for(tenant: str, job_id: str) -> str:
+    """The batch a job submits: the same for the same job (idempotent submit; the
+    batches API derives it from the job id it is given, ``batch_id_for_job``)."""
+    return batch_id_for_job(tenant, job_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchView:
+    """What the planner reads of a batch, wherever it lives."""
+
+    id: str
+    status: str
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    usage: dict[str, Any] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    cancelling_at: int | None = None
+
+    @classmethod
+    def of(cls, rec: Any) -> BatchView:
+        return cls(id=rec.id, status=rec.status, total=rec.total, completed=rec.completed, failed=rec.failed,
+                   usage=rec.usage or None, output_file_id=rec.output_file_id, error_file_id=rec.error_file_id,
+                   errors=rec.errors, in_progress_at=rec.in_progress_at, finalizing_at=rec.finalizing_at,
+                   cancelling_at=rec.cancelling_at)
+
+
+class InProcessBatches:
+    """The batches API of the same process (``overnight serve`` with the console
+    embedded): service calls on the same store. ``overnight console`` as its own
+    process uses ``console/remote.py`` instead, over the OpenAI-compatible API."""
+
+    def __init__(self, store: Store, storage: Any, limits: Any) -> None:
+        self.store, self.storage, self.limits = store, storage, limits
+
+    async def create(self, *, tenant: str, job_id: str, body: BatchCreate) -> BatchView:
+        rec = await create_batch(store=self.store, storage=self.storage, tenant=tenant, body=body,
+                                 limits=self.limits)  # the job id in the extension names the batch
+        return BatchView.of(rec)
+
+    async def find(self, *, tenant: str, job_id: str) -> BatchView | None:
+        rec = await self.store.get_batch(batch_id_for(tenant, job_id))
+        return BatchView.of(rec) if rec is not None and rec.tenant == tenant else None
+
+    async def get(self, *, tenant: str, batch_id: str) -> BatchView:
+        return BatchView.of(await get_batch(store=self.store, tenant=tenant, batch_id=batch_id))
+
+    async def cancel(self, *, tenant: str, batch_id: str) -> BatchView:
+        return BatchView.of(await cancel_batch(store=self.store, tenant=tenant, batch_id=batch_id))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,9 +126,12 @@ class PlannerConfig:
 
 class Planner:
     def __init__(self, *, store: Store, storage: Any, provisioners: dict[str, Provisioner], config: PlannerConfig,
-                 limits: Any, rules: Any = None, on_batch: Callable[[str], None] | None = None) -> None:
+                 limits: Any, rules: Any = None, on_batch: Callable[[str], None] | None = None,
+                 batches: Any = None) -> None:
         self.store, self.storage, self.provisioners, self.cfg = store, storage, provisioners, config
         self.limits, self.rules = limits, rules
+        #: Where batches are created, read and cancelled (``InProcessBatches`` or a remote one).
+        self.batches = batches if batches is not None else InProcessBatches(store, storage, limits)
         #: Called with a new batch's id (the scheduler's wake-up).
         self.on_batch = on_batch
         self._sem = asyncio.Semaphore(max(1, config.workers))
@@ -310,7 +362,7 @@ class Planner:
 
     async def _submit(self, job: DocRecord) -> None:
         if job.body.get("cancel_requested"):
-            batch = await self.store.get_batch(batch_id_for(job.id))
+            batch = await self.batches.find(tenant=job.tenant, job_id=job.id)
             if batch is None:
                 await self._release_then(job, "cancelled", "cancelled before the batch was created")
                 return
@@ -333,8 +385,7 @@ class Planner:
                        "job_id": job.id},
         )
         try:
-            batch = await create_batch(store=self.store, storage=self.storage, tenant=job.tenant, body=body,
-                                       limits=self.limits, batch_id=batch_id_for(job.id))
+            batch = await self.batches.create(tenant=job.tenant, job_id=job.id, body=body)
         except OvernightError as exc:
             await self._fail(job, "submit_failed", f"the batch could not be created: {exc.message}")
             return
@@ -351,15 +402,15 @@ class Planner:
 
     async def _follow_batch(self, job: DocRecord) -> None:
         try:
-            batch = await get_batch(store=self.store, tenant=job.tenant, batch_id=job.body["batch_id"])
+            batch = await self.batches.get(tenant=job.tenant, batch_id=job.body["batch_id"])
         except NotFoundError:
             await self._fail(job, "failed", f"its batch {job.body['batch_id']} no longer exists")
             return
         if job.body.get("cancel_requested") and batch.status in ("validating", "in_progress", "finalizing"):
-            await cancel_batch(store=self.store, tenant=job.tenant, batch_id=batch.id)
+            await self.batches.cancel(tenant=job.tenant, batch_id=batch.id)
             if self.on_batch is not None:
                 self.on_batch(batch.id)
-            batch = await get_batch(store=self.store, tenant=job.tenant, batch_id=batch.id)
+            batch = await self.batches.get(tenant=job.tenant, batch_id=batch.id)
         terminal = batch.status in ("completed", "failed", "expired", "cancelled")
 
         def mirror(rec: DocRecord) -> None:
