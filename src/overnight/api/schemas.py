@@ -109,6 +109,12 @@ def _overnight_section(rec: BatchRecord) -> dict[str, Any]:
         section["model_template"] = Resolved.from_record(tpl).summary()
     if rec.not_before > time.time() and rec.status == "in_progress":
         section["waiting_until"] = int(rec.not_before)
+    if rec.webhook:
+        from overnight.webhooks.state import view
+
+        deliveries = view(rec)
+        if deliveries:
+            section["webhooks"] = deliveries
     return {"overnight": section} if section else {}
 
 

@@ -30,6 +30,8 @@ from overnight.secret_box import SecretBox
 from overnight.storage.base import Storage
 from overnight.store.base import Store
 from overnight.store.records import BatchRecord
+from overnight.webhooks import state as webhook_state
+from overnight.webhooks.config import WebhookConfig, check_batch_webhook, parse_batch_webhook
 
 log = logging.getLogger("overnight.batches")
 
@@ -51,7 +53,7 @@ SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embedding
 EXTENSION_KEYS = ("overnight", "aibrix")
 EXTENSION_FIELDS = frozenset(
     {"runtime", "max_concurrency", "min_concurrency", "concurrency", "yield_to_others", "priority", "job_id",
-     "model_template", "profile"}
+     "model_template", "profile", "webhook_url", "webhook_secret"}
 )
 RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args", "shards", "namespace"})
 #: Runtime types a batch may name (the server may allow fewer: ``RuntimeRules``).
@@ -265,6 +267,9 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
         if not isinstance(jid, str) or len(jid) > 256:
             raise InvalidRequestError(f"'{key}.job_id' must be a string (at most 256 characters).", param=f"{key}.job_id")
         out["job_id"] = jid
+    hook = parse_batch_webhook(ext, key)
+    if hook is not None:
+        out["webhook"] = hook
     return out
 
 
@@ -287,6 +292,7 @@ async def create_batch(
     secrets: SecretBox | None = None,
     rules: RuntimeRules | None = None,
     batch_id: str | None = None,
+    webhooks: WebhookConfig | None = None,
 ) -> BatchRecord:
     """Create a batch in ``validating``. With ``validate_now`` the input is checked
     before anything is recorded and a bad line is an ``InputError`` (HTTP 400).
@@ -296,7 +302,8 @@ async def create_batch(
     the create and before noting it never makes a second batch.
 
     A tenant-named engine endpoint must pass ``policy`` (the SSRF allowlist); its
-    ``api_key`` is stored sealed by ``secrets``, and refused when there is no key."""
+    ``api_key`` is stored sealed by ``secrets``, and refused when there is no key.
+    A ``webhook_url`` must pass ``webhooks.policy`` likewise (``webhooks/config.py``)."""
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidRequestError(
             f"Unsupported endpoint {body.endpoint!r}; supported: {', '.join(SUPPORTED_ENDPOINTS)}.",
@@ -309,6 +316,9 @@ async def create_batch(
     rt = options.get("runtime")
     if rt is not None and rt.get("type", "endpoint") == "endpoint":
         await _check_runtime(rt, key=body.extension_key, policy=policy, secrets=secrets)
+    if "webhook" in options:
+        options["webhook"] = await check_batch_webhook(options["webhook"], key=body.extension_key,
+                                                       config=webhooks, secrets=secrets)
     out_exp = body.output_expires_after or {}
     if not isinstance(out_exp, dict):
         raise InvalidRequestError("output_expires_after must be an object.", param="output_expires_after")
@@ -573,10 +583,14 @@ async def transition(
         came_from[:] = [rec.status]
         rec.status = to.value
         ts = TIMESTAMP_FIELD.get(to)
+        at = now if now is not None else int(time.time())
         if ts:
-            setattr(rec, ts, now if now is not None else int(time.time()))
+            setattr(rec, ts, at)
         for k, v in changes.items():
             setattr(rec, k, v)
+        if to in TERMINAL:
+            # In this same compare-and-set: the event is owed exactly when it is true.
+            webhook_state.add_event(rec, to.value, at=at, now=time.time())
         return rec
 
     rec = await update_batch(store, batch_id, mutate, fence=fence, checkpoint=checkpoint)
