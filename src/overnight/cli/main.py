@@ -18,6 +18,7 @@ from overnight.cli.run import run_command
 from overnight.cli.templates import templates_app
 from overnight.cli.worker import worker_command
 from overnight.config import Settings
+from overnight.logs import LogFormat
 
 app = typer.Typer(
     name="overnight",
@@ -51,9 +52,10 @@ def _root(
     """OpenAI-compatible batch inference for self-hosted LLM engines."""
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+def _logging(level: str, fmt: LogFormat = LogFormat.text) -> None:
+    from overnight.logs import configure_logging
+
+    configure_logging(level, fmt)
 
 
 def _preflight(settings: Settings) -> None:
@@ -161,13 +163,16 @@ def serve(
         LogLevel.info
     ),
     access_log: Annotated[bool, typer.Option(help="Log every HTTP request.")] = False,
+    log_format: Annotated[LogFormat, typer.Option(
+        help="Log lines as text, or as one JSON object per line (time, level, logger, message, fields).",
+        case_sensitive=False, envvar="OVERNIGHT_LOG_FORMAT", show_envvar=True)] = LogFormat.text,
 ) -> None:
     """Run the OpenAI-compatible Files + Batches service."""
     import uvicorn
 
     from overnight.api.app import create_app
 
-    _logging(log_level)
+    _logging(log_level, log_format)
     overrides = {
         "host": host,
         "port": port,
@@ -195,7 +200,12 @@ def serve(
             if self.started and not self.should_exit:
                 # After the lifespan ran: the in-process mock engine's URL is known.
                 running = getattr(fastapi_app.state, "settings", settings)
-                typer.echo(serve_banner(settings, running.engine_url, mock_by_default=mock_by_default))
+                banner = serve_banner(settings, running.engine_url, mock_by_default=mock_by_default)
+                if log_format is LogFormat.json:  # every line of the output is JSON then
+                    head, *rows = banner.splitlines()
+                    logging.getLogger("overnight.serve").info(head, extra={"details": [r.strip() for r in rows]})
+                else:
+                    typer.echo(banner)
                 sys.stdout.flush()
 
     server = _Server(
@@ -208,6 +218,8 @@ def serve(
             log_level=log_level.value,
             access_log=access_log,
             timeout_graceful_shutdown=30,
+            # JSON: uvicorn's loggers go to the root handler instead of its own text ones.
+            **({"log_config": None} if log_format is LogFormat.json else {}),
         )
     )
     server.run()

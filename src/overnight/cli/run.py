@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
+from overnight.logs import LogFormat, configure_logging
+
 __all__ = ["run_command"]
+
+
+class _LogReporter:
+    """Progress as log records, one every ``every_s`` seconds (``--log-format json``:
+    the numbers as fields, and no text line in the JSON stream)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+        self.log = logging.getLogger("overnight.run")
+
+    def message(self, text: str) -> None:
+        self.log.info(text)
+
+    def start(self, total: int, done: int) -> None:
+        self._last = time.monotonic()
+
+    def update(self, p: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.log.info("%d/%d done", p.done, p.total, extra={
+                "done": p.done, "total": p.total, "failed": p.failed, "rate": round(p.rate, 1),
+                "concurrency": p.concurrency, "inflight": p.inflight})
+
+    def stop(self) -> None:
+        return None
 
 
 def run_command(
@@ -63,6 +93,11 @@ def run_command(
     progress_every: Annotated[
         float, typer.Option("--progress-every", help="Seconds between progress lines when stderr is not a terminal.")
     ] = 5.0,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option("--log-format", envvar="OVERNIGHT_LOG_FORMAT", show_envvar=True, case_sensitive=False,
+                     help="Log lines as text, or as one JSON object per line (time, level, logger, message, fields)."),
+    ] = LogFormat.text,
 ) -> None:
     """Run a batch input file against an engine and write the output file, as
     `vllm run-batch` does, with overnight's validation, adaptive concurrency,
@@ -72,14 +107,17 @@ def run_command(
 
     from overnight.runfile import RunConfig, reporter_for, run_file
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    json_logs = log_format is LogFormat.json
+    # Text: warnings only, beside the progress bar; JSON: progress is INFO records.
+    configure_logging("info" if json_logs else "warning", log_format,
+                      text_format="%(levelname)s %(name)s: %(message)s")
     cfg = RunConfig(
         input_path=input_path, output_path=output, errors_path=errors, engine_url=engine_url, api_key=api_key,
         template=template, template_version=template_version, profile=profile, templates_dir=templates_dir,
         max_concurrency=max_concurrency, concurrency=concurrency, endpoint=endpoint, state_dir=state_dir,
         keep_state=keep_state,
     )
-    report = reporter_for(sys.stderr, plain_every_s=progress_every)
+    report = _LogReporter(progress_every) if json_logs else reporter_for(sys.stderr, plain_every_s=progress_every)
     try:
         import uvloop
 
@@ -88,7 +126,11 @@ def run_command(
         runner = asyncio.Runner()
     with runner:
         result = runner.run(run_file(cfg, report=report))
-    if result.exit_code == 0:
+    if json_logs:
+        logging.getLogger("overnight.run").log(logging.INFO if result.exit_code == 0 else logging.ERROR,
+                                               result.message, extra={"status": result.status,
+                                                                      "exit_code": result.exit_code})
+    elif result.exit_code == 0:
         typer.echo(f"overnight run: {result.message}")
     else:
         typer.secho(f"overnight run: {result.message}", err=True,

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from overnight.logs import LogFormat, configure_logging
+
 __all__ = ["worker_command"]
 
 
@@ -43,6 +45,11 @@ def worker_command(
     progress_every: Annotated[
         float, typer.Option("--progress-every", help="Seconds between progress lines.")
     ] = 5.0,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option("--log-format", envvar="OVERNIGHT_LOG_FORMAT", show_envvar=True, case_sensitive=False,
+                     help="Log lines as text, or as one JSON object per line (time, level, logger, message, fields)."),
+    ] = LogFormat.text,
 ) -> None:
     """Run one shard of a batch against the engine in the same pod: what each pod of
     a batch's Indexed Job runs (the kubernetes runtime). Store and storage come from
@@ -54,8 +61,7 @@ def worker_command(
     from overnight.config import Settings
     from overnight.worker import EXIT_UNRECOVERABLE, WorkerConfig, run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging("info", log_format)
     for name, value in (("--ready-timeout", ready_timeout), ("--progress-every", progress_every)):
         if not value > 0:
             raise typer.BadParameter(f"must be > 0, not {value}", param_hint=name)
