@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     fake_provider_price_per_hour: float | None = None
     #: Latency of the fake provider's mock engines.
     fake_provider_latency_ms: int = 5
+    #: Set: the fake provider's resources all point at this engine, ready at once.
+    fake_provider_engine_url: str | None = None
 
     # -- Kubernetes (the kubernetes-job and kubernetes-deployment runtimes) -------------
     #: How to reach a cluster: ``in-cluster`` (the pod's service account),

@@ -136,6 +136,8 @@ class Planner:
         self.on_batch = on_batch
         self._sem = asyncio.Semaphore(max(1, config.workers))
         self._busy: set[str] = set()
+        #: job id -> when to look at it again (polls and backoffs; in memory only).
+        self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Task[None]] = set()
@@ -178,7 +180,7 @@ class Planner:
         if self.cfg.policy == "priority":
             jobs.sort(key=lambda j: (j.status != "queued", -int(j.body.get("priority") or 0), j.created_at))
         for job in jobs:
-            if job.id in self._busy or float(job.body.get("next_at") or 0) > now:
+            if job.id in self._busy or self._due.get(job.id, 0.0) > now:
                 continue
             self._spawn(job.id, self.step(job.id))
         for prov in await self.store.list_docs(PROVISION, statuses=("requested", "provisioning"), order="oldest",
@@ -236,19 +238,23 @@ class Planner:
         def mutate(rec: DocRecord) -> DocRecord | None:
             if rec.status != status:
                 raise ConflictError(f"job {rec.id} moved on to {rec.status}")
-            change(rec)
+            if change(rec) is False:
+                return None  # nothing new: no write
             return rec
 
         return await update_doc(self.store, JOB, job.id, mutate)
 
     def _later(self, rec: DocRecord, delay_s: float) -> None:
-        rec.body["next_at"] = time.time() + delay_s
+        """Look at this job again in ``delay_s``. Kept in memory, not written: a
+        poll must not cost a store write (a restart looks at every job at once,
+        which is what it should do anyway)."""
+        self._due[rec.id] = time.time() + delay_s
 
     def _to(self, rec: DocRecord, status: str, message: str = "", event: str | None = None) -> None:
         now = int(time.time())
         rec.status = status
         rec.body.setdefault("timestamps", {})[f"{status}_at"] = now
-        rec.body["next_at"] = 0
+        self._due.pop(rec.id, None)
         add_event(rec, event or status, message)
 
     async def _take(self, job: DocRecord) -> None:
@@ -354,9 +360,12 @@ class Planner:
             await self._fail(job, "resource_failed", f"the resource was not running by {why}")
             return
 
-        def waiting(rec: DocRecord) -> None:
-            rec.body["provision"] = view
+        def waiting(rec: DocRecord) -> bool:
             self._later(rec, self.cfg.poll_s)
+            if rec.body.get("provision") == view:
+                return False
+            rec.body["provision"] = view
+            return True
 
         await self._write(job, waiting)
 
@@ -413,9 +422,15 @@ class Planner:
             batch = await self.batches.get(tenant=job.tenant, batch_id=batch.id)
         terminal = batch.status in ("completed", "failed", "expired", "cancelled")
 
-        def mirror(rec: DocRecord) -> None:
+        def mirror(rec: DocRecord) -> bool:
             b = rec.body
-            b["request_counts"] = {"total": batch.total, "completed": batch.completed, "failed": batch.failed}
+            if not terminal:
+                self._later(rec, self.cfg.poll_s)
+            counts = {"total": batch.total, "completed": batch.completed, "failed": batch.failed}
+            if (b.get("request_counts") == counts and b.get("usage") == (batch.usage or None)
+                    and batch.status == rec.status and not terminal):
+                return False  # nothing new: no write
+            b["request_counts"] = counts
             b["usage"] = batch.usage or None
             b["output_dataset"], b["error_dataset"] = batch.output_file_id, batch.error_file_id
             if batch.errors and not b.get("error_message"):
@@ -430,10 +445,9 @@ class Planner:
                     b.setdefault("timestamps", {})[f"{stage}_at"] = at
             if batch.status != rec.status:
                 self._to(rec, batch.status)
-            if not terminal:
-                self._later(rec, self.cfg.poll_s)
+            return True
 
-        job = await self._write(job, mirror)
+        job = await self._write(job, mirror) or job
         if terminal:
             await self._request_release(job, why=f"the job is {batch.status}")
 

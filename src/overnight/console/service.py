@@ -48,7 +48,8 @@ def build_provisioners(settings: Any) -> dict[str, Provisioner]:
     out: dict[str, Provisioner] = {
         "fake": FakeProvisioner(Path(settings.data_dir) / "fake-provider", delay_s=settings.fake_provider_delay_s,
                                 price_per_hour=settings.fake_provider_price_per_hour,
-                                engine_args=("--latency-ms", str(settings.fake_provider_latency_ms))),
+                                engine_args=("--latency-ms", str(settings.fake_provider_latency_ms)),
+                                engine_url=settings.fake_provider_engine_url),
     }
     return out
 
@@ -113,4 +114,3 @@ class Console:
                                provider=provider, installation_id=self.installation_id)
         self.planner.wake()
         return rec
-

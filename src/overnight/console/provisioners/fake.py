@@ -61,7 +61,11 @@ class FakeProvisioner:
     name: ClassVar[str] = "fake"
 
     def __init__(self, state_dir: Path, *, delay_s: float = 0.0, ready_timeout_s: float = 60.0,
-                 engine_args: tuple[str, ...] = ("--latency-ms", "5"), price_per_hour: float | None = None) -> None:
+                 engine_args: tuple[str, ...] = ("--latency-ms", "5"), price_per_hour: float | None = None,
+                 engine_url: str | None = None) -> None:
+        #: Set: every resource is a record pointing at this engine, ready at once, no
+        #: process (a provider that answers instantly: what the console's benchmark measures against).
+        self.engine_url = engine_url
         self.dir = state_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.delay_s = delay_s
@@ -114,6 +118,10 @@ class FakeProvisioner:
             rec = {"id": new_id("fake"), "key": request.idempotency_key, "job_id": request.job_id,
                    "installation": request.installation_id, "port": port, "pid": None, "create_time": None,
                    "status": "provisioning", "ready_at": time.time() + self.delay_s, "created_at": time.time()}
+            if self.engine_url:
+                rec["url"] = self.engine_url
+                self._write(rec)
+                return await self._state(rec)
             self._write(rec)  # recorded before the process exists: a crash leaves a trace
             proc = subprocess.Popen(
                 [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(port), *self.engine_args],
@@ -138,7 +146,10 @@ class FakeProvisioner:
     async def _state(self, rec: dict[str, Any]) -> ProvisionState:
         status = rec["status"]
         endpoint = None
-        if status not in ("released", "failed"):
+        if status not in ("released", "failed") and rec.get("url"):
+            if time.time() >= rec["ready_at"]:
+                status, endpoint = "running", rec["url"]
+        elif status not in ("released", "failed"):
             if self._process(rec) is None and rec.get("pid"):
                 status = "failed"
             elif time.time() >= rec["ready_at"]:
