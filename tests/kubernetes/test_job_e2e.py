@@ -106,8 +106,8 @@ def test_four_shards_finish_a_batch_with_every_line_exactly_once(k8s: Env) -> No
 
 def test_a_killed_worker_is_replaced_and_its_shard_continues_from_its_checkpoint(k8s: Env) -> None:
     client = client_for(k8s.server().url)
-    n, window = 4_000, 8
-    b = k8s.create(client, n, shards=2, max_concurrency=window)
+    n, window = 8_000, 8
+    b = k8s.create(client, n, shards=4, max_concurrency=window)
     wait_progress(client, b.id, n // 4, timeout_s=120)
     victim = k8s.kubelet.kill_worker(0)
     b = wait_status(client, b.id, timeout_s=180)
@@ -119,7 +119,7 @@ def test_a_killed_worker_is_replaced_and_its_shard_continues_from_its_checkpoint
     pods0 = [p for p in k8s.kubelet.pods.values() if p.index == 0]
     assert len(pods0) == 2 and victim in pods0  # the index was retried in a new pod
     sent = sum(p.engine_received or 0 for p in pods0)
-    resent = sent - n // 2
+    resent = sent - n // 4
     # The new pod has a fresh filesystem (the dead pod's local spool is gone), so it
     # re-sends what was in flight plus what finished since the shard's last stored
     # checkpoint: at most the window plus one checkpoint interval (0.2 s) of lines at
