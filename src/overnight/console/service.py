@@ -12,6 +12,7 @@ from overnight.console.jobs import JobCreate, create_job
 from overnight.console.models import MODEL
 from overnight.console.planner import Planner, PlannerConfig
 from overnight.console.provisioners.base import Provisioner
+from overnight.console.templates import StoreTemplates, resolve_job_template
 from overnight.errors import InvalidRequestError, NotFoundError, StoreError
 from overnight.files.service import get_file
 from overnight.store.base import Store
@@ -60,6 +61,8 @@ class Console:
         self.store, self.storage, self.settings, self.rules = store, storage, settings, rules
         self.provisioners = provisioners
         self.installation_id = installation
+        #: Each tenant's stored deployment templates, as template sources (console/templates.py).
+        self.templates = StoreTemplates(store)
         self.planner = Planner(
             store=store, storage=storage, provisioners=provisioners, limits=limits, rules=rules, on_batch=on_batch,
             config=PlannerConfig(
@@ -83,20 +86,14 @@ class Console:
             m = await self.store.get_doc(MODEL, req.model_id)
             if m is None or m.tenant != tenant:
                 raise NotFoundError(f"No such model: {req.model_id}", code="model_not_found")
-        name = req.template or self.settings.default_batch_model_deployment_template
-        if not name:
-            raise InvalidRequestError("Name a model_template_name (this server has no "
-                                      "DEFAULT_BATCH_MODEL_DEPLOYMENT_TEMPLATE).", param="model_template_name")
-        if self.rules is None or self.rules.templates is None:
-            raise InvalidRequestError("This server has no model deployment templates (--templates-dir).",
-                                      param="model_template_name")
-        from overnight.templates.resolve import check_endpoint, resolve
+        from overnight.templates.resolve import check_endpoint
 
-        ref: dict[str, Any] = {"name": name}
-        if req.template_version:
-            ref["version"] = req.template_version
-        resolved = resolve(self.rules.templates, ref, {"name": req.profile} if req.profile else None,
-                           template_param="model_template_name", profile_param="profile")
+        # The tenant's stored templates and the server's (directory/ConfigMaps); the
+        # model's own when the job names only a model; the server's default otherwise.
+        resolved = await resolve_job_template(
+            templates=self.templates, server=self.rules.templates if self.rules is not None else None,
+            tenant=tenant, name=req.template, version=req.template_version, model_id=req.model_id,
+            default=self.settings.default_batch_model_deployment_template, profile=req.profile)
         check_endpoint(resolved, req.endpoint)
         provider = req.provider or self.settings.provisioner
         if provider not in self.provisioners:

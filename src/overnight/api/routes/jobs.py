@@ -1,4 +1,5 @@
-"""The console API under ``/api/v1``: jobs, models, the file proxy and the catalog.
+"""The console API under ``/api/v1``: jobs, models and their deployment templates,
+the file proxy and the catalog.
 
 API keys and tenants apply exactly as on ``/v1``: another tenant's job or model is
 a 404, identical to an unknown id. The business rules are in ``console/``.
@@ -16,6 +17,7 @@ from overnight.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
 from overnight.api.routes import files as file_routes
 from overnight.console import jobs as job_service
 from overnight.console import models as model_service
+from overnight.console import templates as template_service
 from overnight.errors import InvalidRequestError, NotFoundError
 
 router = APIRouter(prefix="/api/v1", tags=["console"])
@@ -102,9 +104,63 @@ async def update_model(request: Request, model_id: str, store: StoreDep, tenant:
 
 @router.delete("/models/{model_id}")
 async def delete_model(request: Request, model_id: str, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
-    _console(request)
+    console = _console(request)
+    await model_service.get_model(store=store, tenant=tenant, model_id=model_id)
+    # Its templates first: a crash in between leaves a model with fewer templates, never templates without a model.
+    await template_service.delete_model_templates(store=store, tenant=tenant, model_id=model_id)
+    console.templates.invalidate(tenant)
     await model_service.delete_model(store=store, tenant=tenant, model_id=model_id)
     return {"id": model_id, "object": "model", "deleted": True}
+
+
+# -- a model's deployment templates ----------------------------------------------------------------
+@router.post("/models/{model_id}/deployment-templates")
+async def create_deployment_template(request: Request, model_id: str, store: StoreDep,
+                                     tenant: TenantDep) -> dict[str, Any]:
+    console = _console(request)
+    server = console.rules.templates if console.rules is not None else None
+    rec = await template_service.create_template(store=store, tenant=tenant, model_id=model_id,
+                                                 body=await _json(request), server=server)
+    console.templates.invalidate(tenant)
+    return template_service.template_object(rec)
+
+
+@router.get("/models/{model_id}/deployment-templates")
+async def list_deployment_templates(
+    request: Request, model_id: str, store: StoreDep, tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None,
+) -> dict[str, Any]:
+    _console(request)
+    recs, more = await template_service.list_templates(store=store, tenant=tenant, model_id=model_id, after=after,
+                                                       limit=limit)
+    return _page([template_service.template_object(r) for r in recs], more)
+
+
+@router.get("/models/{model_id}/deployment-templates/by-name/{name}")
+async def get_deployment_template_by_name(request: Request, model_id: str, name: str, store: StoreDep,
+                                          tenant: TenantDep, version: str | None = None) -> dict[str, Any]:
+    _console(request)
+    rec = await template_service.get_template_by_name(store=store, tenant=tenant, model_id=model_id, name=name,
+                                                      version=version or None)
+    return template_service.template_object(rec)
+
+
+@router.get("/models/{model_id}/deployment-templates/{template_id}")
+async def get_deployment_template(request: Request, model_id: str, template_id: str, store: StoreDep,
+                                  tenant: TenantDep) -> dict[str, Any]:
+    _console(request)
+    rec = await template_service.get_template(store=store, tenant=tenant, model_id=model_id,
+                                              template_id=template_id)
+    return template_service.template_object(rec)
+
+
+@router.delete("/models/{model_id}/deployment-templates/{template_id}")
+async def delete_deployment_template(request: Request, model_id: str, template_id: str, store: StoreDep,
+                                     tenant: TenantDep) -> dict[str, Any]:
+    console = _console(request)
+    await template_service.delete_template(store=store, tenant=tenant, model_id=model_id, template_id=template_id)
+    console.templates.invalidate(tenant)
+    return {"id": template_id, "object": "deployment_template", "deleted": True}
 
 
 async def _json(request: Request) -> Any:
