@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     installation_id: str | None = None
     #: A provision not running by then fails its job (``resource_failed``).
     provision_timeout_s: PositiveFloat = 1800.0
+    #: Terminal jobs (and their released provision records) are removed this long
+    #: after they ended; 0 keeps them forever. A job whose resource is not confirmed
+    #: released is never removed.
+    console_job_retention_s: float = Field(30 * 86400.0, ge=0)
     planner_tick_s: PositiveFloat = 0.5
     planner_poll_s: PositiveFloat = 1.0
     #: The fake provider: seconds before a resource runs, and its price per hour.

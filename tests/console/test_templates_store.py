@@ -1,9 +1,11 @@
-"""Deployment templates stored per model (``/api/v1/models/{id}/deployment-templates``)
-and console jobs that find them: over HTTP through ``overnight serve`` with the fake
-provider (as test_console_e2e.py), plus the template source on the memory store."""
+"""Deployment templates stored per model (``/api/v1/models/{id}/deployment-templates``),
+console jobs that find them, and the retention of finished jobs: over HTTP through
+``overnight serve`` with the fake provider (as test_console_e2e.py), plus the
+retention pass and the template source step by step on the memory store."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -11,13 +13,15 @@ from typing import Any
 import httpx
 import pytest
 
+from overnight.console import jobs as job_service
+from overnight.console import retention
 from overnight.console.templates import StoreTemplates, create_template, resolve_job_template
 from overnight.errors import ConflictError, NotFoundError
 from overnight.store.memory import MemoryStore
 from overnight.store.records import DocRecord
 from overnight.templates.source import StaticSource
 from tests.conftest import Cluster
-from tests.console.test_console_e2e import Console
+from tests.console.test_console_e2e import TERMINAL, Console
 
 SPEC = {"engine": {"type": "mock", "ready_timeout_seconds": 60}, "model_source": {"type": "local", "uri": "mock"},
         "accelerator": {"type": "cpu", "count": 0}, "supported_endpoints": ["/v1/chat/completions"]}
@@ -279,3 +283,108 @@ async def test_the_store_and_the_server_together() -> None:
     # the model's own template, when the job names only the model
     r = await resolve_job_template(**{**kw, "model_id": "model_1"}, name=None, version=None, profile=None)
     assert (r.name, r.version) == ("both", "2")
+
+
+# -- retention through the API ---------------------------------------------------------------
+def _gone(c: httpx.Client, job_id: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if c.get(f"/api/v1/jobs/{job_id}").status_code == 404:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} is still there")
+
+
+def test_finished_jobs_go_after_the_retention_and_active_ones_stay(console: Console) -> None:
+    console.start(OVERNIGHT_CONSOLE_JOB_RETENTION_S="1", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="2000")
+    with console.http() as c:
+        long = console.job(c, 4000, name="long")  # tens of seconds of work at the engine's concurrency
+        short = console.job(c, 1, name="short")
+        done = finish(console, c, short["id"])
+        assert done["status"] == "completed"
+        _gone(c, short["id"])
+        assert short["id"] not in [j["id"] for j in c.get("/api/v1/jobs").json()["data"]]
+        time.sleep(1.5)  # the long job is older than the retention, and not finished
+        j = c.get(f"/api/v1/jobs/{long['id']}")
+        assert j.status_code == 200, j.text
+        assert j.json()["status"] not in TERMINAL, j.json()
+        assert c.post(f"/api/v1/jobs/{long['id']}/cancel").status_code == 200
+        console.wait(c, long["id"])
+        _gone(c, long["id"])  # released, then removed
+
+
+def test_a_job_whose_release_is_not_confirmed_is_kept(console: Console) -> None:
+    console.start(OVERNIGHT_CONSOLE_JOB_RETENTION_S="1", OVERNIGHT_FAKE_FAIL_RELEASE="2")
+    with console.http() as c:
+        j = console.job(c, 3)
+        done = console.wait(c, j["id"])
+        assert done["status"] == "completed"
+        kept_late = False  # seen past its retention (and a few passes) while the release was failing
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = c.get(f"/api/v1/jobs/{j['id']}")
+            if r.status_code == 404:
+                break
+            events = [e["type"] for e in r.json()["events"]]
+            if "release_confirmed" not in events and time.time() > done["completed_at"] + 2:
+                kept_late = True
+            time.sleep(0.1)
+        else:
+            raise TimeoutError("the job was never removed")
+        assert kept_late
+
+
+# -- the retention pass, in process -----------------------------------------------------------
+def _job(status: str, *, ended: float, created: float | None = None, provision: str | None = None) -> DocRecord:
+    created = created if created is not None else ended
+    return DocRecord(kind=job_service.JOB, id=job_service.new_doc_id("job"), tenant="t", created_at=created,
+                     status=status, body={"timestamps": {f"{status}_at": int(ended)}, "provision_id": provision})
+
+
+def _prov(job: DocRecord, status: str) -> DocRecord:
+    return DocRecord(kind=job_service.PROVISION, id=job_service.new_doc_id("prov"), tenant=job.tenant,
+                     created_at=job.created_at, status=status, key=job.id, body={"job_id": job.id})
+
+
+async def test_the_retention_pass_removes_only_what_is_due_and_released() -> None:
+    store = MemoryStore()
+    now = time.time()
+    day = 86400.0
+    old_done = _job("completed", ended=now - 3 * day)
+    old_done_prov = _prov(old_done, "released")
+    old_pending = _job("failed", ended=now - 3 * day)
+    old_pending_prov = _prov(old_pending, "release_pending")
+    queued_cancel = _job("cancelled", ended=now - 3 * day)  # never reached a provider
+    recent = _job("completed", ended=now - 60, created=now - 3 * day)
+    running = DocRecord(kind=job_service.JOB, id=job_service.new_doc_id("job"), tenant="t",
+                        created_at=now - 5 * day, status="in_progress", body={})
+    for rec in (old_done, old_done_prov, old_pending, old_pending_prov, queued_cancel, recent, running):
+        await store.insert_doc(rec)
+
+    assert await retention.remove_expired_jobs(store, retention_s=0, now=now) == []
+    removed = await retention.remove_expired_jobs(store, retention_s=day, now=now)
+    assert sorted(removed) == sorted([old_done.id, queued_cancel.id])
+    assert await store.get_doc(job_service.PROVISION, old_done_prov.id) is None
+    for kept in (old_pending, recent, running):
+        assert await store.get_doc(job_service.JOB, kept.id) is not None
+    assert await store.get_doc(job_service.PROVISION, old_pending_prov.id) is not None
+    # once its release is confirmed, the pending one goes too
+    cur = await store.get_doc(job_service.PROVISION, old_pending_prov.id)
+    assert cur is not None
+    await store.update_doc(dataclasses.replace(cur, status="released"))
+    assert await retention.remove_expired_jobs(store, retention_s=day, now=now) == [old_pending.id]
+    assert await store.get_doc(job_service.PROVISION, old_pending_prov.id) is None
+
+
+async def test_the_retention_pass_pages_through_deletions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retention, "_PAGE", 3)
+    store = MemoryStore()
+    now = time.time()
+    jobs = [_job("completed", ended=now - 100 + i) for i in range(10)]
+    kept = _job("failed", ended=now - 100)
+    await store.insert_doc(_prov(kept, "provisioning"))
+    for rec in [*jobs, kept]:
+        await store.insert_doc(rec)
+    removed = await retention.remove_expired_jobs(store, retention_s=50, now=now)
+    assert sorted(removed) == sorted(j.id for j in jobs)
+    assert [r.id for r in await store.list_docs(job_service.JOB)] == [kept.id]

@@ -23,6 +23,8 @@ What keeps it from leaking or duplicating, step by step:
   a re-read); failures are retried with backoff and shown as job events.
 * **sweep**: at start-up and periodically, every resource the provider lists with
   this installation's tag whose job is terminal or unknown is released.
+* **retention**: terminal jobs whose provision is confirmed released are removed
+  ``job_retention_s`` after they ended (``console/retention.py``), never sooner.
 
 Queued jobs are taken oldest first (``fifo``) or by priority then age
 (``priority``): ``PLANNING_POLICY``.
@@ -42,6 +44,7 @@ from overnight.batches.service import BatchCreate, batch_id_for_job, cancel_batc
 from overnight.console.docs import update_doc
 from overnight.console.jobs import ACTIVE, JOB, PROVISION, TERMINAL, add_event
 from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, Provisioner
+from overnight.console.retention import remove_expired_jobs
 from overnight.errors import ConflictError, NotFoundError, OvernightError, StoreError
 from overnight.store.base import Store
 from overnight.store.records import DocRecord
@@ -120,6 +123,10 @@ class PlannerConfig:
     poll_s: float = 1.0
     provision_timeout_s: float = 1800.0
     sweep_interval_s: float = 300.0
+    #: Terminal jobs (and their released provisions) are removed this long after they
+    #: ended (console/retention.py); 0 keeps them forever. Checked every retention_interval_s.
+    job_retention_s: float = 30 * 86400.0
+    retention_interval_s: float = 300.0
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
 
@@ -142,6 +149,7 @@ class Planner:
         self._task: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
+        self._last_retention = 0.0
 
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -176,6 +184,9 @@ class Planner:
         if now - self._last_sweep >= self.cfg.sweep_interval_s:
             self._last_sweep = now
             self._spawn("sweep", self.sweep())
+        if self.cfg.job_retention_s > 0 and now - self._last_retention >= self.cfg.retention_interval_s:
+            self._last_retention = now
+            self._spawn("retention", remove_expired_jobs(self.store, retention_s=self.cfg.job_retention_s))
         jobs = await self.store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000)
         if self.cfg.policy == "priority":
             jobs.sort(key=lambda j: (j.status != "queued", -int(j.body.get("priority") or 0), j.created_at))
