@@ -7,6 +7,8 @@ group; the engine and everything it spawns stay in that group. The guard
 
 - asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), even if
   the parent was SIGKILLed, and exits at once if the parent is already gone;
+  ``--parent 0`` leaves this out: a detached engine (the console's ``local``
+  provider) outlives the service, like a cloud GPU, until it is stopped;
 - becomes a child subreaper so orphaned engine processes are reaped here, not
   left as zombies (a container whose PID 1 is the service would never reap them);
 - on SIGTERM/SIGINT/SIGHUP (or parent death), and also when the engine exits by
@@ -143,12 +145,12 @@ def main(argv: list[str]) -> int:
     code = 0
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        if parent != 0 and libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
             _say(f"prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}")
             return 1
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         # The parent may have died before the request above took effect.
-        if os.getppid() != parent:
+        if parent != 0 and os.getppid() != parent:
             _say(f"parent {parent} is gone; not starting the engine")
             return 1
         try:

@@ -10,6 +10,8 @@ two markers in its environment, which every process the engine spawns inherits:
 ``OVERNIGHT_RUNTIME_OWNER=<installation id>/<owner>`` and
 ``OVERNIGHT_RUNTIME_ID=<handle id>``. The guard (see its docstring) stops the
 whole group when the service dies, even by SIGKILL, and when the engine exits.
+With ``detach=True`` (the console's ``local`` provider) the guard does not watch
+the service: the engine outlives it, and whoever holds the handle releases it.
 
 The handle names the guard's pid and start time (so a reused pid is never
 signalled), the process group, the port and URL, the log file, the GPUs and the
@@ -169,6 +171,7 @@ class LocalRuntime:
         installation_id: str,
         gpus: GpuPool | None = None,
         sweep_grace_seconds: float = 10.0,
+        detach: bool = False,
     ) -> None:
         if not installation_id or "/" in installation_id:
             raise ValueError(f"installation_id must be non-empty without '/', got {installation_id!r}")
@@ -176,6 +179,8 @@ class LocalRuntime:
         self.installation_id = installation_id
         self.gpus = gpus if gpus is not None else GpuPool.from_env()
         self.sweep_grace_seconds = sweep_grace_seconds
+        #: Engines outlive this process (the guard gets ``--parent 0``).
+        self.detach = detach
         self.hostname = socket.gethostname()
         #: Guards this process started, by pid: reaped here, and their exit codes known.
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -258,7 +263,7 @@ class LocalRuntime:
                 # Started from the event loop's thread: PR_SET_PDEATHSIG fires when the
                 # thread that forked the guard ends, so never from a short-lived worker.
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", GUARD, "--parent", str(os.getpid()),
+                    [sys.executable, "-I", GUARD, "--parent", "0" if self.detach else str(os.getpid()),
                      "--grace", repr(spec.stop_grace_seconds), "--", *argv],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     env=env, start_new_session=True, close_fds=True,
@@ -287,6 +292,7 @@ class LocalRuntime:
             "gpus": gpus,
             "host": self.hostname,
             "stop_grace_seconds": spec.stop_grace_seconds,
+            "detached": self.detach,
         }
         return proc, handle
 
@@ -501,6 +507,11 @@ class LocalRuntime:
                 "stop_grace_seconds": self.sweep_grace_seconds,
             })
         return handles
+
+    async def running(self) -> list[RuntimeHandle]:
+        """One handle per engine on this host carrying this installation's marker
+        (found by process environment, recorded or not): enough to ``release`` it."""
+        return await asyncio.to_thread(self._orphans, set())
 
     async def sweep(self, live_owners: set[str]) -> list[RuntimeHandle]:
         handles = await asyncio.to_thread(self._orphans, set(live_owners))
