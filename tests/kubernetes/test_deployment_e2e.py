@@ -6,9 +6,6 @@ the Deployment controller and the kubelet), and deletes both at the end."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import pytest
 from tests.conftest import Cluster, free_port
 from tests.e2e.helpers import assert_exactly_once, client_for, results, wait_status
 from tests.factories import make_input_file
+from tests.kubernetes.controller import Controller
 from tests.kubernetes.fake_apiserver import FakeApiServer
 from tests.kubernetes.kubelet import wait_until
 
@@ -32,74 +30,6 @@ spec:
   supported_endpoints: [/v1/chat/completions]
   keep_alive_seconds: {keep}
 """
-
-
-class Controller:
-    """Runs a mock engine for each engine Deployment and reports its replicas ready
-    (or holds its pod unschedulable); stops the engine when the Deployment goes."""
-
-    def __init__(self, api: FakeApiServer, port: int, workdir: Path) -> None:
-        self.api, self.port, self.workdir = api, port, workdir
-        self.unschedulable = False
-        self.engine: subprocess.Popen | None = None
-        self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Controller:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            deps = self.api.objects("Deployment")
-            for d in deps:
-                md = d["metadata"]
-                if md["uid"] in self.seen:
-                    continue
-                self.seen.add(md["uid"])
-                pod = {"apiVersion": "v1", "kind": "Pod",
-                       "metadata": {"name": md["name"] + "-abc12", "namespace": md["namespace"],
-                                    "labels": d["spec"]["template"]["metadata"]["labels"],
-                                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
-                                                         "name": md["name"], "uid": md["uid"], "controller": True}]},
-                       "spec": d["spec"]["template"]["spec"], "status": {"phase": "Pending"}}
-                self.api.create(pod)
-                if self.unschedulable:
-                    self.api.set_status("Pod", md["namespace"], pod["metadata"]["name"], {
-                        "phase": "Pending", "conditions": [{
-                            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                            "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]})
-                    continue
-                log = (self.workdir / f"engine-{md['name']}.log").open("ab")
-                self.engine = subprocess.Popen(
-                    [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(self.port),
-                     "--latency-ms", "10"], stdout=log, stderr=subprocess.STDOUT)
-                wait_until(lambda: _up(self.port), 30, what="the mock engine")
-                self.api.set_status("Pod", md["namespace"], pod["metadata"]["name"], {"phase": "Running"})
-                self.api.set_status("Deployment", md["namespace"], md["name"], {
-                    "replicas": d["spec"]["replicas"], "readyReplicas": d["spec"]["replicas"],
-                    "availableReplicas": d["spec"]["replicas"]})
-            if self.engine is not None and not deps:
-                self.engine.terminate()
-                self.engine.wait(10)
-                self.engine = None
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        if self.engine is not None:
-            self.engine.kill()
-            self.engine.wait()
-
-
-def _up(port: int) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
