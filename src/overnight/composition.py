@@ -239,6 +239,9 @@ async def _console(settings: Settings, store: Store, storage: Storage, rules: Ru
         limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
         on_batch=lambda _batch_id: scheduler.wake(),
     )
+    if scheduler.engines.policy is not None:
+        # Engines the console provisioned are not tenant-named: allowed in keyed mode too.
+        console.planner.on_endpoint = scheduler.engines.policy.trust
     console.start()
     return console
 

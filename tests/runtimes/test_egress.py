@@ -121,3 +121,18 @@ def test_a_bad_allowlist_setting_stops_the_server_at_start() -> None:
     with pytest.raises(ValidationError, match="10.0.0.0/99"):
         Settings(allowed_endpoints="10.0.0.0/99")
     assert Settings(allowed_endpoints="*, 10.0.0.0/8").allowed_endpoints
+
+
+async def test_an_engine_overnight_provisioned_is_trusted_only_while_it_lives() -> None:
+    from overnight.runtimes.egress import EndpointPolicy, EndpointRefused
+
+    policy = EndpointPolicy(None, keyed=True)
+    with pytest.raises(EndpointRefused):
+        await policy.check("http://127.0.0.1:9123/v1")
+    policy.trust("http://127.0.0.1:9123")
+    assert await policy.check("http://127.0.0.1:9123/v1") == "http://127.0.0.1:9123/v1"
+    with pytest.raises(EndpointRefused):
+        await policy.check("http://127.0.0.1:9124")  # only that engine
+    policy.trust("http://127.0.0.1:9123", live=False)
+    with pytest.raises(EndpointRefused):
+        await policy.check("http://127.0.0.1:9123/v1")

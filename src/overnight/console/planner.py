@@ -141,6 +141,10 @@ class Planner:
         self.batches = batches if batches is not None else InProcessBatches(store, storage, limits)
         #: Called with a new batch's id (the scheduler's wake-up).
         self.on_batch = on_batch
+        #: Told of each provisioned engine as it comes up and goes (``url, live``): the
+        #: endpoint policy trusts what the console itself provisioned (keyed mode too).
+        self.on_endpoint: Callable[[str, bool], None] | None = None
+        self._trusted_known = False
         self._sem = asyncio.Semaphore(max(1, config.workers))
         self._busy: set[str] = set()
         #: job id -> when to look at it again (polls and backoffs; in memory only).
@@ -181,6 +185,13 @@ class Planner:
 
     async def tick(self) -> None:
         now = time.time()
+        if not self._trusted_known and self.on_endpoint is not None:
+            # After a restart: the engines of jobs already submitted are trusted again.
+            for job in await self.store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000):
+                ep = (job.body.get("provision") or {}).get("endpoint")
+                if ep and job.status not in ("queued", "resource_preparing"):
+                    self.on_endpoint(ep, True)
+            self._trusted_known = True
         if now - self._last_sweep >= self.cfg.sweep_interval_s:
             self._last_sweep = now
             self._spawn("sweep", self.sweep())
@@ -354,6 +365,8 @@ class Planner:
             return
         view = {**state.to_dict(), "status": state.status}
         if state.status == "running" and state.endpoint:
+            if self.on_endpoint is not None:
+                self.on_endpoint(state.endpoint, True)
             def ready(rec: DocRecord) -> None:
                 rec.body["provision"] = view
                 rec.body["running_at"] = time.time()
@@ -560,6 +573,9 @@ class Planner:
 
             await update_doc(self.store, PROVISION, prov.id, done)
             if job is not None:
+                ep = (job.body.get("provision") or {}).get("endpoint")
+                if ep and self.on_endpoint is not None:
+                    self.on_endpoint(ep, False)
                 await self._note_release(job.id, now, None)
             log.info("provision %s (job %s): release confirmed", prov.id, prov.body["job_id"])
             return

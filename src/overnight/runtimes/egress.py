@@ -139,6 +139,9 @@ class EndpointPolicy:
     ) -> None:
         #: The setting ``allowed`` came from, for messages (webhook URLs have their own).
         self.setting = setting
+        #: Engine base URLs overnight itself provisioned (the console's resources):
+        #: allowed while they live, whatever a tenant could name (``trust``/``untrust``).
+        self.trusted: set[str] = set()
         self.allow_any = False
         self.prefixes: list[_Prefix] = []
         self.hosts: set[str] = set()
@@ -177,6 +180,15 @@ class EndpointPolicy:
                     f"{setting} entry {raw.strip()!r} is not a URL prefix, host or IP range"
                 )
 
+    def trust(self, url: str, live: bool = True) -> None:
+        """Allow (``live``) or stop allowing an engine overnight provisioned itself
+        (a console job's resource): its batches are not tenant-named endpoints."""
+        base = engine_base_url(url)
+        if live:
+            self.trusted.add(base)
+        else:
+            self.trusted.discard(base)
+
     async def check(self, url: str, *, resolve: bool = True) -> str:
         """The normalized URL if a tenant may use it; else ``EndpointRefused``.
 
@@ -186,6 +198,8 @@ class EndpointPolicy:
         url = check_endpoint_url(url)
         target = _Prefix.of(url)
         if self.default is not None and self.default.covers(_Prefix.of(engine_base_url(url))):
+            return url
+        if self.trusted and engine_base_url(url) in self.trusted:
             return url
         host = target.host
         literal = _ip(host)
