@@ -13,12 +13,18 @@ value: ``/metrics`` may be served without a key.
 Across replicas: ``overnight_batches`` is read from the shared store, so every
 replica reports the same store-wide numbers (aggregate with ``max``); everything
 else is this replica's own (aggregate with ``sum``).
+
+The console's jobs and provisions (``ConsoleCollector``, when the console runs in
+this process) follow the same rules: jobs by status and live resources from the
+store at scrape time (``max``), the rest counted where the planner writes them
+(``console/stats.py``; ``sum``). Labels: a job status, a provider name.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,15 +32,24 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from overnight.console.jobs import ACTIVE as JOB_ACTIVE_STATUSES
+from overnight.console.jobs import JOB, PROVISION
+from overnight.console.stats import CONSOLE_STATS, ConsoleStats
 from overnight.executor.stats import BATCH_TRANSITIONS, ExecutorStats, Histogram
 from overnight.store.base import ACTIVE_STATUSES
 
-__all__ = ["METRIC_NAMES", "Metrics", "SchedulerCollector", "build_registry", "render"]
+__all__ = ["METRIC_NAMES", "ConsoleCollector", "Metrics", "SchedulerCollector", "build_registry", "render"]
 
 log = logging.getLogger("overnight.metrics")
 
 #: How long one store count of the active batches serves scrapes.
 BATCH_COUNT_TTL_S = 1.0
+#: How long one read of the console's active jobs and live provisions serves scrapes.
+CONSOLE_COUNT_TTL_S = 1.0
+#: The most active jobs / live provisions one scrape reads (the planner's own tick reads as many).
+CONSOLE_COUNT_LIMIT = 10_000
+#: Provision statuses that hold (or may hold) a resource at a provider: all but ``released``.
+LIVE_PROVISION_STATUSES = ("requested", "provisioning", "release_pending")
 
 #: Every metric family this module exposes (the Grafana dashboard may use only these).
 METRIC_NAMES = (
@@ -56,6 +71,12 @@ METRIC_NAMES = (
     "overnight_engine_measured_rate",
     "overnight_engine_concurrency_mode",
     "overnight_engine_gpu_seconds_total",
+    "overnight_console_jobs",
+    "overnight_console_jobs_finished_total",
+    "overnight_console_provision_latency_seconds",
+    "overnight_console_live_resources",
+    "overnight_console_release_failures_total",
+    "overnight_console_gpu_seconds_total",
 )
 
 
@@ -216,19 +237,105 @@ class BatchCollector(Collector):
         yield t
 
 
+class ConsoleCollector(Collector):
+    """The console's jobs and provisions. Levels come from the store at scrape time
+    (the active jobs by status, the provisions not yet released by provider: the
+    same status-filtered, indexed lists the planner reads every tick, cached
+    ``CONSOLE_COUNT_TTL_S``), so every replica reports the same store-wide numbers;
+    events are this process's counters (``console/stats.py``)."""
+
+    def __init__(self, store: Any, providers: Any = (), *, stats: ConsoleStats = CONSOLE_STATS,
+                 ttl_s: float = CONSOLE_COUNT_TTL_S) -> None:
+        self.store = store
+        #: Configured providers: each gets a live-resources sample, 0 included.
+        self.providers = tuple(providers)
+        self.stats = stats
+        self.ttl_s = ttl_s
+        self.jobs: dict[str, int] | None = None
+        self.live: dict[str, int] | None = None
+        self._at = -float("inf")
+
+    async def refresh(self) -> None:
+        """Read again when the last read is older than the TTL. A store error leaves
+        the two gauges out of this scrape (``absent()`` shows it), as for batches."""
+        now = time.monotonic()
+        if self.store is None or now - self._at < self.ttl_s:
+            return
+        self._at = now
+        try:
+            jobs = await self.store.list_docs(JOB, statuses=JOB_ACTIVE_STATUSES, order="oldest",
+                                              limit=CONSOLE_COUNT_LIMIT)
+            provs = await self.store.list_docs(PROVISION, statuses=LIVE_PROVISION_STATUSES, order="oldest",
+                                               limit=CONSOLE_COUNT_LIMIT)
+        except Exception as exc:
+            self.jobs = self.live = None
+            log.warning("metrics: reading the console's jobs and provisions failed: %s", exc)
+            return
+        self.jobs = dict(Counter(j.status for j in jobs))
+        live = Counter(str(p.body.get("provider")) for p in provs)
+        self.live = {**{p: 0 for p in self.providers}, **live}
+
+    def collect(self) -> Iterator[Any]:
+        if self.jobs is not None and self.live is not None:
+            g = GaugeMetricFamily("overnight_console_jobs", "Console jobs not yet terminal, by status "
+                                  "(store-wide: every replica reports the same).", labels=["status"])
+            for status in JOB_ACTIVE_STATUSES:
+                g.add_metric([status], self.jobs.get(status, 0))
+            yield g
+            live = GaugeMetricFamily(
+                "overnight_console_live_resources",
+                "Console provisions a provider may still hold (requested, provisioning or running, or waiting for "
+                "a confirmed release), by provider, store-wide.", labels=["provider"])
+            for provider, n in sorted(self.live.items()):
+                live.add_metric([provider], n)
+            yield live
+        s = self.stats
+        done = CounterMetricFamily("overnight_console_jobs_finished",
+                                   "Console jobs this process moved to a terminal status, by that status.",
+                                   labels=["status"])
+        for status, n in sorted(s.jobs_finished.items()):
+            done.add_metric([status], n)
+        yield done
+        lat = HistogramMetricFamily(
+            "overnight_console_provision_latency_seconds",
+            "Seconds from asking the provider for a job's resource to its engine answering (provision_requested "
+            "to provision_ready), by provider.", labels=["provider"])
+        for provider, h in sorted(s.provision_latency.items()):
+            _histogram(lat, [provider], h)
+        yield lat
+        rel = CounterMetricFamily("overnight_console_release_failures",
+                                  "Release attempts the provider did not confirm (each retry counts), by provider.",
+                                  labels=["provider"])
+        for provider, n in sorted(s.release_failures.items()):
+            rel.add_metric([provider], n)
+        yield rel
+        gpu = CounterMetricFamily(
+            "overnight_console_gpu_seconds",
+            "GPUs x seconds of console provisions from running to the confirmed release (as the jobs' cost counts "
+            "them), added at the release, by provider.", labels=["provider"])
+        for provider, secs in sorted(s.gpu_seconds.items()):
+            gpu.add_metric([provider], secs)
+        yield gpu
+
+
 class Metrics:
     """One app's ``/metrics``: the registry and what must be read before a scrape."""
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, console: Any = None) -> None:
         self.batches = BatchCollector(getattr(scheduler, "store", None))
-        self.registry = build_registry(scheduler, batches=self.batches)
+        #: The console's jobs and provisions, when it runs in this process (``console/service.py``).
+        self.console = ConsoleCollector(console.store, console.provisioners) if console is not None else None
+        self.registry = build_registry(scheduler, batches=self.batches, console=self.console)
 
     async def render(self) -> bytes:
         await self.batches.refresh()
+        if self.console is not None:
+            await self.console.refresh()
         return render(self.registry)
 
 
-def build_registry(scheduler: Any, *, batches: BatchCollector | None = None) -> CollectorRegistry:
+def build_registry(scheduler: Any, *, batches: BatchCollector | None = None,
+                   console: ConsoleCollector | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SchedulerCollector(scheduler))
     registry.register(EngineCollector(scheduler))
@@ -236,6 +343,8 @@ def build_registry(scheduler: Any, *, batches: BatchCollector | None = None) -> 
     if stats is not None:
         registry.register(RequestCollector(stats))
     registry.register(batches if batches is not None else BatchCollector(None))
+    if console is not None:
+        registry.register(console)
     ProcessCollector(registry=registry)
     return registry
 

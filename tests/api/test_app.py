@@ -79,4 +79,4 @@ async def test_metrics_carry_no_batch_or_tenant_ids(app):
     assert fams["overnight_requests_inflight"].samples[0].value == 3
     assert fams["overnight_running_batches_engine_overloads"].samples[0].value == 2
     labels = {k for f in fams.values() if f.name.startswith("overnight_") for s in f.samples for k in s.labels}
-    assert labels <= {"engine", "endpoint", "le", "mode", "runtime", "status"}
+    assert labels <= {"engine", "endpoint", "le", "mode", "provider", "runtime", "status"}

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from overnight.console.docs import new_doc_id, update_doc
+from overnight.console.stats import CONSOLE_STATS
 from overnight.errors import ConflictError, InvalidRequestError, NotFoundError
 from overnight.store.base import Store
 from overnight.store.records import DocRecord
@@ -154,7 +155,10 @@ async def cancel_job(*, store: Store, tenant: str, job_id: str) -> DocRecord:
             add_event(rec, "cancelled", "cancelled before any resource was requested")
         return rec
 
-    return await update_doc(store, JOB, job_id, mutate)
+    rec = await update_doc(store, JOB, job_id, mutate)
+    if rec.status == "cancelled":  # only this write moves a job to cancelled here (queued ones)
+        CONSOLE_STATS.job_finished("cancelled")
+    return rec
 
 
 def job_object(rec: DocRecord) -> dict[str, Any]:

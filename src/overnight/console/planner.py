@@ -44,6 +44,7 @@ from overnight.batches.service import BatchCreate, batch_id_for_job, cancel_batc
 from overnight.console.docs import update_doc
 from overnight.console.jobs import ACTIVE, JOB, PROVISION, TERMINAL, add_event
 from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, Provisioner
+from overnight.console.stats import CONSOLE_STATS
 from overnight.console.retention import remove_expired_jobs
 from overnight.errors import ConflictError, NotFoundError, OvernightError, StoreError
 from overnight.store.base import Store
@@ -264,7 +265,10 @@ class Planner:
                 return None  # nothing new: no write
             return rec
 
-        return await update_doc(self.store, JOB, job.id, mutate)
+        new = await update_doc(self.store, JOB, job.id, mutate)
+        if new.status != status and new.status in TERMINAL:
+            CONSOLE_STATS.job_finished(new.status)  # counted once the write won
+        return new
 
     def _later(self, rec: DocRecord, delay_s: float) -> None:
         """Look at this job again in ``delay_s``. Kept in memory, not written: a
@@ -374,7 +378,9 @@ class Planner:
                 add_event(rec, "provision_ready", f"{state.provider} resource {state.provision_id} at {state.endpoint}")
                 self._to(rec, "submitting")
 
-            await self._write(job, ready)
+            job = await self._write(job, ready)
+            started = float(job.body.get("provision_started") or job.created_at)
+            CONSOLE_STATS.provision_ready(job.body["provider"], float(job.body["running_at"]) - started)
             self.wake()
             return
         if state.status in ("failed", "released"):
@@ -588,30 +594,37 @@ class Planner:
             return p
 
         await update_doc(self.store, PROVISION, prov.id, again)
+        CONSOLE_STATS.release_failed(prov.body["provider"])
         if job is not None:
             await self._note_release(job.id, None, f"{error}; trying again in {delay:g} s")
         log.warning("provision %s (job %s): release not confirmed: %s", prov.id, prov.body["job_id"], error)
 
     async def _note_release(self, job_id: str, released_at: float | None, failure: str | None) -> None:
+        costed: list[float] = []  # the GPU-seconds this write adds (mutate may run more than once)
+
         def mutate(rec: DocRecord) -> DocRecord:
+            costed.clear()
             b = rec.body
             if released_at is not None:
                 add_event(rec, "release_confirmed")
                 if b.get("provision"):
                     b["provision"]["status"] = "released"
                 running = b.get("running_at")
-                if running:
+                if running and not b.get("cost"):  # a second confirmation (another replica) costs nothing more
                     gpus = max(1, Resolved.from_record(b["template"]).gpus)
                     secs = max(0.0, released_at - float(running))
                     price = b.get("price_per_hour")
                     b["cost"] = {"gpu_seconds": round(secs * gpus, 3),
                                  "usd": round(secs / 3600 * price, 6) if price is not None else None}
+                    costed.append(b["cost"]["gpu_seconds"])
             else:
                 add_event(rec, "release_failed", failure or "")
             return rec
 
         with contextlib.suppress(ConflictError, NotFoundError):
-            await update_doc(self.store, JOB, job_id, mutate)
+            rec = await update_doc(self.store, JOB, job_id, mutate)
+            if costed:
+                CONSOLE_STATS.add_gpu_seconds(str(rec.body.get("provider")), costed[0])
 
     async def sweep(self) -> list[str]:
         """Release every resource of this installation whose job is terminal or unknown."""
@@ -636,4 +649,5 @@ class Planner:
                                     state.job_id, job.status if job else "unknown")
                 except ProvisionError as exc:
                     log.warning("sweep: releasing %s resource %s failed: %s", name, state.provision_id, exc)
+                    CONSOLE_STATS.release_failed(name)
         return released

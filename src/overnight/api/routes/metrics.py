@@ -14,5 +14,6 @@ router = APIRouter(tags=["metrics"])
 async def metrics(request: Request) -> Response:
     state = request.app.state
     if getattr(state, "metrics", None) is None:
-        state.metrics = Metrics(state.scheduler)
+        # The console's jobs and provisions too, when it runs in this process.
+        state.metrics = Metrics(state.scheduler, getattr(getattr(state, "services", None), "console", None))
     return Response(await state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
