@@ -234,7 +234,8 @@ async def _console(settings: Settings, store: Store, storage: Storage, rules: Ru
     from overnight.console.service import Console, build_provisioners, installation_id
 
     console = Console(
-        store=store, storage=storage, settings=settings, rules=rules, provisioners=build_provisioners(settings),
+        store=store, storage=storage, settings=settings, rules=rules,
+        provisioners=build_provisioners(settings, gpus=rules.gpus, templates=rules.templates),
         installation=await installation_id(store, settings.installation_id),
         limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
         on_batch=lambda _batch_id: scheduler.wake(),

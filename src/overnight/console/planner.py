@@ -387,13 +387,17 @@ class Planner:
             await self._fail(job, "resource_failed", state.error or f"the provider reports the resource {state.status}")
             return
         if time.time() >= end:
-            await self._fail(job, "resource_failed", f"the resource was not running by {why}")
+            reason = f": {state.error}" if state.error else ""
+            await self._fail(job, "resource_failed", f"the resource was not running by {why}{reason}")
             return
 
         def waiting(rec: DocRecord) -> bool:
             self._later(rec, self.cfg.poll_s)
             if rec.body.get("provision") == view:
                 return False
+            if state.error and state.error != (rec.body.get("provision") or {}).get("error"):
+                # What holds the resource back (unschedulable, an image pull), once per change.
+                add_event(rec, "provision_waiting", state.error)
             rec.body["provision"] = view
             return True
 

@@ -43,7 +43,11 @@ async def installation_id(store: Store, configured: str | None) -> str:
     return str(rec.body["id"])
 
 
-def build_provisioners(settings: Any) -> dict[str, Provisioner]:
+def build_provisioners(settings: Any, *, gpus: Any = None, templates: Any = None) -> dict[str, Provisioner]:
+    """The providers this server offers: ``fake`` always; ``local`` (this host's
+    GPUs, from ``gpus``: the pool the service's own engines use) unless
+    ``OVERNIGHT_RUNTIMES`` leaves out the local runtime; ``kubernetes`` when a
+    cluster is configured (``OVERNIGHT_KUBERNETES``; ``templates`` give its catalog)."""
     from overnight.console.provisioners.fake import FakeProvisioner
 
     out: dict[str, Provisioner] = {
@@ -52,6 +56,16 @@ def build_provisioners(settings: Any) -> dict[str, Provisioner]:
                                 engine_args=("--latency-ms", str(settings.fake_provider_latency_ms)),
                                 engine_url=settings.fake_provider_engine_url),
     }
+    if "local" in settings.allowed_runtimes():
+        from overnight.console.provisioners.local import LocalProvisioner
+
+        out["local"] = LocalProvisioner(Path(settings.data_dir) / "local-provider", gpus=gpus)
+    if settings.kubernetes:
+        from overnight.console.provisioners.kubernetes import KubernetesProvisioner
+
+        out["kubernetes"] = KubernetesProvisioner(
+            config=settings.kube_config(), namespace=settings.kubernetes_namespace, image=settings.kubernetes_image,
+            service_url=settings.kubernetes_service_url, templates=templates)
     return out
 
 
