@@ -249,12 +249,13 @@ class _Dispatcher:
                         decision = Decision.FAIL
                         limiter.on_success(time.monotonic() - started)
                 else:
+                    status = reply.status
+                    answer = _read_answer(path, reply)
+                    # Taken after reading the answer, as the concurrency law always had it.
                     elapsed = time.monotonic() - started
                     lat = st.latency  # Histogram.observe, inlined: this runs per attempt
                     lat.counts[bisect_left(lat.bounds, elapsed)] += 1
                     lat.sum += elapsed
-                    status = reply.status
-                    answer = _read_answer(path, reply)
                     retry_after = None
                     if 200 <= status < 300:
                         limiter.on_success(elapsed, _completion_tokens(answer.usage))
