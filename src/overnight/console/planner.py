@@ -51,12 +51,19 @@ from overnight.store.base import Store
 from overnight.store.records import DocRecord
 from overnight.templates.resolve import Resolved
 
-__all__ = ["BatchView", "InProcessBatches", "Planner", "PlannerConfig", "batch_id_for"]
+__all__ = ["BatchView", "BatchesUnavailable", "InProcessBatches", "Planner", "PlannerConfig", "batch_id_for"]
 
 log = logging.getLogger("overnight.console")
 
 #: Batch statuses a job mirrors while its batch runs.
 _BATCH_STAGES = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+class BatchesUnavailable(StoreError):
+    """The batches service gave no usable answer (unreachable, timed out, 429, 5xx,
+    or it refused the console's key): nothing is known to have changed there, so
+    the planner tries the step again later, with backoff, and the job does not
+    fail. An HTTP caller gets 503 (a ``StoreError``)."""
 
 
 def batch_id_for(tenant: str, job_id: str) -> str:
@@ -113,6 +120,15 @@ class InProcessBatches:
     async def cancel(self, *, tenant: str, batch_id: str) -> BatchView:
         return BatchView.of(await cancel_batch(store=self.store, tenant=tenant, batch_id=batch_id))
 
+    async def input_file(self, *, tenant: str, file_id: str) -> str:
+        """The purpose of the tenant's file ``file_id`` (a job's input_dataset); 404 if none."""
+        from overnight.files.service import get_file
+
+        try:
+            return (await get_file(store=self.store, tenant=tenant, file_id=file_id)).purpose
+        except NotFoundError:
+            raise NotFoundError(f"No such File object: {file_id}", code="file_not_found") from None
+
 
 @dataclass(frozen=True, kw_only=True)
 class PlannerConfig:
@@ -154,6 +170,8 @@ class Planner:
         self._task: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
+        #: job id -> consecutive steps the batches service was unavailable (the backoff).
+        self._outage: dict[str, int] = {}
         self._last_retention = 0.0
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -243,14 +261,38 @@ class Planner:
         job = await self.store.get_doc(JOB, job_id)
         if job is None or job.status in TERMINAL:
             return
-        if job.status == "queued":
-            await self._take(job)
-        elif job.status == "resource_preparing":
-            await self._provisioning(job)
-        elif job.status == "submitting":
-            await self._submit(job)
-        elif job.status in _BATCH_STAGES:
-            await self._follow_batch(job)
+        try:
+            if job.status == "queued":
+                await self._take(job)
+            elif job.status == "resource_preparing":
+                await self._provisioning(job)
+            elif job.status == "submitting":
+                await self._submit(job)
+            elif job.status in _BATCH_STAGES:
+                await self._follow_batch(job)
+        except BatchesUnavailable as exc:
+            await self._batches_unavailable(job, exc)
+        else:
+            self._outage.pop(job.id, None)
+
+    async def _batches_unavailable(self, job: DocRecord, exc: BatchesUnavailable) -> None:
+        """Try the step again later (doubling, up to ``retry_max_s``). One event per
+        outage, updated in place, so a long one does not push the timeline out."""
+        attempt = self._outage.get(job.id, 0) + 1
+        self._outage[job.id] = attempt
+        delay = min(self.cfg.retry_max_s, self.cfg.retry_base_s * 2 ** (attempt - 1))
+        message = f"{exc.message}; trying again in {delay:g} s"
+        log.warning("job %s: %s", job.id, message)
+
+        def later(rec: DocRecord) -> None:
+            events = rec.body.get("events") or []
+            if events and events[-1]["type"] == "batches_unavailable":
+                events[-1].update(message=message, attempts=attempt, last_at=round(time.time(), 3))
+            else:
+                add_event(rec, "batches_unavailable", message, attempts=attempt)
+            self._later(rec, delay)
+
+        await self._write(job, later)
 
     async def _write(self, job: DocRecord, change: Callable[[DocRecord], None], *, expect: str | None = None,
                      ) -> DocRecord:
@@ -429,6 +471,8 @@ class Planner:
         )
         try:
             batch = await self.batches.create(tenant=job.tenant, job_id=job.id, body=body)
+        except BatchesUnavailable:
+            raise  # nothing known to be created: the step is tried again
         except OvernightError as exc:
             await self._fail(job, "submit_failed", f"the batch could not be created: {exc.message}")
             return

@@ -14,7 +14,6 @@ from overnight.console.planner import Planner, PlannerConfig
 from overnight.console.provisioners.base import Provisioner
 from overnight.console.templates import StoreTemplates, resolve_job_template
 from overnight.errors import InvalidRequestError, NotFoundError, StoreError
-from overnight.files.service import get_file
 from overnight.store.base import Store
 from overnight.store.records import DocRecord
 
@@ -71,7 +70,7 @@ def build_provisioners(settings: Any, *, gpus: Any = None, templates: Any = None
 
 class Console:
     def __init__(self, *, store: Store, storage: Any, settings: Any, rules: Any, provisioners: dict[str, Provisioner],
-                 installation: str, limits: Any, on_batch: Any = None) -> None:
+                 installation: str, limits: Any, on_batch: Any = None, batches: Any = None) -> None:
         self.store, self.storage, self.settings, self.rules = store, storage, settings, rules
         self.provisioners = provisioners
         self.installation_id = installation
@@ -79,6 +78,7 @@ class Console:
         self.templates = StoreTemplates(store)
         self.planner = Planner(
             store=store, storage=storage, provisioners=provisioners, limits=limits, rules=rules, on_batch=on_batch,
+            batches=batches,
             config=PlannerConfig(
                 installation_id=installation, workers=settings.planner_worker_count,
                 policy=settings.planning_policy, tick_s=settings.planner_tick_s, poll_s=settings.planner_poll_s,
@@ -117,13 +117,12 @@ class Console:
             raise InvalidRequestError(
                 f"Provider {provider!r} is not configured on this server (configured: "
                 f"{', '.join(sorted(self.provisioners))}).", param="provider")
-        try:
-            f = await get_file(store=self.store, tenant=tenant, file_id=req.input_dataset)
-        except NotFoundError:
-            raise NotFoundError(f"No such File object: {req.input_dataset}", code="file_not_found") from None
-        if f.purpose != "batch":
-            raise InvalidRequestError(f"File {f.id} has purpose {f.purpose!r}; a job's input_dataset must be "
-                                      "uploaded with purpose 'batch'.", param="input_dataset")
+        # Where the batch will be created: this process's store, or the metadata
+        # service over its API (``console/remote.py``).
+        purpose = await self.planner.batches.input_file(tenant=tenant, file_id=req.input_dataset)
+        if purpose != "batch":
+            raise InvalidRequestError(f"File {req.input_dataset} has purpose {purpose!r}; a job's input_dataset "
+                                      "must be uploaded with purpose 'batch'.", param="input_dataset")
         rec = await create_job(store=self.store, tenant=tenant, req=req, resolved=resolved.to_record(),
                                provider=provider, installation_id=self.installation_id)
         self.planner.wake()
