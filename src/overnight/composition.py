@@ -54,6 +54,8 @@ class Services:
     rules: RuntimeRules
     engines: EngineManager
     api_keys: dict[str, str]
+    #: Webhook settings (``webhooks/config.py``); batches' webhook_url is checked against them.
+    webhooks: Any = None
     #: The console (``console/service.py``): jobs, providers and the planner; None when off.
     console: Any = None
 
@@ -309,6 +311,10 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
             if engine_url == "mock":
                 engine_url = await stack.enter_async_context(_mock_engine(settings))
             policy, secrets = _egress(settings, engine_url)
+            from overnight.webhooks.config import WebhookConfig
+            from overnight.webhooks.dispatcher import WebhookDispatcher
+
+            webhooks = WebhookConfig.from_settings(settings, keyed=bool(settings.tenant_for_key()))
             templates = await _template_sources(settings, stack)
             kubernetes = kube_deployments = None
             if settings.kubernetes:
@@ -330,8 +336,12 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 rules=_runtime_rules(settings, engine_url, templates, gpus, kubernetes, kube_deployments),
                 engines=manager,
                 api_keys=settings.tenant_for_key(),
+                webhooks=webhooks,
             )
             await scheduler.start()
+            dispatcher = WebhookDispatcher(store=store, config=webhooks, secrets=secrets, replica_id=identity.id)
+            await dispatcher.start()
+            stack.push_async_callback(dispatcher.stop)
             if settings.console:
                 services.console = await _console(settings, store, storage, services.rules, scheduler)
                 stack.push_async_callback(services.console.aclose)

@@ -123,6 +123,26 @@ class Settings(BaseSettings):
     #: Set: the fake provider's resources all point at this engine, ready at once.
     fake_provider_engine_url: str | None = None
 
+    # -- Webhooks (webhooks/; README "Webhooks") ----------------------------------------
+    #: Every batch's batch.completed/failed/expired/cancelled event is POSTed here.
+    webhook_url: str | None = None
+    #: Standard Webhooks signing secret(s), ``whsec_<base64>``; comma-separated to
+    #: rotate (every one signs). Required with ``webhook_url``.
+    webhook_secret: str | None = None
+    #: Which ``webhook_url`` a batch may name: as ``allowed_endpoints`` (unset = any
+    #: in open mode, none in keyed mode; ``*``; ``none``; URL prefixes, hosts, ranges).
+    allowed_webhook_urls: str | None = None
+    #: One delivery attempt's limit.
+    webhook_timeout_s: PositiveFloat = 15.0
+    #: A delivery is given up after this many attempts or once its event is this old.
+    webhook_max_attempts: PositiveInt = 80
+    webhook_max_age_s: PositiveFloat = 72 * 3600.0
+    #: Backoff between attempts: from base, doubling, up to max (±20% jitter).
+    webhook_backoff_base_s: PositiveFloat = 5.0
+    webhook_backoff_max_s: PositiveFloat = 3600.0
+    #: How often each replica looks for due deliveries.
+    webhook_poll_s: PositiveFloat = 1.0
+
     # -- Kubernetes (the kubernetes-job and kubernetes-deployment runtimes) -------------
     #: How to reach a cluster: ``in-cluster`` (the pod's service account),
     #: ``kubeconfig`` (``$KUBECONFIG`` or ``~/.kube/config``) or ``kubeconfig:PATH``.
@@ -163,6 +183,15 @@ class Settings(BaseSettings):
             from overnight.runtimes.egress import EndpointPolicy
 
             EndpointPolicy(v)  # a bad entry is a ValueError naming it, at start
+        return v
+
+    @field_validator("allowed_webhook_urls")
+    @classmethod
+    def _check_allowed_webhook_urls(cls, v: str | None) -> str | None:
+        if v is not None:
+            from overnight.runtimes.egress import EndpointPolicy
+
+            EndpointPolicy(v, setting="OVERNIGHT_ALLOWED_WEBHOOK_URLS")  # a bad entry fails at start
         return v
 
     @field_validator("runtimes")

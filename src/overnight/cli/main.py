@@ -77,6 +77,9 @@ def _preflight(settings: Settings) -> None:
 
     try:
         settings.allowed_runtimes()  # a Kubernetes runtime without a cluster named
+        from overnight.webhooks.config import WebhookConfig
+
+        WebhookConfig.from_settings(settings, keyed=bool(settings.tenant_for_key()))  # a URL without a secret ...
         asyncio.run(check())
     except ValueError as exc:
         typer.secho(f"overnight serve cannot start: {exc}", err=True, fg=typer.colors.RED)

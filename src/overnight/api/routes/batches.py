@@ -47,6 +47,7 @@ async def create_batch(
         policy=request.app.state.endpoint_policy,
         secrets=request.app.state.secrets,
         rules=request.app.state.runtime_rules,
+        webhooks=request.app.state.services.webhooks,
     )
     scheduler.wake()
     return batch_object(rec)
