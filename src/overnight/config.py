@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     #: released is never removed.
     console_job_retention_s: float = Field(30 * 86400.0, ge=0)
     planner_tick_s: PositiveFloat = 0.5
+    #: Jobs being provisioned at once (0: no limit); the rest wait in ``queued``.
+    planner_max_provisioning: int = Field(0, ge=0, validation_alias=AliasChoices(
+        "PLANNER_MAX_PROVISIONING", "OVERNIGHT_PLANNER_MAX_PROVISIONING"))
     planner_poll_s: PositiveFloat = 1.0
     #: The fake provider: seconds before a resource runs, and its price per hour.
     fake_provider_delay_s: float = 0.0

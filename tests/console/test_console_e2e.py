@@ -274,3 +274,37 @@ def test_unknown_template_or_model_is_a_404_naming_it(console: Console) -> None:
         r = c.post("/api/v1/jobs", json={"input_dataset": fid, "endpoint": "/v1/chat/completions",
                                          "model_template_name": "tiny", "provider": "runpod"})
         assert r.status_code == 400 and "runpod" in r.text
+
+
+def test_jobs_wait_queued_for_a_provisioning_slot_and_a_queued_cancel_asks_nothing_of_the_provider(
+        console: Console) -> None:
+    console.start(PLANNER_MAX_PROVISIONING="1", OVERNIGHT_FAKE_PROVIDER_DELAY_S="3")
+    with console.http() as c:
+        first = console.job(c)
+        console.wait(c, first["id"], {"resource_preparing"})
+        second = console.job(c)
+        time.sleep(1.0)
+        assert c.get(f"/api/v1/jobs/{second['id']}").json()["status"] == "queued"  # waits its turn
+        done = c.post(f"/api/v1/jobs/{second['id']}/cancel").json()
+        assert done["status"] == "cancelled" and done["provision_id"] is None
+        assert "provision_requested" not in _types(done)
+        assert console.wait(c, first["id"])["status"] == "completed"
+        console.wait_released(c, first["id"])
+    assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # only the first job's
+
+
+def test_a_queued_job_survives_the_planner_killed_and_runs_after_the_restart(console: Console) -> None:
+    env = {"PLANNER_MAX_PROVISIONING": "1", "OVERNIGHT_FAKE_PROVIDER_DELAY_S": "2"}
+    server = console.start(**env)
+    with console.http() as c:
+        first = console.job(c)
+        console.wait(c, first["id"], {"resource_preparing"})
+        second = console.job(c)
+        assert c.get(f"/api/v1/jobs/{second['id']}").json()["status"] == "queued"
+    server.signal(signal.SIGKILL)
+    console.start(**env)
+    with console.http() as c:
+        for j in (first, second):
+            assert console.wait(c, j["id"], timeout_s=90)["status"] == "completed"
+            console.wait_released(c, j["id"])
+    assert len(list((console.data / "fake-provider").glob("*.json"))) == 2  # one each, never a second

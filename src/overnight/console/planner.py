@@ -146,6 +146,9 @@ class PlannerConfig:
     retention_interval_s: float = 300.0
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
+    #: Jobs being provisioned at once (0: no limit); more stay ``queued`` in policy
+    #: order until one is ready or ends (``PLANNER_MAX_PROVISIONING``).
+    max_provisioning: int = 0
 
 
 class Planner:
@@ -220,9 +223,14 @@ class Planner:
         jobs = await self.store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000)
         if self.cfg.policy == "priority":
             jobs.sort(key=lambda j: (j.status != "queued", -int(j.body.get("priority") or 0), j.created_at))
+        preparing = sum(1 for j in jobs if j.status == "resource_preparing")
         for job in jobs:
             if job.id in self._busy or self._due.get(job.id, 0.0) > now:
                 continue
+            if job.status == "queued" and self.cfg.max_provisioning:
+                if preparing >= self.cfg.max_provisioning:
+                    continue  # its turn comes when a provision is ready or ends
+                preparing += 1
             self._spawn(job.id, self.step(job.id))
         for prov in await self.store.list_docs(PROVISION, statuses=("requested", "provisioning"), order="oldest",
                                                limit=10_000):

@@ -83,6 +83,7 @@ class Console:
                 installation_id=installation, workers=settings.planner_worker_count,
                 policy=settings.planning_policy, tick_s=settings.planner_tick_s, poll_s=settings.planner_poll_s,
                 provision_timeout_s=settings.provision_timeout_s,
+                max_provisioning=settings.planner_max_provisioning,
                 job_retention_s=settings.console_job_retention_s,
                 # Often enough for a short retention, at least every 5 minutes for a long one.
                 retention_interval_s=min(300.0, max(settings.planner_tick_s, settings.console_job_retention_s / 4)),
