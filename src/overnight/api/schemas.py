@@ -102,6 +102,8 @@ def _overnight_section(rec: BatchRecord) -> dict[str, Any]:
             else:
                 view["restarts"] = rec.runtime.get("restarts", 0)
         section["runtime"] = view
+    if rec.options.get("resource_allocation"):
+        section["resource_allocation"] = rec.options["resource_allocation"]
     tpl = rec.options.get("template")
     if tpl:
         from overnight.templates.resolve import Resolved

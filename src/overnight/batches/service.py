@@ -53,7 +53,7 @@ SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embedding
 EXTENSION_KEYS = ("overnight", "aibrix")
 EXTENSION_FIELDS = frozenset(
     {"runtime", "max_concurrency", "min_concurrency", "concurrency", "yield_to_others", "priority", "job_id",
-     "model_template", "profile", "webhook_url", "webhook_secret"}
+     "model_template", "profile", "webhook_url", "webhook_secret", "resource_allocation"}
 )
 RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args", "shards", "namespace"})
 #: Runtime types a batch may name (the server may allow fewer: ``RuntimeRules``).
@@ -262,6 +262,8 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
                 f"'{key}.priority' must be an integer from 0 to 100.", param=f"{key}.priority"
             )
         out["priority"] = pr
+    if ext.get("resource_allocation") is not None:
+        out["resource_allocation"] = _resource_allocation(ext["resource_allocation"], key)
     if ext.get("job_id") is not None:
         jid = ext["job_id"]
         if not isinstance(jid, str) or len(jid) > 256:
@@ -271,6 +273,29 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
     if hook is not None:
         out["webhook"] = hook
     return out
+
+
+def _resource_allocation(ra: Any, key: str) -> dict[str, Any]:
+    """``{provision_id, provision_resource_deadline (Unix s; null: none), resource_details[]}``:
+    what a planner allocated for the batch, kept and shown on it."""
+    import orjson
+
+    param = f"{key}.resource_allocation"
+    if not isinstance(ra, dict) or set(ra) - {"provision_id", "provision_resource_deadline", "resource_details"}:
+        raise InvalidRequestError(f"'{param}' must be an object with provision_id, provision_resource_deadline "
+                                  "and resource_details.", param=param)
+    pid, dl, details = ra.get("provision_id"), ra.get("provision_resource_deadline"), ra.get("resource_details")
+    if pid is not None and (not isinstance(pid, str) or len(pid) > 256):
+        raise InvalidRequestError(f"'{param}.provision_id' must be a string.", param=f"{param}.provision_id")
+    if dl is not None and (isinstance(dl, bool) or not isinstance(dl, (int, float)) or not 0 <= dl < 1e11):
+        raise InvalidRequestError(f"'{param}.provision_resource_deadline' must be Unix seconds.",
+                                  param=f"{param}.provision_resource_deadline")
+    if details is not None and (not isinstance(details, list) or len(details) > 64
+                                or not all(isinstance(d, dict) for d in details)
+                                or len(orjson.dumps(details)) > 16384):
+        raise InvalidRequestError(f"'{param}.resource_details' must be a list of objects (at most 64, 16 KiB).",
+                                  param=f"{param}.resource_details")
+    return {"provision_id": pid, "provision_resource_deadline": dl or None, "resource_details": details or []}
 
 
 def batch_id_for_job(tenant: str, job_id: str) -> str:
@@ -312,6 +337,14 @@ async def create_batch(
     window_s = parse_completion_window(body.completion_window)
     metadata = _check_metadata(body.metadata)
     options = parse_extension(body.extension, key=body.extension_key)
+    deadline = (options.get("resource_allocation") or {}).get("provision_resource_deadline")
+    if deadline:
+        # The resource goes away then: the batch expires no later (AIBrix's rule).
+        left = int(deadline - time.time())
+        if left < 1:
+            raise InvalidRequestError(f"'{body.extension_key}.resource_allocation.provision_resource_deadline' "
+                                      "has passed.", param=f"{body.extension_key}.resource_allocation")
+        window_s = min(window_s, left)
     _apply_runtime_rules(options, rules or RuntimeRules(), key=body.extension_key, endpoint=body.endpoint)
     rt = options.get("runtime")
     if rt is not None and rt.get("type", "endpoint") == "endpoint":

@@ -475,7 +475,13 @@ class Planner:
             input_file_id=job.body["input_dataset"], endpoint=job.body["endpoint"], completion_window=window,
             metadata={"overnight_job_id": job.id, **({"name": job.body["name"]} if job.body.get("name") else {})},
             extension={"runtime": {"endpoint": endpoint}, "priority": max(0, int(job.body.get("priority") or 0)),
-                       "job_id": job.id},
+                       "job_id": job.id, "resource_allocation": {
+                           "provision_id": job.body.get("provision_id"),
+                           "provision_resource_deadline": job.body.get("provision_resource_deadline"),
+                           "resource_details": [{"provider": job.body["provider"],
+                                                 "resource_ids": job.body["provision"].get("resource_ids") or [],
+                                                 "gpu_type": Resolved.from_record(job.body["template"])
+                                                 .template.spec.accelerator.type}]}},
         )
         try:
             batch = await self.batches.create(tenant=job.tenant, job_id=job.id, body=body)
