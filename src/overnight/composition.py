@@ -36,7 +36,7 @@ from overnight.store import connect_store
 from overnight.store.base import Store
 
 __all__ = [
-    "Services", "build_scheduler", "kubernetes_deployment_runtime", "kubernetes_job_runtime", "local_runtime", "open_persistence", "open_services", "retry_policy",
+    "ConsoleServices", "Services", "build_scheduler", "kubernetes_deployment_runtime", "kubernetes_job_runtime", "local_runtime", "open_console", "open_persistence", "open_services", "retry_policy",
     "runner_config",
 ]
 
@@ -363,3 +363,51 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 await scheduler.engines.aclose()
     finally:
         identity.release()
+
+
+@dataclass
+class ConsoleServices:
+    """What ``overnight console`` as its own process runs on (``open_console``)."""
+
+    settings: Settings
+    store: Store
+    #: The console (``console/service.py``); its planner's gateway is ``remote``.
+    console: Any
+    #: The batches service over its API (``console/remote.py``): batches and files.
+    remote: Any
+    api_keys: dict[str, str]
+    #: No file storage here: files live at the batches service (the routes check this).
+    storage: None = None
+
+
+@contextlib.asynccontextmanager
+async def open_console(settings: Settings) -> AsyncIterator[ConsoleServices]:
+    """Open what ``overnight console`` needs: its own store (jobs, provisions,
+    models), the templates, the providers, a client of the batches service at
+    ``metadata_service_url``, and the planner, started; closed in reverse order.
+    No scheduler, engines or file storage: batches run at the batches service."""
+    from overnight.console.remote import RemoteBatches, check_mds_keys
+    from overnight.console.service import Console, build_provisioners, installation_id
+
+    if not settings.metadata_service_url:
+        raise ValueError("the console as its own process needs the batches service's URL: "
+                         "--metadata-service-url or METADATA_SERVICE_URL")
+    api_keys = settings.tenant_for_key()
+    mds_keys = settings.console_mds_key_map()
+    check_mds_keys(api_keys, mds_keys)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        store = connect_store(settings.resolved_store_url())
+        await store.open()
+        stack.push_async_callback(store.aclose)
+        templates = await _template_sources(settings, stack)
+        remote = RemoteBatches(settings.metadata_service_url, keys=mds_keys, timeout_s=settings.console_mds_timeout_s)
+        stack.push_async_callback(remote.aclose)
+        console = Console(
+            store=store, storage=None, settings=settings, rules=RuntimeRules(templates=templates),
+            provisioners=build_provisioners(settings),
+            installation=await installation_id(store, settings.installation_id), limits=None, batches=remote,
+        )
+        console.start()
+        stack.push_async_callback(console.aclose)
+        yield ConsoleServices(settings=settings, store=store, console=console, remote=remote, api_keys=api_keys)

@@ -13,6 +13,20 @@ from overnight.executor.limiter import ConcurrencyLimits
 __all__ = ["Settings"]
 
 
+def parse_tenant_keys(value: str) -> dict[str, str]:
+    """``tenant:key,tenant2:key2`` (``OVERNIGHT_CONSOLE_MDS_KEYS``) -> ``{tenant: key}``;
+    a malformed item is a ValueError naming its tenant part, never the key."""
+    out: dict[str, str] = {}
+    for n, item in enumerate(filter(None, (p.strip() for p in value.split(","))), 1):
+        tenant, sep, key = (s.strip() for s in item.partition(":"))
+        if not sep or not tenant or not key:
+            raise ValueError(f"OVERNIGHT_CONSOLE_MDS_KEYS: item {n} is not tenant:key")
+        if tenant in out:
+            raise ValueError(f"OVERNIGHT_CONSOLE_MDS_KEYS names tenant {tenant!r} twice")
+        out[tenant] = key
+    return out
+
+
 class Settings(BaseSettings):
     """Everything ``overnight serve`` can be told. Environment variables use the
     ``OVERNIGHT_`` prefix (``OVERNIGHT_DATA_DIR``, ``OVERNIGHT_ENGINE_URL`` ...)."""
@@ -146,6 +160,17 @@ class Settings(BaseSettings):
     #: How often each replica looks for due deliveries.
     webhook_poll_s: PositiveFloat = 1.0
 
+    # -- ``overnight console`` as its own process (README "The console as its own process")
+    #: The batches service (an ``overnight serve``) the console creates batches and
+    #: keeps files at, over its OpenAI-compatible API: ``http://host:port`` (``/v1`` added).
+    metadata_service_url: str | None = Field(
+        None, validation_alias=AliasChoices("METADATA_SERVICE_URL", "OVERNIGHT_METADATA_SERVICE_URL"))
+    #: ``tenant:key,...``: the key the console uses at the metadata service for each
+    #: of its tenants (one that service maps to the same tenant).
+    console_mds_keys: str = ""
+    #: One call to the metadata service (connect, each read and write) gives up after this.
+    console_mds_timeout_s: PositiveFloat = 60.0
+
     # -- Kubernetes (the kubernetes-job and kubernetes-deployment runtimes) -------------
     #: How to reach a cluster: ``in-cluster`` (the pod's service account),
     #: ``kubeconfig`` (``$KUBECONFIG`` or ``~/.kube/config``) or ``kubeconfig:PATH``.
@@ -221,6 +246,19 @@ class Settings(BaseSettings):
             return None
         return v.rstrip("/")
 
+    @field_validator("metadata_service_url")
+    @classmethod
+    def _check_metadata_service_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"METADATA_SERVICE_URL={v!r}: use the http(s) URL of an overnight serve, "
+                             "such as http://10.0.0.5:8000")
+        return v.rstrip("/")
+
     @field_validator("planning_policy")
     @classmethod
     def _check_policy(cls, v: str) -> str:
@@ -278,6 +316,10 @@ class Settings(BaseSettings):
 
     def spool_dir(self) -> Path:
         return (self.data_dir / "spool").resolve()
+
+    def console_mds_key_map(self) -> dict[str, str]:
+        """``console_mds_keys`` as ``{tenant: key}``."""
+        return parse_tenant_keys(self.console_mds_keys)
 
     def tenant_for_key(self) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -230,6 +230,130 @@ def serve(
         raise typer.Exit(3)  # what uvicorn.run exits with when startup fails (e.g. port in use)
 
 
+@app.command("console")
+def console_command(
+    host: Annotated[str, typer.Option(help="Interface to listen on.", **_env("host"))] = _default("host"),
+    port: Annotated[int, typer.Option(help="Port to listen on.", **_env("port"))] = 8001,
+    data_dir: Annotated[
+        Path, typer.Option(help="Where the console's store (jobs, models) and the fake provider's state live.",
+                           **_env("data_dir"))
+    ] = Path("./overnight-console-data"),
+    metadata_service_url: Annotated[
+        Optional[str],
+        typer.Option(help="The batches service (an overnight serve) batches are created and files kept at, "
+                          "over its OpenAI-compatible API: http://host:port.",
+                     show_default="none; required", envvar=["METADATA_SERVICE_URL", "OVERNIGHT_METADATA_SERVICE_URL"],
+                     show_envvar=True),
+    ] = None,
+    templates_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Directory of model deployment templates and profiles (YAML) jobs may name.",
+                     show_default="none", **_env("templates_dir")),
+    ] = None,
+    store: Annotated[
+        Optional[str],
+        typer.Option(help="The console's record store URL: sqlite://, postgresql://, redis:// or mongodb://.",
+                     show_default="sqlite:///<data-dir>/overnight.db", **_env("store_url")),
+    ] = None,
+    log_level: Annotated[LogLevel, typer.Option(help="Lowest level of log lines printed.", case_sensitive=False)] = (
+        LogLevel.info
+    ),
+) -> None:
+    """Run the console (/api/v1: jobs, models, file proxy, catalog, and the planner) as its own process,
+    talking to the batches service only through its OpenAI-compatible API."""
+    import uvicorn
+
+    _logging(log_level)
+    try:
+        import openai  # noqa: F401
+    except ImportError:
+        typer.secho("overnight console needs the openai SDK: pip install 'overnight[client]'", err=True,
+                    fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    if not metadata_service_url:
+        typer.secho("overnight console cannot start: give --metadata-service-url or METADATA_SERVICE_URL "
+                    "(the http://host:port of an overnight serve)", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    overrides = {"host": host, "port": port, "data_dir": data_dir, "metadata_service_url": metadata_service_url,
+                 "templates_dir": templates_dir, "store_url": store}
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        typer.secho(f"overnight console cannot start: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    reachable = _console_preflight(settings)
+
+    from overnight.api.console_app import create_console_app
+
+    fastapi_app = create_console_app(settings)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                typer.echo(console_banner(settings, reachable))
+                sys.stdout.flush()
+
+    server = _Server(uvicorn.Config(fastapi_app, host=settings.host, port=settings.port, loop="uvloop",
+                                    http="httptools", log_level=log_level.value, access_log=False,
+                                    timeout_graceful_shutdown=30))
+    server.run()
+    if not server.started:
+        raise typer.Exit(3)
+
+
+def _console_preflight(settings: Settings) -> bool:
+    """What ``overnight console`` checks before serving: every tenant has a key at
+    the batches service, the store opens (exit 2 naming the problem otherwise).
+    Returns whether the batches service answers now; it need not (jobs wait)."""
+    import asyncio
+
+    import httpx
+
+    from overnight.console.remote import check_mds_keys
+    from overnight.errors import OvernightError
+    from overnight.store import connect_store
+
+    async def check() -> None:
+        s = connect_store(settings.resolved_store_url())
+        await s.open()
+        await s.aclose()
+
+    try:
+        check_mds_keys(settings.tenant_for_key(), settings.console_mds_key_map())
+        asyncio.run(check())
+    except ValueError as exc:
+        typer.secho(f"overnight console cannot start: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    except OvernightError as exc:
+        typer.secho(f"overnight console cannot start: {exc.message}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    try:
+        return httpx.get(f"{settings.metadata_service_url}/health", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def console_banner(settings: Settings, reachable: bool) -> str:
+    """What ``console`` prints once it listens."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    keys = settings.tenant_for_key()
+    if keys:
+        auth = (f"keyed mode: {len(keys)} API key{'s' if len(keys) != 1 else ''} from OVERNIGHT_API_KEYS; "
+                "each tenant acts at the batches service with its key from OVERNIGHT_CONSOLE_MDS_KEYS")
+    else:
+        auth = "open mode: no OVERNIGHT_API_KEYS, any API key is accepted and all requests share one tenant"
+    mds = _redact(settings.metadata_service_url or "")
+    rows = [
+        ("api", f"http://{host}:{settings.port}/api/v1"),
+        ("batches", mds + ("" if reachable else "  (not answering now: jobs wait for it)")),
+        ("data dir", str(settings.data_dir.resolve())),
+        ("store", _redact(settings.resolved_store_url())),
+        ("auth", auth),
+    ]
+    return f"overnight {__version__} console is serving\n" + "\n".join(f"  {k:<9} {v}" for k, v in rows)
+
+
 def _redact(url: str) -> str:
     """``url`` without a password or secret query values, for printing."""
     parts = urlsplit(url)

@@ -7,6 +7,7 @@ a 404, identical to an unknown id. The business rules are in ``console/``.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import Annotated, Any
 
@@ -18,7 +19,9 @@ from overnight.api.routes import files as file_routes
 from overnight.console import jobs as job_service
 from overnight.console import models as model_service
 from overnight.console import templates as template_service
+from overnight.api.multipart import Field, FileData, FileEnd, FileStart, form_events
 from overnight.errors import InvalidRequestError, NotFoundError
+from overnight.files import service as file_service
 
 router = APIRouter(prefix="/api/v1", tags=["console"])
 
@@ -171,15 +174,80 @@ async def _json(request: Request) -> Any:
 
 
 # -- the file proxy --------------------------------------------------------------------------------
+# ``overnight serve`` keeps the files itself; ``overnight console`` as its own process
+# (``api/console_app.py``) forwards them to the batches service, where they live.
+def _remote(request: Request) -> Any:
+    """The batches service, when this process is the console on its own (files live there)."""
+    return getattr(request.app.state.services, "remote", None)
+
+
 @router.post("/files/upload")
 async def upload_file(request: Request, store: StoreDep, storage: StorageDep, tenant: TenantDep,
                       settings: SettingsDep) -> dict[str, Any]:
+    remote = _remote(request)
+    if remote is not None:
+        return await _forward_upload(request, remote, tenant, settings)
     return await file_routes.create_file(request, store, storage, tenant, settings)
 
 
 @router.get("/files/{file_id}/content")
-async def file_content(file_id: str, store: StoreDep, storage: StorageDep, tenant: TenantDep) -> StreamingResponse:
+async def file_content(request: Request, file_id: str, store: StoreDep, storage: StorageDep,
+                       tenant: TenantDep) -> StreamingResponse:
+    remote = _remote(request)
+    if remote is not None:
+        headers, chunks = await remote.content(tenant=tenant, file_id=file_id)
+        media = headers.pop("content-type", "application/octet-stream")
+        return StreamingResponse(chunks, media_type=media, headers=headers)
     return await file_routes.file_content(file_id, store, storage, tenant)
+
+
+async def _forward_upload(request: Request, remote: Any, tenant: str, settings: Any) -> dict[str, Any]:
+    """Read the multipart upload as it arrives into a spool file (memory up to
+    8 MiB, then the data dir, the one writable place; never past this server's
+    upload limit), then send it to the batches service as the tenant."""
+    fields: dict[str, str] = {}
+    filename, seen_file, done, size = "upload", False, False, 0
+    spool_dir = settings.data_dir / "tmp"
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.SpooledTemporaryFile(max_size=8 << 20, dir=spool_dir) as spool:
+        async for ev in form_events(request.headers.get("content-type", ""), request.stream()):
+            if isinstance(ev, Field):
+                fields[ev.name] = ev.value
+                if ev.name == "purpose":
+                    file_service.check_purpose(ev.value)
+            elif isinstance(ev, FileStart):
+                if ev.name != "file":
+                    raise InvalidRequestError(f"Unexpected file field {ev.name!r}; send the file as 'file'.",
+                                              param=ev.name)
+                if seen_file:
+                    raise InvalidRequestError("Send exactly one file per upload.", param="file")
+                seen_file, filename = True, ev.filename or "upload"
+            elif isinstance(ev, FileData):
+                size += len(ev.data)
+                limit = file_routes._limit_for(fields.get("purpose"), settings)
+                if size > limit:
+                    raise InvalidRequestError(f"File is larger than the {limit}-byte upload limit.", param="file",
+                                              code="file_too_large")
+                spool.write(ev.data)
+            elif isinstance(ev, FileEnd):
+                done = True
+        if not seen_file or not done:
+            raise InvalidRequestError("Missing required parameter: 'file'.", param="file",
+                                      code="missing_required_parameter")
+        purpose = fields.get("purpose")
+        if not purpose:
+            raise InvalidRequestError("Missing required parameter: 'purpose'.", param="purpose",
+                                      code="missing_required_parameter")
+        limit = file_routes._limit_for(purpose, settings)
+        if size > limit:
+            raise InvalidRequestError(f"File is larger than the {limit}-byte upload limit.", param="file",
+                                      code="file_too_large")
+        expires_s = file_service.parse_expires_after(fields.get("expires_after[anchor]"),
+                                                     fields.get("expires_after[seconds]"))
+        spool.seek(0)
+        return await remote.upload(
+            tenant=tenant, filename=filename, file=spool, purpose=purpose,
+            expires_after={"anchor": "created_at", "seconds": expires_s} if expires_s else None)
 
 
 # -- the catalog -----------------------------------------------------------------------------------
