@@ -129,8 +129,18 @@ def test_a_job_runs_its_whole_life_through_the_console_process(console: SplitCon
 
 
 def test_an_input_dataset_is_checked_at_the_batches_service(console: SplitConsole) -> None:
-    console.start()
-    with console.http() as c:
+    console.start(OVERNIGHT_MAX_INPUT_BYTES=str(10 << 20))
+    with console.http() as c, console.mds_http() as m:
+        # Past the edge's JSON limit and the spool's memory part: streamed, spooled to disk, sent on whole.
+        big = make_input_file(console.tmp / "big.jsonl", 58_000, model="tiny").read_bytes()
+        assert 8 << 20 < len(big) < 10 << 20
+        up = c.post("/api/v1/files/upload", files={"file": ("big.jsonl", big)}, data={"purpose": "batch"})
+        assert up.status_code == 200, up.text
+        assert up.json()["bytes"] == len(big) and up.json()["filename"] == "big.jsonl"
+        assert m.get(f"/v1/files/{up.json()['id']}/content").content == big
+        r = c.post("/api/v1/files/upload", files={"file": ("big.jsonl", big + big[:2 << 20])}, data={"purpose": "batch"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "file_too_large"
+        assert len(m.get("/v1/files").json()["data"]) == 1  # the refused one never reached MDS
         base = {"endpoint": "/v1/chat/completions", "model_template_name": "tiny"}
         r = c.post("/api/v1/jobs", json={"input_dataset": "file-nope", **base})
         assert r.status_code == 404 and "file-nope" in r.json()["error"]["message"]
