@@ -405,7 +405,7 @@ async def open_console(settings: Settings) -> AsyncIterator[ConsoleServices]:
         stack.push_async_callback(remote.aclose)
         console = Console(
             store=store, storage=None, settings=settings, rules=RuntimeRules(templates=templates),
-            provisioners=build_provisioners(settings),
+            provisioners=build_provisioners(settings, templates=templates),  # local: this host's GPUs
             installation=await installation_id(store, settings.installation_id), limits=None, batches=remote,
         )
         console.start()
