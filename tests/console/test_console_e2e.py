@@ -6,6 +6,7 @@ After every test the provider holds no live resource for any job."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -81,6 +82,19 @@ class Console:
             time.sleep(0.1)
         raise TimeoutError(f"job {job_id}: no release_confirmed: {j['events']}")
 
+    def clean_up(self) -> list[dict]:
+        """What the provider still holds at the end of a test, then killed, so that a
+        failed test does not leave mock engines running for the next ones."""
+        left = self.live_resources()
+        for item in left:
+            pid = item.get("process") or item.get("pid")
+            if pid:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return left
+
     def live_resources(self) -> list[dict]:
         """What the fake provider still holds: records not released, and their processes."""
         out = []
@@ -104,7 +118,8 @@ def console(cluster: Cluster, tmp_path: Path):
     c = Console(cluster, tmp_path)
     yield c
     cluster.close()
-    assert not c.live_resources(), c.live_resources()
+    left = c.clean_up()
+    assert not left, left
 
 
 def _types(job: dict) -> list[str]:

@@ -43,7 +43,8 @@ def console(cluster: Cluster, tmp_path: Path):
     c = Console(cluster, tmp_path)
     yield c
     cluster.close()
-    assert not c.live_resources(), c.live_resources()
+    left = c.clean_up()
+    assert not left, left
 
 
 def test_console_metrics_move_with_the_jobs(console: Console) -> None:

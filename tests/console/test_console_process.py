@@ -85,7 +85,8 @@ def console(cluster: Cluster, tmp_path: Path):
     c = SplitConsole(cluster, tmp_path)
     yield c
     cluster.close()
-    assert not c.live_resources(), c.live_resources()
+    left = c.clean_up()
+    assert not left, left
 
 
 types = e2e._types

@@ -36,7 +36,8 @@ def console(cluster: Cluster, tmp_path: Path):
     c = Console(cluster, tmp_path)
     yield c
     cluster.close()
-    assert not c.live_resources(), c.live_resources()
+    left = c.clean_up()
+    assert not left, left
 
 
 def model(c: httpx.Client, name: str = "qwen") -> str:
