@@ -44,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         public=public_paths(metrics_require_key=settings.metrics_require_key, public_docs=settings.public_docs)
         | console.PUBLIC_PATHS,
         max_json_body_bytes=settings.max_json_body_bytes,
+        # Uploads are streamed by their routes (the console's file proxy as well), never buffered here.
+        streamed=frozenset({("POST", "/v1/files"), ("POST", "/api/v1/files/upload")}),
     )
     install_error_handlers(app)
     app.include_router(health.router)

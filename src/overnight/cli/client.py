@@ -476,13 +476,13 @@ def _view_for(ctx: Ctx) -> View:
     return PlainView()
 
 
-def _ask_cancel_or_detach(ctx: Ctx) -> str:
+def _ask_cancel_or_detach(ctx: Ctx, what: str = "batch") -> str:
     """'c' or 'd' from the person at the terminal; a second Ctrl-C or EOF detaches
-    (leaving the batch running is the choice that loses nothing)."""
+    (leaving the batch or job running is the choice that loses nothing)."""
     import click
 
     while True:
-        ctx.err.print("cancel the batch or detach? [c/d] ", end="", markup=False)
+        ctx.err.print(f"cancel the {what} or detach? [c/d] ", end="", markup=False)
         try:
             answer = click.getchar(echo=True).strip().lower()
         except (KeyboardInterrupt, EOFError):

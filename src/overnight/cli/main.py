@@ -14,6 +14,7 @@ import typer
 from overnight import __version__
 from overnight.cli.client import batch_app, files_app
 from overnight.cli.db import db_app
+from overnight.cli.jobs import jobs_app
 from overnight.cli.run import run_command
 from overnight.cli.templates import templates_app
 from overnight.cli.worker import worker_command
@@ -32,6 +33,7 @@ app.add_typer(db_app, name="db", help="Schema migrations for SQL stores.")
 app.add_typer(templates_app, name="templates", help="Model deployment templates and profiles: list, show, validate.")
 app.add_typer(batch_app, name="batch", help="Batches on a running overnight serve: create (--wait: live view), list, get, watch, cancel, download.")
 app.add_typer(files_app, name="files", help="Files on a running overnight serve: list, upload, download, delete.")
+app.add_typer(jobs_app, name="jobs", help="Console jobs on a running overnight serve (a resource provisioned per job): create (--wait: live view), list, get, watch, cancel.")
 app.command("run")(run_command)
 app.command("worker")(worker_command)
 
