@@ -1,5 +1,6 @@
-// The console's client for the server's OpenAI-compatible API: the same /v1/files
-// and /v1/batches routes the SDK calls, with the key as a Bearer token.
+// The console's client for the server's OpenAI-compatible API (the same /v1/files
+// and /v1/batches routes the SDK calls) and for overnight's own console API
+// (/api/v1: jobs, the file proxy, the catalog), with the key as a Bearer token.
 
 /** An API failure: the HTTP status (0 when the server could not be reached) and
  * the server's OpenAI-shaped error message, param and code. */
@@ -19,8 +20,10 @@ export function isHeaderSafe(key) {
 }
 
 // Relative to the page (/console/), so a server mounted under a path prefix works too.
-function apiUrl(path) {
-  return new URL(`../v1/${path}`, document.baseURI);
+// "v1" is the OpenAI-compatible API, "console" the job API beside it.
+const BASES = {v1: "../v1/", console: "../api/v1/"};
+function apiUrl(path, base = "v1") {
+  return new URL(`${BASES[base]}${path}`, document.baseURI);
 }
 
 export class Api {
@@ -29,7 +32,7 @@ export class Api {
   }
 
   /** One call; JSON back unless raw (then the Response). */
-  async request(method, path, {json, form, raw = false, signal} = {}) {
+  async request(method, path, {json, form, raw = false, signal, base = "v1"} = {}) {
     const headers = {Authorization: `Bearer ${this.key}`};
     let body;
     if (json !== undefined) {
@@ -40,7 +43,7 @@ export class Api {
     }
     let res;
     try {
-      res = await fetch(apiUrl(path), {method, headers, body, cache: "no-store", signal});
+      res = await fetch(apiUrl(path, base), {method, headers, body, cache: "no-store", signal});
     } catch (err) {
       if (err && err.name === "AbortError") throw err;
       throw new ApiError(0, "The server could not be reached. Check that it is running.");
@@ -103,5 +106,56 @@ export class Api {
 
   listModels() {
     return this.request("GET", "models");
+  }
+
+  // -- console jobs (/api/v1) -----------------------------------------------------------
+
+  /** Whether this server has the job API (a server with OVERNIGHT_CONSOLE=false answers 404). */
+  async hasJobs() {
+    try {
+      await this.listJobs({limit: 1});
+      return true;
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 404) return false;
+      if (err instanceof ApiError && err.status === 401) throw err;
+      return true; // another failure says nothing about the API: the section shows it
+    }
+  }
+
+  listJobs({limit = 20, after} = {}) {
+    const q = new URLSearchParams({limit: String(limit)});
+    if (after) q.set("after", after);
+    return this.request("GET", `jobs?${q}`, {base: "console"});
+  }
+
+  getJob(id) {
+    return this.request("GET", `jobs/${encodeURIComponent(id)}`, {base: "console"});
+  }
+
+  createJob(body) {
+    return this.request("POST", "jobs", {json: body, base: "console"});
+  }
+
+  cancelJob(id) {
+    return this.request("POST", `jobs/${encodeURIComponent(id)}/cancel`, {base: "console"});
+  }
+
+  /** An input dataset through the console's file proxy (where a job's files live). */
+  uploadDataset(file) {
+    const form = new FormData();
+    form.append("purpose", "batch");
+    form.append("file", file, file.name);
+    return this.request("POST", "files/upload", {form, base: "console"});
+  }
+
+  /** A job's dataset (input, output or errors) as a Blob, through the file proxy. */
+  async datasetBlob(id) {
+    const res = await this.request("GET", `files/${encodeURIComponent(id)}/content`, {raw: true, base: "console"});
+    return res.blob();
+  }
+
+  /** GPU types, regions and prices per configured provider. */
+  catalog() {
+    return this.request("GET", "catalog", {base: "console"});
   }
 }

@@ -4,13 +4,14 @@
 import {Api, ApiError, isHeaderSafe} from "./api.js";
 import {BatchDetailView, BatchListView} from "./batches.js";
 import {h, replace} from "./dom.js";
+import {JobDetailView, JobListView} from "./jobs.js";
 
 const KEY_STORAGE = "overnight.console.apiKey";
 const POLL_MS = 2000;
 
-// The console's sections, one nav link each. A section is listed only once the
-// server has its API: console jobs (/api/v1/jobs) join here as {id: "jobs", ...}
-// when they exist; until then there is no Jobs link at all.
+// The console's sections, one nav link each. A section with ``available`` is
+// listed only when the server has its API (asked once per sign-in): a server
+// without the console (OVERNIGHT_CONSOLE=false) has no Jobs link at all.
 const SECTIONS = [
   {
     id: "batches",
@@ -18,6 +19,15 @@ const SECTIONS = [
     routes: [
       [/^\/batches\/?$/, () => (ctx) => new BatchListView(ctx)],
       [/^\/batches\/([^/]+)$/, (m) => (ctx) => new BatchDetailView(ctx, decodeURIComponent(m[1]))],
+    ],
+  },
+  {
+    id: "jobs",
+    label: "Jobs",
+    available: (api) => api.hasJobs(),
+    routes: [
+      [/^\/jobs\/?$/, () => (ctx) => new JobListView(ctx)],
+      [/^\/jobs\/([^/]+)$/, (m) => (ctx) => new JobDetailView(ctx, decodeURIComponent(m[1]))],
     ],
   },
 ];
@@ -32,6 +42,7 @@ class Console {
     this.section = null;
     this.timer = null;
     this.generation = 0; // bumps on every view change / sign-out: stale polls are dropped
+    this.sections = []; // the sections this server has, for the key signed in with
   }
 
   start() {
@@ -41,10 +52,6 @@ class Console {
     document.addEventListener("visibilitychange", () => {
       if (!document.hidden && this.view) this.poll(this.generation);
     });
-    const links = $("section-links");
-    for (const s of SECTIONS) {
-      links.append(h("li", {}, h("a", {href: `#/${s.id}`, "data-section": s.id, text: s.label})));
-    }
     const key = sessionStorage.getItem(KEY_STORAGE);
     if (key) this.enter(key, {focus: false});
     else this.showSignIn();
@@ -92,18 +99,38 @@ class Console {
     this.enter(key, {focus: true});
   }
 
-  enter(key, {focus}) {
-    this.api = new Api(key);
+  async enter(key, {focus}) {
+    const api = new Api(key);
+    this.api = api;
     $("sign-in").hidden = true;
-    $("sections").hidden = false;
     $("account").hidden = false;
     if (!location.hash.startsWith("#/")) history.replaceState(null, "", HOME);
+    let sections;
+    try {
+      sections = await this.availableSections(api);
+    } catch (err) {
+      if (this.api === api) this.fail(err, "Could not load the console");
+      return;
+    }
+    if (this.api !== api) return; // signed out meanwhile
+    this.sections = sections;
+    replace($("section-links"), sections.map((s) =>
+      h("li", {}, h("a", {href: `#/${s.id}`, "data-section": s.id, text: s.label}))));
+    $("sections").hidden = false;
     this.route({focus});
+  }
+
+  /** The sections whose API this server has (a refused key signs out through fail()). */
+  async availableSections(api) {
+    const found = await Promise.all(SECTIONS.map((s) => (s.available ? s.available(api) : true)));
+    return SECTIONS.filter((_, i) => found[i]);
   }
 
   signOut(message) {
     sessionStorage.removeItem(KEY_STORAGE);
     this.api = null;
+    this.sections = [];
+    replace($("section-links"));
     this.stopView();
     $("notice").textContent = "";
     this.showSignIn(message === "Signed out." ? "" : message);
@@ -114,12 +141,12 @@ class Console {
   // -- views ---------------------------------------------------------------------------
 
   route({focus}) {
-    if (!this.api) return;
+    if (!this.api || !this.sections.length) return; // still asking the server which sections it has
     const path = location.hash.startsWith("#/") ? location.hash.slice(1) : null;
     if (path === null) return; // an in-page anchor (the skip link): not a route
     let make = null;
     let section = null;
-    for (const s of SECTIONS) {
+    for (const s of this.sections) {
       for (const [pattern, factory] of s.routes) {
         const m = pattern.exec(path);
         if (m) {

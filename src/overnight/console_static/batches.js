@@ -56,7 +56,7 @@ function progressMeter(name) {
   };
 }
 
-function statusBadge() {
+export function statusBadge() {
   const el = h("span", {class: "badge"});
   return {
     el,
@@ -81,7 +81,7 @@ function summaryPairs(batch) {
 
 /** Something JSON-shaped as nested description lists (the overnight section);
  * fields without a value are left out. */
-function renderValue(key, value, nested = true) {
+export function renderValue(key, value, nested = true) {
   if (value === null || value === undefined || value === "") return "—";
   if (Array.isArray(value)) {
     if (value.length === 0) return "none";
@@ -553,7 +553,7 @@ export class BatchDetailView {
 }
 
 /** Replace el's children only when what they say changed (keeps a screen reader's place). */
-function setIfChanged(el, content) {
+export function setIfChanged(el, content) {
   const nodes = Array.isArray(content) ? content : [content];
   const probe = h("div", {}, nodes.map((n) => (n instanceof Node ? n.cloneNode(true) : n)));
   if (probe.innerHTML === el.innerHTML) return;
