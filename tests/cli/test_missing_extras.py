@@ -74,3 +74,41 @@ def test_serve_names_the_missing_extra(blocked: str, args: list[str], extra: str
 def test_db_names_the_missing_extra(blocked: str, args: list[str], extra: str, command: str) -> None:
     proc = _run_without(blocked, "db", command, *args)
     _assert_one_clear_line(proc, extra)
+
+
+def test_serve_runs_with_no_extra_installed(tmp_path: Path) -> None:
+    # What `pip install -e . && overnight serve` gives on a fresh machine: no extra at
+    # all. Every optional module is made unimportable; the service must start, answer
+    # /health and run the console (whose default provider needs no extra).
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    blocked = "asyncpg,alembic,redis,pymongo,bson,obstore,kubernetes_asyncio,openai,aiohttp,moto"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_RUNNER, blocked, "serve", "--port", str(port), "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **{k: v for k, v in os.environ.items()
+                                                                    if k.startswith("PYTHON")}},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise TimeoutError("serve did not answer /health")
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/jobs", headers={"Authorization": "Bearer k"}, timeout=5)
+        assert r.status_code == 200 and r.json()["object"] == "list"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -39,17 +39,20 @@ from overnight.executor.run import Outcome
 from overnight.executor.usage import Usage
 from overnight.executor.writer import Spool
 from overnight.files.service import storage_key_for
-from overnight.runtimes.kubernetes.job import MAX_EVENTS, JobView
 from overnight.store.records import BatchRecord, ShardRecord
 from overnight.templates.resolve import Resolved
 
 if TYPE_CHECKING:
+    from overnight.runtimes.kubernetes.job import JobView
     from overnight.runtimes.kubernetes.job import KubernetesJobRuntime
     from overnight.scheduler.runner import BatchRunner
 
 __all__ = ["RemoteOptions", "run_on_job"]
 
 log = logging.getLogger("overnight.scheduler")
+
+#: Most events kept on a batch record (pod problems, failed workers).
+MAX_EVENTS = 20
 S = BatchStatus
 
 

@@ -51,8 +51,6 @@ _STUCK_REASONS = frozenset({
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
     "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
 })
-#: Most events kept on a batch record.
-MAX_EVENTS = 20
 #: How long ``release`` waits for the Job and its pods to be gone.
 RELEASE_TIMEOUT_S = 180.0
 
