@@ -427,6 +427,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_the_wheel_installed_in_a_fresh_venv_runs_like_the_image(wheel: Path, tmp_path: Path) -> None:
     """``pip install <wheel>[all]`` into a new venv, then the image's ENTRYPOINT + CMD
     and HEALTHCHECK from it. The venv sees this environment's site-packages

@@ -103,6 +103,7 @@ def test_create_wait_json_downloads_the_output_next_to_the_input(server: Proc, t
     assert again.returncode == 2 and "server said 409" in again.stderr and "completed" in again.stderr
 
 
+@pytest.mark.slow
 def test_create_without_wait_then_watch_get_list_download(server: Proc, tmp_path: Path) -> None:
     inp = write_input(tmp_path / "work.jsonl", 6)
     created = cli(server, "batch", "create", str(inp), "--json")  # the endpoint from the first line
@@ -166,6 +167,7 @@ def test_a_template_is_sent_as_the_overnight_extension(server: Proc, tmp_path: P
 # -- files -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_files_upload_list_download_delete(server: Proc, tmp_path: Path) -> None:
     inp = write_input(tmp_path / "up.jsonl", 4)
     up = cli(server, "files", "upload", str(inp), "--json")

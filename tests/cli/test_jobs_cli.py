@@ -143,6 +143,7 @@ def test_create_wait_json_runs_the_job_and_downloads_its_output_next_to_the_inpu
     assert job_api(server, job["id"])["output_dataset"] == job["output_dataset"]
 
 
+@pytest.mark.slow
 def test_an_input_over_a_mebibyte_goes_up_through_the_console_upload(server: Proc, tmp_path: Path) -> None:
     # Bigger than OVERNIGHT_MAX_JSON_BODY_BYTES (1 MiB): the upload is streamed, never buffered.
     inp = make_input_file(tmp_path / "big.jsonl", 24, model="tiny", content="x" * 100_000)
@@ -153,6 +154,7 @@ def test_an_input_over_a_mebibyte_goes_up_through_the_console_upload(server: Pro
     assert job["status"] == "completed" and job["request_counts"]["completed"] == 24
 
 
+@pytest.mark.slow
 def test_create_then_watch_get_and_list_without_a_terminal(server: Proc, tmp_path: Path) -> None:
     inp = make_input_file(tmp_path / "work.jsonl", 6, model="tiny")
     created = cli(server, "jobs", "create", str(inp), "--template", "tiny", "--json")  # endpoint from line 1
@@ -194,6 +196,7 @@ def test_create_then_watch_get_and_list_without_a_terminal(server: Proc, tmp_pat
     assert f"more: overnight jobs list --after {first['last_id']}" in more.stdout
 
 
+@pytest.mark.slow
 def test_a_job_that_ends_badly_exits_1_with_its_message(server: Proc, tmp_path: Path) -> None:
     # A deadline 30 s away: the resource is ready in time, but less than a minute
     # is left for the batch, so the job is submit_failed (and its resource released).
@@ -216,6 +219,7 @@ def test_a_job_that_ends_badly_exits_1_with_its_message(server: Proc, tmp_path: 
     assert job["status"] == "failed" and job["error_message"], job
 
 
+@pytest.mark.slow
 def test_cancel_a_running_job_then_watch_it_end(server: Proc, tmp_path: Path) -> None:
     created = cli(server, "jobs", "create", str(slow_input(tmp_path / "slow.jsonl")), "--template", "tiny", "--json")
     job_id = one_json(created)["id"]
@@ -257,6 +261,7 @@ def test_4xx_and_usage_errors_exit_2(server: Proc, tmp_path: Path) -> None:
     assert cli("ftp://x", "jobs", "list").returncode == 2
 
 
+@pytest.mark.slow
 def test_server_down_exits_3_naming_the_url(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     proc = cli(url, "jobs", "list")
@@ -301,6 +306,7 @@ def stand_in() -> Iterator[tuple[str, type[_Recorder]]]:
         httpd.server_close()
 
 
+@pytest.mark.slow
 def test_5xx_exits_1_401_exits_2_and_the_api_key_is_sent(stand_in: tuple[str, type[_Recorder]]) -> None:
     url, handler = stand_in
     proc = cli(url, "jobs", "get", "job_1", "--api-key", "sk-flag")
@@ -355,6 +361,7 @@ def test_live_view_shows_the_events_as_they_arrive_then_the_progress_and_the_sum
     assert shown[0] == "queued" and shown[-1] == "release_confirmed" and len(shown) == len(set(shown)), shown
 
 
+@pytest.mark.slow
 def test_live_view_ctrl_c_detaches_or_cancels_the_job(server: Proc, tmp_path: Path) -> None:
     slow_input(tmp_path / "in.jsonl")
     child = spawn(server, "jobs", "create", "in.jsonl", "--template", "tiny", "--wait", "--interval", "0.2",

@@ -274,6 +274,7 @@ def test_template_model_must_match_the_lines(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["in.jsonl"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_releases_the_engine_and_the_same_command_resumes(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
     n = 1200
@@ -308,6 +309,7 @@ def test_sigterm_exits_143(engine, tmp_path: Path) -> None:
     assert "stopped by SIGTERM" in log
 
 
+@pytest.mark.slow
 def test_engine_crash_mid_run_stops_with_its_log_and_the_same_command_resumes(tmp_path: Path) -> None:
     tag = uuid.uuid4().hex
     n = 1200

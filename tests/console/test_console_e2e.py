@@ -163,6 +163,7 @@ def test_cancel_while_the_resource_is_being_prepared_releases_it(console: Consol
         assert "cancel_requested" in _types(done) and "release_confirmed" in _types(done)
 
 
+@pytest.mark.slow
 def test_cancel_while_the_batch_runs_cancels_it_then_releases(console: Console) -> None:
     console.start(OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="200")
     with console.http() as c:
@@ -183,6 +184,7 @@ def test_a_provider_that_refuses_fails_the_job_with_its_message(console: Console
         assert done["status"] == "resource_failed" and "is not offered" in done["error_message"]
 
 
+@pytest.mark.slow
 def test_no_capacity_is_retried_until_the_provisioning_timeout(console: Console) -> None:
     console.start(OVERNIGHT_FAKE_FAIL_PROVISION="always", OVERNIGHT_PROVISION_TIMEOUT_S="2")
     with console.http() as c:
@@ -202,6 +204,7 @@ def test_a_batch_that_cannot_be_created_is_submit_failed_and_released(console: C
         console.wait_released(c, j["id"])
 
 
+@pytest.mark.slow
 def test_a_failing_release_is_retried_until_the_provider_confirms(console: Console) -> None:
     console.start(OVERNIGHT_FAKE_FAIL_RELEASE="2")
     with console.http() as c:
@@ -211,6 +214,7 @@ def test_a_failing_release_is_retried_until_the_provider_confirms(console: Conso
         assert _types(done).count("release_failed") == 2 and "release_confirmed" in _types(done)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["resource_preparing", "in_progress"])
 def test_the_planner_killed_at_a_stage_continues_after_a_restart(console: Console, stage: str) -> None:
     env = {"OVERNIGHT_FAKE_PROVIDER_DELAY_S": "2"} if stage == "resource_preparing" else \
@@ -232,6 +236,7 @@ def test_the_planner_killed_at_a_stage_continues_after_a_restart(console: Consol
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1
 
 
+@pytest.mark.slow
 def test_a_deadline_too_close_for_the_provider_fails_the_job(console: Console) -> None:
     console.start(OVERNIGHT_FAKE_PROVIDER_DELAY_S="30")
     with console.http() as c:
@@ -241,6 +246,7 @@ def test_a_deadline_too_close_for_the_provider_fails_the_job(console: Console) -
         console.wait_released(c, j["id"])
 
 
+@pytest.mark.slow
 def test_pages_hold_every_job_once_while_jobs_change_state(console: Console) -> None:
     console.start()
     with console.http() as c:
@@ -308,6 +314,7 @@ def test_jobs_wait_queued_for_a_provisioning_slot_and_a_queued_cancel_asks_nothi
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # only the first job's
 
 
+@pytest.mark.slow
 def test_a_queued_job_survives_the_planner_killed_and_runs_after_the_restart(console: Console) -> None:
     env = {"PLANNER_MAX_PROVISIONING": "1", "OVERNIGHT_FAKE_PROVIDER_DELAY_S": "2"}
     server = console.start(**env)

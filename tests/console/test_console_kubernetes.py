@@ -18,6 +18,9 @@ from tests.kubernetes.controller import Controller
 from tests.kubernetes.fake_apiserver import FakeApiServer
 from tests.kubernetes.kubelet import wait_until
 
+# Many processes and seconds each: in the slow CI step (.ci/run); the default run keeps the core console tests.
+pytestmark = pytest.mark.slow
+
 CONSOLE = {"app.kubernetes.io/managed-by": MANAGED_BY_CONSOLE}
 
 

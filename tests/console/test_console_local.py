@@ -21,6 +21,9 @@ from overnight.runtimes.local import OWNER_ENV
 from tests.conftest import Cluster
 from tests.console.test_console_e2e import Console
 
+# Many processes and seconds each: in the slow CI step (.ci/run); the default run keeps the core console tests.
+pytestmark = pytest.mark.slow
+
 SLOW = """\
 kind: ModelDeploymentTemplate
 name: slow

@@ -15,6 +15,9 @@ from tests.conftest import Cluster
 from tests.console.test_console_e2e import Console
 from tests.factories import make_input_file
 
+# Many processes and seconds each: in the slow CI step (.ci/run); the default run keeps the core console tests.
+pytestmark = pytest.mark.slow
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

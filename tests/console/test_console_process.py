@@ -26,6 +26,9 @@ from tests.conftest import FAST_ENV, Cluster, Proc, free_port
 from tests.console import test_console_e2e as e2e
 from tests.factories import make_input_file
 
+# Many processes and seconds each: in the slow CI step (.ci/run); the default run keeps the core console tests.
+pytestmark = pytest.mark.slow
+
 PLANNER_ENV = {"OVERNIGHT_PLANNER_TICK_S": "0.2", "OVERNIGHT_PLANNER_POLL_S": "0.2"}
 
 

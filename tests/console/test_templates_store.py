@@ -102,6 +102,7 @@ def test_a_stored_template_runs_jobs_named_by_template_or_by_model(console: Cons
             assert done["request_counts"]["completed"] == 5
 
 
+@pytest.mark.slow
 def test_the_list_pages_like_jobs_and_holds_only_the_models_templates(console: Console) -> None:
     console.start()
     with console.http() as c:
@@ -182,6 +183,7 @@ def test_another_tenant_can_neither_see_nor_use_a_template(console: Console) -> 
         assert a.get(f"/api/v1/models/{am}/deployment-templates/by-name/secret-sauce").json()["id"] == t["id"]
 
 
+@pytest.mark.slow
 def test_a_template_in_the_store_and_the_directory_is_ambiguous(console: Console) -> None:
     console.start()
     with console.http() as c:
@@ -210,6 +212,7 @@ def test_a_template_in_the_store_and_the_directory_is_ambiguous(console: Console
             assert finish(console, c, jid)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_the_default_template_and_what_happens_without_one(console: Console) -> None:
     console.start(OVERNIGHT_API_KEYS="ka:alice,kb:bob", DEFAULT_BATCH_MODEL_DEPLOYMENT_TEMPLATE="house")
     with console.http("ka") as a, console.http("kb") as b:
@@ -236,6 +239,7 @@ def test_the_default_template_and_what_happens_without_one(console: Console) -> 
         assert finish(console, c, r.json()["id"])["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_model_with_several_template_names_needs_one_named(console: Console) -> None:
     console.start()
     with console.http() as c:
@@ -296,6 +300,7 @@ def _gone(c: httpx.Client, job_id: str, timeout_s: float = 20) -> None:
     raise TimeoutError(f"job {job_id} is still there")
 
 
+@pytest.mark.slow
 def test_finished_jobs_go_after_the_retention_and_active_ones_stay(console: Console) -> None:
     console.start(OVERNIGHT_CONSOLE_JOB_RETENTION_S="1", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="2000")
     with console.http() as c:
@@ -314,6 +319,7 @@ def test_finished_jobs_go_after_the_retention_and_active_ones_stay(console: Cons
         _gone(c, long["id"])  # released, then removed
 
 
+@pytest.mark.slow
 def test_a_job_whose_release_is_not_confirmed_is_kept(console: Console) -> None:
     console.start(OVERNIGHT_CONSOLE_JOB_RETENTION_S="1", OVERNIGHT_FAKE_FAIL_RELEASE="2")
     with console.http() as c:

@@ -139,6 +139,7 @@ def test_bad_concurrency_settings_are_a_400_naming_the_field(cluster, tmp_path):
         assert info.value.body["param"] == param, ext
 
 
+@pytest.mark.slow
 def test_a_batching_engine_is_kept_full_and_the_batch_shows_its_concurrency(cluster, tmp_path):
     engine = cluster.mock_engine("--batching", "knee-16")
     server = cluster.server(engine_url=engine.url)

@@ -286,6 +286,7 @@ def test_an_engine_that_crashes_mid_batch_is_restarted_and_nothing_is_lost(clust
     assert b.model_extra["overnight"]["runtime"]["restarts"] == 1
 
 
+@pytest.mark.slow
 def test_an_engine_that_keeps_crashing_fails_the_batch_naming_the_exit_code(cluster, tmp_path, no_leftovers):
     # (Its batch may notice the engine down, and leave, before the engine watch
     # does: the death must be counted either way, or it restarts for ever.)

@@ -104,6 +104,7 @@ def test_four_shards_finish_a_batch_with_every_line_exactly_once(k8s: Env) -> No
     assert b.usage.total_tokens > 0
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_its_shard_continues_from_its_checkpoint(k8s: Env) -> None:
     client = client_for(k8s.server().url)
     n, window = 8_000, 8
@@ -142,6 +143,7 @@ def test_cancel_deletes_the_job_and_writes_the_undone_lines_as_cancelled(k8s: En
     k8s.nothing_left()
 
 
+@pytest.mark.slow
 def test_expiry_deletes_the_job_and_writes_the_undone_lines_as_expired(k8s: Env) -> None:
     client = client_for(k8s.server().url)
     n = 6_000
@@ -174,6 +176,7 @@ def test_pods_that_cannot_be_scheduled_fail_the_batch_and_release_the_job(k8s: E
     k8s.nothing_left()
 
 
+@pytest.mark.slow
 def test_a_service_killed_mid_batch_reattaches_to_its_job_and_finishes(k8s: Env) -> None:
     server = k8s.server()
     client = client_for(server.url)

@@ -24,6 +24,7 @@ from tests.conftest import Cluster, Proc
 from tests.web_console.test_console_browser import A11Y_PROBLEMS, CHROMIUM, NO_SIDEWAYS_SCROLL, focused, sync_api
 
 pytestmark = [
+    pytest.mark.slow,  # many browser steps on a real job: in the slow CI step
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(),
                        reason=f"no Chromium at {CHROMIUM} (apt-get install chromium, or set OVERNIGHT_TEST_CHROMIUM)"),

@@ -127,6 +127,7 @@ def test_every_terminal_batch_is_one_verified_delivery_sent_once_it_is_readable(
         own.close()
 
 
+@pytest.mark.slow
 def test_a_receiver_that_is_down_then_failing_gets_the_event_once_it_is_back(cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
     receiver = Receiver(SECRET).start()
     try:
@@ -157,6 +158,7 @@ def test_a_receiver_that_is_down_then_failing_gets_the_event_once_it_is_back(clu
         receiver.close()
 
 
+@pytest.mark.slow
 def test_a_pending_delivery_is_sent_after_the_service_restarts(cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
     receiver = Receiver(SECRET).start()
     try:

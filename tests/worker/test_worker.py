@@ -349,6 +349,7 @@ async def test_a_live_lease_elsewhere_is_waited_for_a_bounded_time(world: World)
     assert await world.shard(bid, 0) == held  # untouched
 
 
+@pytest.mark.slow
 async def test_sigterm_checkpoints_gives_the_lease_back_and_exits_143(world: World, cluster: Cluster) -> None:
     n = 600
     engine = cluster.mock_engine("--latency-ms", "40")
@@ -377,6 +378,7 @@ async def test_sigterm_checkpoints_gives_the_lease_back_and_exits_143(world: Wor
 
 
 # -- the engine -----------------------------------------------------------------------------
+@pytest.mark.slow
 async def test_an_engine_restart_is_ridden_out(world: World, cluster: Cluster) -> None:
     n = 800
     engine = cluster.mock_engine("--latency-ms", "20")
@@ -443,6 +445,7 @@ async def test_a_cancel_stops_the_worker_without_writing_cancelled_lines(world: 
     assert "is cancelling; nothing to do" in late.log()
 
 
+@pytest.mark.slow
 async def test_the_window_ending_stops_the_worker_and_leaves_the_expired_lines_to_the_service(
     world: World, cluster: Cluster,
 ) -> None:
