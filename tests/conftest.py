@@ -16,6 +16,12 @@ import httpx
 import pytest
 
 #: Fast timings so process tests finish in seconds.
+# A CI runner may start the suite in the background, where SIGINT is ignored, and an
+# ignored signal is inherited by every process a test starts: the tests that press
+# Ctrl-C (the CLI's live view, `overnight run`) need it delivered, as on a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 FAST_ENV = {
     "OVERNIGHT_CHECKPOINT_INTERVAL_S": "0.2",
     "OVERNIGHT_HEARTBEAT_S": "0.2",
