@@ -229,12 +229,7 @@ def merge_checkpoints(total: int, parts: list[Checkpoint]) -> Checkpoint:
         failed += part.failed
         if part.usage:
             any_usage = True
-            u = Usage.from_dict(part.usage)
-            usage.input_tokens += u.input_tokens
-            usage.output_tokens += u.output_tokens
-            usage.cached_tokens += u.cached_tokens
-            usage.reasoning_tokens += u.reasoning_tokens
-            usage.ignored += u.ignored
+            usage.merge(part.usage)
         next_seq = max(next_seq, part.next_seq)
     bitmap = Bitmap(total, done.to_bytes((total + 7) // 8, "little"))
     return Checkpoint(

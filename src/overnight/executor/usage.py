@@ -69,6 +69,15 @@ class Usage:
         if isinstance(details, dict):
             self.reasoning_tokens += self._get(details, "reasoning_tokens")
 
+    def merge(self, d: dict[str, Any] | None) -> None:
+        """Add another sum (a ``to_dict()``: a shard's, a checkpoint's) to this one."""
+        u = Usage.from_dict(d)
+        self.input_tokens += u.input_tokens
+        self.output_tokens += u.output_tokens
+        self.cached_tokens += u.cached_tokens
+        self.reasoning_tokens += u.reasoning_tokens
+        self.ignored += u.ignored
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "input_tokens": self.input_tokens,

@@ -75,12 +75,7 @@ def _summed(shards: list[ShardRecord]) -> tuple[int, int, dict[str, Any]]:
         failed += s.failed
         if s.usage:
             any_usage = True
-            u = Usage.from_dict(s.usage)
-            usage.input_tokens += u.input_tokens
-            usage.output_tokens += u.output_tokens
-            usage.cached_tokens += u.cached_tokens
-            usage.reasoning_tokens += u.reasoning_tokens
-            usage.ignored += u.ignored
+            usage.merge(s.usage)
     return completed, failed, usage.to_dict() if any_usage else {}
 
 

@@ -87,26 +87,18 @@ class KubernetesProvisioner:
         self.templates = templates
         self.ready_timeout_s = ready_timeout_s
         self.release_wait_s = release_wait_s
-        self._kube: Any = None
-        self._lock = asyncio.Lock()
+        from overnight.runtimes.kubernetes.client import LazyKube
+
+        self._kube = LazyKube(self.config)
 
     async def kube(self) -> Any:
-        from overnight.runtimes.kubernetes.client import Kube
-
-        async with self._lock:
-            if self._kube is None:
-                k = Kube(self.config)
-                try:
-                    await k.__aenter__()
-                except KubernetesError as exc:
-                    raise ProvisionError(f"kubernetes: {exc.message}", retryable=False) from exc
-                self._kube = k
-            return self._kube
+        try:
+            return await self._kube.get()
+        except KubernetesError as exc:
+            raise ProvisionError(f"kubernetes: {exc.message}", retryable=False) from exc
 
     async def aclose(self) -> None:
-        if self._kube is not None:
-            await self._kube.close()
-            self._kube = None
+        await self._kube.aclose()
 
     # -- rendering --------------------------------------------------------------------------
     def name_for(self, key: str) -> str:

@@ -758,3 +758,26 @@ async def list_then_watch(
         if not delivered and loop.time() - started < 1.0:
             # the server ended an empty watch at once: do not spin on it
             await asyncio.sleep(kube.retry.base_s)
+
+
+class LazyKube:
+    """A :class:`Kube` connected on first use and shared by its callers: a service
+    that never runs a Kubernetes batch never needs a cluster."""
+
+    def __init__(self, config: KubeConfig | ResolvedConfig | None) -> None:
+        self.config = config
+        self._kube: Kube | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Kube:
+        async with self._lock:
+            if self._kube is None:
+                k = Kube(self.config)
+                await k.__aenter__()
+                self._kube = k
+            return self._kube
+
+    async def aclose(self) -> None:
+        if self._kube is not None:
+            await self._kube.close()
+            self._kube = None

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 from overnight.errors import KubernetesError, OvernightError, RuntimeStartError
 from overnight.runtimes.base import Endpoint, RecordHandle, RuntimeHandle, RuntimeSpec
-from overnight.runtimes.kubernetes.client import Kube, KubeConfig
+from overnight.runtimes.kubernetes.client import Kube, KubeConfig, LazyKube
 from overnight.runtimes.kubernetes.job import RELEASE_TIMEOUT_S, pod_problems
 from overnight.runtimes.kubernetes.manifests import (
     MANAGED_BY, MANAGED_BY_LABEL, render_deployment, render_service,
@@ -76,21 +76,13 @@ class KubernetesDeploymentRuntime:
         self.replica = _replica_hash(replica_id)
         self.service_url = service_url
         self.poll_s = poll_s
-        self._kube: Kube | None = None
-        self._lock = asyncio.Lock()
+        self._kube = LazyKube(config)
 
     async def kube(self) -> Kube:
-        async with self._lock:
-            if self._kube is None:
-                k = Kube(self.config)
-                await k.__aenter__()
-                self._kube = k
-            return self._kube
+        return await self._kube.get()
 
     async def aclose(self) -> None:
-        if self._kube is not None:
-            await self._kube.close()
-            self._kube = None
+        await self._kube.aclose()
 
     # -- rendering ------------------------------------------------------------------
     def render(self, resolved: Resolved, *, batch_id: str, namespace: str | None) -> tuple[dict, dict]:

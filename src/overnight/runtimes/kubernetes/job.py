@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from overnight.errors import KubernetesError
-from overnight.runtimes.kubernetes.client import Kube, KubeConfig, list_then_watch
+from overnight.runtimes.kubernetes.client import Kube, KubeConfig, LazyKube, list_then_watch
 from overnight.runtimes.kubernetes.manifests import (
     BATCH_LABEL, MANAGED_BY, MANAGED_BY_LABEL, WORKER_CONTAINER, object_name, render_job,
 )
@@ -219,23 +219,13 @@ class KubernetesJobRuntime:
         self.image = image
         self.store_secret, self.storage_secret = _secret_ref(store_secret), _secret_ref(storage_secret)
         self.backoff_limit_per_index = backoff_limit_per_index
-        self._kube: Kube | None = None
-        self._lock = asyncio.Lock()
+        self._kube = LazyKube(config)
 
     async def kube(self) -> Kube:
-        """The API client, connected on first use (a service that never runs a
-        Kubernetes batch never needs a cluster)."""
-        async with self._lock:
-            if self._kube is None:
-                k = Kube(self.config)
-                await k.__aenter__()
-                self._kube = k
-            return self._kube
+        return await self._kube.get()
 
     async def aclose(self) -> None:
-        if self._kube is not None:
-            await self._kube.close()
-            self._kube = None
+        await self._kube.aclose()
 
     # -- rendering ------------------------------------------------------------------
     def namespace_for(self, runtime: dict[str, Any]) -> str:
