@@ -171,6 +171,41 @@ class Settings(BaseSettings):
     #: One call to the metadata service (connect, each read and write) gives up after this.
     console_mds_timeout_s: PositiveFloat = 60.0
 
+    # -- Neoclouds: RunPod and Lambda Cloud (docs/runpod.md, docs/lambda-cloud.md) --------
+    #: The private key every SSH connect uses (the machines' authorized key is the
+    #: provider's public key setting); refused when group or others can read it.
+    ssh_key_file: str | None = Field(None, validation_alias=AliasChoices(
+        "OVERNIGHT_SSH_KEY_FILE", "AIBRIX_BATCH_SSH_KEY_FILE"))
+    #: Set: the ``runpod`` provider is offered (``RUNPOD_SSH_PUBLIC_KEY`` then required).
+    runpod_api_key: str | None = Field(None, validation_alias=AliasChoices("RUNPOD_API_KEY"))
+    runpod_ssh_public_key: str | None = Field(None, validation_alias=AliasChoices("RUNPOD_SSH_PUBLIC_KEY"))
+    #: Its last path segment picks the REST version: ``/v2`` (default) or ``/v1``.
+    runpod_base_url: str = Field("https://api.runpod.io/v2", validation_alias=AliasChoices("RUNPOD_BASE_URL"))
+    #: Comma-separated data center ids (empty: any).
+    runpod_data_centers: str = Field("", validation_alias=AliasChoices("RUNPOD_DATA_CENTERS"))
+    runpod_image: str = Field("vllm/vllm-openai:latest", validation_alias=AliasChoices("RUNPOD_IMAGE"))
+    runpod_cloud_type: str = Field("SECURE", validation_alias=AliasChoices("RUNPOD_CLOUD_TYPE"))
+    runpod_ssh_user: str = Field("root", validation_alias=AliasChoices("RUNPOD_SSH_USER"))
+    #: ``ssh`` (engine on 127.0.0.1, dispatch through an SSH port-forward) or ``proxy``
+    #: (RunPod's public HTTP proxy, 100 s per request, random --api-key).
+    runpod_endpoint_mode: str = Field("ssh", validation_alias=AliasChoices("RUNPOD_ENDPOINT_MODE"))
+    runpod_proxy_url_template: str = Field("https://{pod_id}-{port}.proxy.runpod.net",
+                                           validation_alias=AliasChoices("RUNPOD_PROXY_URL_TEMPLATE"))
+    runpod_ready_timeout_s: PositiveFloat = Field(1800.0, validation_alias=AliasChoices("RUNPOD_READY_TIMEOUT_S"))
+    #: Set: the ``lambdaCloud`` provider is offered (``LAMBDA_CLOUD_SSH_KEYS`` then required).
+    lambda_cloud_api_key: str | None = Field(None, validation_alias=AliasChoices("LAMBDA_CLOUD_API_KEY"))
+    #: The SSH key name(s) registered with Lambda; the launch API takes exactly one (the first).
+    lambda_cloud_ssh_keys: str = Field("", validation_alias=AliasChoices("LAMBDA_CLOUD_SSH_KEYS"))
+    lambda_cloud_base_url: str = Field("https://cloud.lambda.ai/api/v1",
+                                       validation_alias=AliasChoices("LAMBDA_CLOUD_BASE_URL"))
+    lambda_cloud_region: str | None = Field(None, validation_alias=AliasChoices("LAMBDA_CLOUD_REGION"))
+    lambda_cloud_ssh_user: str = Field("ubuntu", validation_alias=AliasChoices("LAMBDA_CLOUD_SSH_USER"))
+    lambda_cloud_ssh_port: int = Field(22, ge=1, le=65535, validation_alias=AliasChoices("LAMBDA_CLOUD_SSH_PORT"))
+    #: The engine image ``docker run`` starts when the template names none.
+    lambda_cloud_image: str = Field("vllm/vllm-openai:latest", validation_alias=AliasChoices("LAMBDA_CLOUD_IMAGE"))
+    lambda_cloud_ready_timeout_s: PositiveFloat = Field(
+        1800.0, validation_alias=AliasChoices("LAMBDA_CLOUD_READY_TIMEOUT_S"))
+
     # -- Kubernetes (the kubernetes-job and kubernetes-deployment runtimes) -------------
     #: How to reach a cluster: ``in-cluster`` (the pod's service account),
     #: ``kubeconfig`` (``$KUBECONFIG`` or ``~/.kube/config``) or ``kubeconfig:PATH``.

@@ -40,12 +40,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from overnight.batches.service import BatchCreate, batch_id_for_job, cancel_batch, create_batch, get_batch
+from overnight.batches.service import (
+    BatchCreate,
+    batch_id_for_job,
+    cancel_batch,
+    create_batch,
+    get_batch,
+)
 from overnight.console.docs import update_doc
 from overnight.console.jobs import ACTIVE, JOB, PROVISION, TERMINAL, add_event
-from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, Provisioner
-from overnight.console.stats import CONSOLE_STATS
+from overnight.console.provisioners.base import (
+    Provisioner,
+    ProvisionError,
+    ProvisionRequest,
+)
 from overnight.console.retention import remove_expired_jobs
+from overnight.console.stats import CONSOLE_STATS
 from overnight.errors import ConflictError, NotFoundError, OvernightError, StoreError
 from overnight.store.base import Store
 from overnight.store.records import DocRecord
@@ -64,6 +74,15 @@ class BatchesUnavailable(StoreError):
     or it refused the console's key): nothing is known to have changed there, so
     the planner tries the step again later, with backoff, and the job does not
     fail. An HTTP caller gets 503 (a ``StoreError``)."""
+
+
+def trust_key(provision: dict[str, Any]) -> str | None:
+    """What the endpoint policy trusts while a provision lives: its engine URL, or
+    ``ssh://user@host:port`` for a machine the batch's SSH runtime starts an engine on."""
+    rt = provision.get("runtime")
+    if rt and rt.get("type") == "ssh":
+        return f"ssh://{rt['user']}@{rt['host']}:{rt['port']}"
+    return provision.get("endpoint")
 
 
 def batch_id_for(tenant: str, job_id: str) -> str:
@@ -210,7 +229,7 @@ class Planner:
         if not self._trusted_known and self.on_endpoint is not None:
             # After a restart: the engines of jobs already submitted are trusted again.
             for job in await self.store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000):
-                ep = (job.body.get("provision") or {}).get("endpoint")
+                ep = trust_key(job.body.get("provision") or {})
                 if ep and job.status not in ("queued", "resource_preparing"):
                     self.on_endpoint(ep, True)
             self._trusted_known = True
@@ -418,14 +437,15 @@ class Planner:
             await self._write(job, retry)
             return
         view = {**state.to_dict(), "status": state.status}
-        if state.status == "running" and state.endpoint:
+        if state.status == "running" and (state.endpoint or state.runtime):
             if self.on_endpoint is not None:
-                self.on_endpoint(state.endpoint, True)
+                self.on_endpoint(trust_key(view) or "", True)
             def ready(rec: DocRecord) -> None:
                 rec.body["provision"] = view
                 rec.body["running_at"] = time.time()
                 rec.body["price_per_hour"] = state.price_per_hour
-                add_event(rec, "provision_ready", f"{state.provider} resource {state.provision_id} at {state.endpoint}")
+                add_event(rec, "provision_ready", f"{state.provider} resource {state.provision_id} at "
+                          f"{state.endpoint or trust_key(view)}")
                 self._to(rec, "submitting")
 
             job = await self._write(job, ready)
@@ -470,11 +490,13 @@ class Planner:
                                  "provision_resource_deadline")
                 return
             window = f"{min(left, parse_completion_window(window))}s"
-        endpoint = job.body["provision"]["endpoint"]
+        # An engine the provision runs (its URL), or one the batch's runtime starts
+        # on the provisioned machine (the SSH providers' ``ssh`` runtime spec).
+        runtime = job.body["provision"].get("runtime") or {"endpoint": job.body["provision"]["endpoint"]}
         body = BatchCreate(
             input_file_id=job.body["input_dataset"], endpoint=job.body["endpoint"], completion_window=window,
             metadata={"overnight_job_id": job.id, **({"name": job.body["name"]} if job.body.get("name") else {})},
-            extension={"runtime": {"endpoint": endpoint}, "priority": max(0, int(job.body.get("priority") or 0)),
+            extension={"runtime": runtime, "priority": max(0, int(job.body.get("priority") or 0)),
                        "job_id": job.id, "resource_allocation": {
                            "provision_id": job.body.get("provision_id"),
                            "provision_resource_deadline": job.body.get("provision_resource_deadline"),
@@ -641,7 +663,7 @@ class Planner:
 
             await update_doc(self.store, PROVISION, prov.id, done)
             if job is not None:
-                ep = (job.body.get("provision") or {}).get("endpoint")
+                ep = trust_key(job.body.get("provision") or {})
                 if ep and self.on_endpoint is not None:
                     self.on_endpoint(ep, False)
                 await self._note_release(job.id, now, None)

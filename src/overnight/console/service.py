@@ -46,7 +46,9 @@ def build_provisioners(settings: Any, *, gpus: Any = None, templates: Any = None
     """The providers this server offers: ``fake`` always; ``local`` (this host's
     GPUs, from ``gpus``: the pool the service's own engines use) unless
     ``OVERNIGHT_RUNTIMES`` leaves out the local runtime; ``kubernetes`` when a
-    cluster is configured (``OVERNIGHT_KUBERNETES``; ``templates`` give its catalog)."""
+    cluster is configured (``OVERNIGHT_KUBERNETES``; ``templates`` give its catalog);
+    ``runpod`` / ``lambdaCloud`` when their API key is set or ``PROVISIONER`` names
+    them (a missing required setting stops start-up with its name)."""
     from overnight.console.provisioners.fake import FakeProvisioner
 
     out: dict[str, Provisioner] = {
@@ -59,6 +61,14 @@ def build_provisioners(settings: Any, *, gpus: Any = None, templates: Any = None
         from overnight.console.provisioners.local import LocalProvisioner
 
         out["local"] = LocalProvisioner(Path(settings.data_dir) / "local-provider", gpus=gpus)
+    if settings.runpod_api_key or settings.provisioner == "runpod":
+        from overnight.console.provisioners.runpod import RunPodProvisioner
+
+        out["runpod"] = RunPodProvisioner.from_settings(settings)
+    if settings.lambda_cloud_api_key or settings.provisioner == "lambdaCloud":
+        from overnight.console.provisioners.lambda_cloud import LambdaCloudProvisioner
+
+        out["lambdaCloud"] = LambdaCloudProvisioner.from_settings(settings)
     if settings.kubernetes:
         from overnight.console.provisioners.kubernetes import KubernetesProvisioner
 

@@ -182,12 +182,20 @@ class EndpointPolicy:
 
     def trust(self, url: str, live: bool = True) -> None:
         """Allow (``live``) or stop allowing an engine overnight provisioned itself
-        (a console job's resource): its batches are not tenant-named endpoints."""
-        base = engine_base_url(url)
+        (a console job's resource): its batches are not tenant-named endpoints. An
+        ``ssh://user@host:port`` target is a machine the batch's SSH runtime starts
+        its engine on (``is_trusted`` answers for it)."""
+        base = url if url.startswith("ssh://") else engine_base_url(url)
         if live:
             self.trusted.add(base)
         else:
             self.trusted.discard(base)
+
+    def is_trusted(self, target: str) -> bool:
+        """Was ``target`` (an engine URL or ``ssh://user@host:port``) provisioned by
+        this process's console and is it still live?"""
+        return target in self.trusted or (not target.startswith("ssh://")
+                                          and engine_base_url(target) in self.trusted)
 
     async def check(self, url: str, *, resolve: bool = True) -> str:
         """The normalized URL if a tenant may use it; else ``EndpointRefused``.

@@ -12,7 +12,8 @@ Lambda Cloud). Its contract, which the planner relies on to never leak a resourc
   so ``list_owned(installation_id)`` finds everything this installation holds
   (and never another installation's, sharing the account).
 * ``status(provision_id)`` re-reads the provider (reconcile on read): ``pending``,
-  ``provisioning``, ``running`` (with the endpoint), ``failed`` or ``released``.
+  ``provisioning``, ``running`` (with the endpoint, or the runtime spec the batch
+  starts its engine with), ``failed`` or ``released``.
 * ``release(provision_id)`` asks for deletion and returns True only once a re-read
   shows the resource gone (or terminated); False while it is still there (the
   planner asks again later). Releasing something already gone is True.
@@ -63,8 +64,12 @@ class ProvisionState:
     provider: str
     #: pending | provisioning | running | failed | released
     status: str
-    #: The OpenAI-compatible engine URL once running.
+    #: The OpenAI-compatible engine URL once running (providers whose engine the
+    #: provision itself starts: fake, local, kubernetes, RunPod's proxy mode).
     endpoint: str | None = None
+    #: Or, for a machine whose engine the batch's runtime starts (the SSH providers),
+    #: the batch's runtime spec once running (``runtimes/ssh_common.py`` ``SshSpec``).
+    runtime: dict[str, Any] | None = None
     #: Provider ids of what was made (pods, instances, objects).
     resource_ids: list[str] = field(default_factory=list)
     ssh: dict[str, Any] | None = None
@@ -78,7 +83,7 @@ class ProvisionState:
     def to_dict(self) -> dict[str, Any]:
         return {
             "provision_id": self.provision_id, "provider": self.provider, "status": self.status,
-            "endpoint": self.endpoint, "resource_ids": list(self.resource_ids), "ssh": self.ssh,
+            "endpoint": self.endpoint, "runtime": self.runtime, "resource_ids": list(self.resource_ids), "ssh": self.ssh,
             "error": self.error, "price_per_hour": self.price_per_hour, "raw": dict(self.raw),
         }
 
