@@ -419,6 +419,9 @@ class Planner:
                     return p
 
                 prov = await update_doc(self.store, PROVISION, prov.id, noted)
+            elif getattr(provisioner, "status_takes_template", False):
+                # An SSH provider builds the batch's runtime spec from the job's template.
+                state = await provisioner.status(prov.body["provider_id"], template=job.body["template"])
             else:
                 state = await provisioner.status(prov.body["provider_id"])
         except ProvisionError as exc:

@@ -13,7 +13,11 @@ Lambda Cloud). Its contract, which the planner relies on to never leak a resourc
   (and never another installation's, sharing the account).
 * ``status(provision_id)`` re-reads the provider (reconcile on read): ``pending``,
   ``provisioning``, ``running`` (with the endpoint, or the runtime spec the batch
-  starts its engine with), ``failed`` or ``released``.
+  starts its engine with), ``failed`` or ``released``. A provider whose runtime
+  spec is built from the job's template (the SSH providers) sets the class
+  attribute ``status_takes_template = True``; the planner then calls
+  ``status(provision_id, template=<the job's resolved template record>)``, so
+  nothing needs keeping on the provider's side across a restart.
 * ``release(provision_id)`` asks for deletion and returns True only once a re-read
   shows the resource gone (or terminated); False while it is still there (the
   planner asks again later). Releasing something already gone is True.
