@@ -7,8 +7,9 @@
 ``OVERNIGHT_FAKE_PROVIDER_ENGINE_URL``), so what is measured is overnight's part:
 the planner taking the job, the provisioning record, the provider call, the
 submit, the scheduler claiming the batch, and at the end the release and its
-confirmation. The client posts every job, then polls the batch list every 50 ms
-or so and the job list every 0.5 s (job events carry the planner's own times).
+confirmation. The client posts the jobs one after another while a second thread
+polls the batch list every 50 ms or so; the job list is read every 0.5 s (job
+events carry the planner's own times).
 
 * **POST -> batch in_progress**: from the POST's answer to the first poll that
   sees the job's batch ``in_progress`` (or later), per job;
@@ -29,6 +30,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import textwrap
 import time
 from pathlib import Path
@@ -82,49 +84,56 @@ def main() -> None:
             serve.start()
             c = httpx.Client(base_url=serve.url, headers={"Authorization": "Bearer bench"}, timeout=60)
             path = write_input(work / "in.jsonl", args.lines)
-            posted: dict[str, float] = {}
-            for _ in range(args.jobs):
-                fid = c.post("/api/v1/files/upload", files={"file": ("in.jsonl", path.read_bytes())},
-                             data={"purpose": "batch"}).json()["id"]
-                r = c.post("/api/v1/jobs", json={"input_dataset": fid, "endpoint": "/v1/chat/completions",
-                                                 "model_template_name": "bench"})
-                r.raise_for_status()
-                posted[r.json()["id"]] = time.time()
             from overnight.api.edge import OPEN_TENANT
             from overnight.batches.service import batch_id_for_job
 
-            batch_of = {jid: batch_id_for_job(OPEN_TENANT, jid) for jid in posted}
+            posted: dict[str, float] = {}
+            batch_of: dict[str, str] = {}
             running_at: dict[str, float] = {}
             terminal_at: dict[str, float] = {}
             planner_terminal: dict[str, float] = {}
             created_at: dict[str, float] = {}
             released: dict[str, float] = {}
             deadline = time.time() + 600
-            last_jobs = 0.0
+            done = threading.Event()
 
-            def pages(path: str) -> list[dict]:
+            def pages(client: httpx.Client, path: str) -> list[dict]:
                 out, after = [], None
                 while True:
-                    page = c.get(path, params={"limit": 100, **({"after": after} if after else {})}).json()
+                    page = client.get(path, params={"limit": 100, **({"after": after} if after else {})}).json()
                     out += page["data"]
                     if not page["has_more"]:
                         return out
                     after = page["last_id"]
 
+            def watch_batches() -> None:
+                # Polls while the jobs are still being posted: a job's clock starts at its
+                # own POST, not when the last one was posted.
+                with httpx.Client(base_url=serve.url, headers={"Authorization": "Bearer bench"}, timeout=60) as wc:
+                    while not done.is_set() and time.time() < deadline:
+                        now = time.time()
+                        seen = {b["id"]: b["status"] for b in pages(wc, "/v1/batches")}
+                        for jid, bid in list(batch_of.items()):
+                            st = seen.get(bid)
+                            if st and st != "validating" and jid not in running_at:
+                                running_at[jid] = now
+                            if st in ("completed", "failed", "expired", "cancelled") and jid not in terminal_at:
+                                terminal_at[jid] = now
+                        time.sleep(0.05)
+
+            watcher = threading.Thread(target=watch_batches, name="watch-batches", daemon=True)
+            watcher.start()
+            for _ in range(args.jobs):
+                fid = c.post("/api/v1/files/upload", files={"file": ("in.jsonl", path.read_bytes())},
+                             data={"purpose": "batch"}).json()["id"]
+                r = c.post("/api/v1/jobs", json={"input_dataset": fid, "endpoint": "/v1/chat/completions",
+                                                 "model_template_name": "bench"})
+                r.raise_for_status()
+                jid = r.json()["id"]
+                posted[jid] = time.time()
+                batch_of[jid] = batch_id_for_job(OPEN_TENANT, jid)
             while len(released) < args.jobs and time.time() < deadline:
-                now = time.time()
-                seen = {b["id"]: b["status"] for b in pages("/v1/batches")}
-                for jid, bid in batch_of.items():
-                    st = seen.get(bid)
-                    if st and st != "validating" and jid not in running_at:
-                        running_at[jid] = now
-                    if st in ("completed", "failed", "expired", "cancelled") and jid not in terminal_at:
-                        terminal_at[jid] = now
-                if now - last_jobs < 0.5:  # the events carry the planner's own times: no need to poll hard
-                    time.sleep(0.05)
-                    continue
-                last_jobs = now
-                for j in pages("/api/v1/jobs"):
+                for j in pages(c, "/api/v1/jobs"):
                     for e in j["events"]:
                         if e["type"] == "release_confirmed":
                             released.setdefault(j["id"], e["at"])
@@ -132,7 +141,9 @@ def main() -> None:
                             planner_terminal.setdefault(j["id"], e["at"])
                         if e["type"] == "batch_created":
                             created_at.setdefault(j["id"], e["at"])
-                time.sleep(0.05)
+                time.sleep(0.5)  # the events carry the planner's own times: no need to poll hard
+            done.set()
+            watcher.join(timeout=10)
             if len(released) < args.jobs:
                 raise SystemExit(f"only {len(released)} of {args.jobs} jobs released in time; see {work}")
             to_running = [running_at[j] - posted[j] for j in posted if j in running_at]

@@ -15,7 +15,10 @@ __all__ = ["SQLiteStore"]
 
 class SQLiteStore(SQLStore):
     """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db`` (SQLAlchemy's
-    convention). WAL mode, so API reads never wait behind the executor's writes."""
+    convention). WAL mode, so API reads never wait behind the executor's writes;
+    this process's writes queue in order (``SQLStore._begin``)."""
+
+    serialize_writes = True
 
     def __init__(self, url: str) -> None:
         if ":///" not in url:
