@@ -287,6 +287,16 @@ async def test_a_wrong_api_key_is_not_retryable_and_names_lambdas_code(fake, mak
         await p.catalog()
 
 
+def test_errors_without_a_clear_answer_are_retryable() -> None:
+    from overnight.console.provisioners.lambda_cloud import LambdaApiError
+
+    assert LambdaApiError(None, "network", "no answer", ambiguous=True).retryable
+    assert LambdaApiError(200, "bad-answer", "not JSON").retryable
+    assert LambdaApiError(503, "http/503", "Service Unavailable").retryable
+    assert not LambdaApiError(404, "global/object-does-not-exist", "gone").retryable
+    assert not LambdaApiError(418, "something/new", "unknown 4xx").retryable
+
+
 # -- status -------------------------------------------------------------------------------------
 async def test_ready_only_when_active_with_an_ip_and_sshd_answering(fake, make) -> None:
     fake.boot_s, fake.ip_delay_s, fake.instance_ip = 0.4, 0.4, "127.0.0.7"

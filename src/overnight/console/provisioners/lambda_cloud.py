@@ -168,7 +168,8 @@ class LambdaApiError(Exception):
     def retryable(self) -> bool:
         if self.code in _CODES:
             return _CODES[self.code][1]
-        return self.status is None or self.status == 429 or self.status >= 500 or self.code.startswith("provider/")
+        return self.status is None or self.status == 429 or self.status >= 500 or self.code == "bad-answer" \
+            or self.code.startswith("provider/")
 
     @property
     def not_found(self) -> bool:
