@@ -55,7 +55,8 @@ EXTENSION_FIELDS = frozenset(
     {"runtime", "max_concurrency", "min_concurrency", "concurrency", "yield_to_others", "priority", "job_id",
      "model_template", "profile", "webhook_url", "webhook_secret", "resource_allocation"}
 )
-RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args", "shards", "namespace"})
+RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args", "shards", "namespace",
+                            "request_timeout_s"})
 #: Runtime types a batch may name (the server may allow fewer: ``RuntimeRules``).
 RUNTIME_TYPES = ("endpoint", "local", "mock", "kubernetes-job", "kubernetes-deployment")
 #: Runtime types that start the engine from a model_template.
@@ -213,6 +214,14 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
             if why:  # the value is a secret: never echo it
                 raise InvalidRequestError(f"'{key}.runtime.api_key' {why}.", param=f"{key}.runtime.api_key")
         out["runtime"] = {"type": "endpoint", "endpoint": endpoint, "api_key": api_key}
+        limit = rt.get("request_timeout_s")
+        if limit is not None:
+            # Each request's limit (an engine behind a proxy that cuts requests, e.g.
+            # RunPod's at 100 s): past it the request ends as ``proxy_timeout``.
+            if isinstance(limit, bool) or not isinstance(limit, int | float) or not 1 <= limit <= 3600:
+                raise InvalidRequestError(f"'{key}.runtime.request_timeout_s' must be a number of seconds from 1 "
+                                          "to 3600.", param=f"{key}.runtime.request_timeout_s")
+            out["runtime"]["request_timeout_s"] = float(limit)
     for name in ("model_template", "profile"):
         ref = ext.get(name)
         if ref is None:

@@ -14,6 +14,7 @@ translated into overnight's errors at this boundary, each with a code:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from overnight import defaults
 from overnight.errors import EngineError, FatalEngineError, RetryableEngineError
 from overnight.executor.http1 import ConnectFailed, ConnectionFailed, HttpPool, RequestTimedOut, ResponseTooLarge
 
-__all__ = ["EngineClient", "EngineReply", "FakeEngine", "HttpEngineClient", "engine_base_url"]
+__all__ = ["EngineClient", "EngineReply", "FakeEngine", "HttpEngineClient", "RequestLimit", "engine_base_url"]
 
 
 @dataclass(slots=True)
@@ -124,6 +125,38 @@ class HttpEngineClient:
 
     async def aclose(self) -> None:
         await self._pool.aclose()
+
+
+class RequestLimit:
+    """An engine behind a proxy that cuts every request at ``limit_s`` (RunPod's
+    HTTP proxy: Cloudflare answers 524 after 100 s). A request that has no answer
+    by then, or gets HTTP 524, fails with code ``proxy_timeout``: a retryable
+    error that counts against the request's attempts (the engine may only be
+    queueing under load; a generation that needs longer than the limit ends as an
+    error line after the attempts, never retried until the deadline)."""
+
+    def __init__(self, inner: EngineClient, limit_s: float) -> None:
+        self.inner = inner
+        self.limit_s = limit_s
+        self.message = (
+            f"No answer within the endpoint's request_timeout_s ({limit_s:g} s). RunPod's HTTP proxy limits a "
+            "request to 100 s (HTTP 524); use RUNPOD_ENDPOINT_MODE=ssh for longer generations.")
+
+    async def send(self, path: str, body: bytes) -> EngineReply:
+        try:
+            async with asyncio.timeout(self.limit_s):
+                reply = await self.inner.send(path, body)
+        except TimeoutError:
+            raise RetryableEngineError(self.message, code="proxy_timeout") from None
+        if reply.status == 524:
+            raise RetryableEngineError(f"HTTP 524 from the proxy. {self.message}", code="proxy_timeout")
+        return reply
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # get / get_json of HTTP clients
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 Handler = Callable[[str, dict[str, Any]], "tuple[int, Any] | Awaitable[tuple[int, Any]]"]

@@ -9,7 +9,8 @@ from enum import Enum
 from overnight import defaults
 from overnight.executor.limiter import Signal
 
-__all__ = ["Decision", "RetryPolicy", "UNSENDABLE_CODES", "classify_status", "classify_no_answer", "overload_signal"]
+__all__ = ["Decision", "RetryPolicy", "TIMEOUT_CODES", "UNSENDABLE_CODES", "classify_status", "classify_no_answer",
+           "overload_signal"]
 
 #: Answers that mean "the engine (or a proxy in front of it) is full or restarting":
 #: they shrink the concurrency limit. Other errors are about the request itself.
@@ -17,6 +18,9 @@ OVERLOAD_STATUSES = frozenset({429, 502, 503, 504})
 #: No answer because the request cannot be sent at all (the engine may not be used,
 #: the body cannot be serialized): another attempt would end the same way.
 UNSENDABLE_CODES = frozenset({"engine_unusable", "endpoint_not_allowed", "secret_unavailable", "no_engine"})
+#: No answer in time (ours, or a proxy's limit such as RunPod's 100 s): each counts
+#: against the request's attempts and is a timeout signal to the concurrency limit.
+TIMEOUT_CODES = frozenset({"request_timeout", "proxy_timeout"})
 #: An answer over the size limit: another attempt would only read it again.
 TOO_LARGE_CODES = frozenset({"response_too_large"})
 

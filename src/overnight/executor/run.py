@@ -25,7 +25,14 @@ from overnight.errors import EngineError, RetryableEngineError
 from overnight.executor import sse
 from overnight.executor.engine import EngineClient, EngineReply
 from overnight.executor.limiter import Signal
-from overnight.executor.retry import Decision, RetryPolicy, classify_no_answer, classify_status, overload_signal
+from overnight.executor.retry import (
+    TIMEOUT_CODES,
+    Decision,
+    RetryPolicy,
+    classify_no_answer,
+    classify_status,
+    overload_signal,
+)
 from overnight.executor.sharing import BatchShare
 from overnight.executor.stats import Histogram, RequestStats
 from overnight.executor.writer import Spool
@@ -244,7 +251,7 @@ class _Dispatcher:
                     reply = answer = retry_after = None
                     if isinstance(exc, RetryableEngineError):
                         decision = classify_no_answer(code)
-                        limiter.on_overload(Signal.TIMEOUT if code == "request_timeout" else Signal.UNREACHABLE)
+                        limiter.on_overload(Signal.TIMEOUT if code in TIMEOUT_CODES else Signal.UNREACHABLE)
                     else:  # the engine answered, with something we will not take (too large)
                         decision = Decision.FAIL
                         limiter.on_success(time.monotonic() - started)

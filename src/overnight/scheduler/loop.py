@@ -19,7 +19,7 @@ from overnight import defaults
 from overnight.batches.service import SEALED_API_KEY, transition, update_batch
 from overnight.batches.states import TERMINAL, BatchStatus
 from overnight.errors import OvernightError, RetryableEngineError
-from overnight.executor.engine import EngineClient, EngineReply, HttpEngineClient, engine_base_url
+from overnight.executor.engine import EngineClient, EngineReply, HttpEngineClient, RequestLimit, engine_base_url
 from overnight.executor.engine_metrics import MetricsProbe
 from overnight.executor.health import EngineHealth, TrackedEngine
 from overnight.executor.limiter import ConcurrencyLimits, Gate
@@ -188,6 +188,11 @@ class EnginePool:
         tracked = self._tracked.get(key)
         if tracked is None or tracked.inner is not self._raw_client(key):
             tracked = self._tracked[key] = TrackedEngine(self._raw_client(key), self._health_of(key[0]))
+        limit = (batch.options.get("runtime") or {}).get("request_timeout_s")
+        if limit and batch.id not in self._bound:
+            # An endpoint behind a proxy that cuts requests (RunPod's, 100 s): each
+            # request past the limit ends as ``proxy_timeout``.
+            return RequestLimit(tracked, float(limit))
         return tracked
 
     def _health_of(self, url: str) -> EngineHealth:
