@@ -192,6 +192,9 @@ class Settings(BaseSettings):
     runpod_proxy_url_template: str = Field("https://{pod_id}-{port}.proxy.runpod.net",
                                            validation_alias=AliasChoices("RUNPOD_PROXY_URL_TEMPLATE"))
     runpod_ready_timeout_s: PositiveFloat = Field(1800.0, validation_alias=AliasChoices("RUNPOD_READY_TIMEOUT_S"))
+    #: Each pod's container disk (the image, the model download, logs); no volume disk is made.
+    runpod_container_disk_gb: int = Field(100, ge=1, le=10_000,
+                                          validation_alias=AliasChoices("RUNPOD_CONTAINER_DISK_GB"))
     #: Set: the ``lambdaCloud`` provider is offered (``LAMBDA_CLOUD_SSH_KEYS`` then required).
     lambda_cloud_api_key: str | None = Field(None, validation_alias=AliasChoices("LAMBDA_CLOUD_API_KEY"))
     #: The SSH key name(s) registered with Lambda; the launch API takes exactly one (the first).
