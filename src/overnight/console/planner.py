@@ -67,6 +67,8 @@ log = logging.getLogger("overnight.console")
 
 #: Batch statuses a job mirrors while its batch runs.
 _BATCH_STAGES = ("validating", "in_progress", "finalizing", "cancelling")
+#: Stages one worker turn may take a job through (queued -> ... -> batch created).
+_STAGES_PER_TURN = 4
 
 
 class BatchesUnavailable(StoreError):
@@ -285,9 +287,21 @@ class Planner:
 
     # -- one step of one job -------------------------------------------------------------------
     async def step(self, job_id: str) -> None:
-        job = await self.store.get_doc(JOB, job_id)
-        if job is None or job.status in TERMINAL:
-            return
+        """Take the job as far as it can go now: a stage that ends in another one
+        ready at once (queued -> resource_preparing with a provider that answers
+        running -> submitting -> the batch created) runs on in this worker's turn
+        instead of waiting for the next tick and a free worker for each stage."""
+        status = None
+        for _ in range(_STAGES_PER_TURN):
+            job = await self.store.get_doc(JOB, job_id)
+            if job is None or job.status in TERMINAL or job.status == status:
+                return
+            status = job.status
+            await self._one_step(job)
+            if status in _BATCH_STAGES or self._due.get(job_id, 0.0) > time.time():
+                return  # following a batch is a poll, once per turn; or the job waits
+
+    async def _one_step(self, job: DocRecord) -> None:
         try:
             if job.status == "queued":
                 await self._take(job)
