@@ -145,6 +145,65 @@ def test_the_sshd_script_installs_authorizes_and_runs_sshd_in_the_foreground(tmp
     assert script.strip().splitlines()[-2].startswith("exec /usr/sbin/sshd -D -e")
 
 
+_NS_RUN = r"""set -e
+ip link set lo up
+mount --bind {home} /root
+mount --bind {etc_ssh} /etc/ssh
+export HOME=/root PUBLIC_KEY="$(cat {key}.pub)" CUDA_HOME=/usr/local/cuda-test PATH="/opt/test-bin:$PATH"
+bash -c "$(cat {script})" > {log} 2>&1 &
+sshd_pid=$!
+for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/22) 2>/dev/null && break; sleep 0.1; done
+ssh="ssh -i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
+$ssh root@127.0.0.1 'echo "CUDA_HOME=$CUDA_HOME PATH=$PATH PUBLIC_KEY=${{PUBLIC_KEY:-none}}"'
+$ssh -o ExitOnForwardFailure=yes -L 127.0.0.1:18999:127.0.0.1:22 root@127.0.0.1 'echo forward-ok'
+kill $sshd_pid
+"""
+
+
+def _can_unshare() -> bool:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not all(shutil.which(x) for x in ("unshare", "ssh", "ssh-keygen", "ip")) \
+            or not os.access("/usr/sbin/sshd", os.X_OK):
+        return False
+    return subprocess.run(["unshare", "-mn", "true"], check=False, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root, unshare and OpenSSH to run sshd in a private namespace")
+def test_the_sshd_script_really_starts_sshd_that_takes_the_key_and_forwards(tmp_path) -> None:
+    # In a private mount and network namespace: /root and /etc/ssh are this test's
+    # directories, port 22 is the namespace's own; nothing on the host changes.
+    import contextlib
+    import shutil
+    import signal
+    import subprocess
+
+    home, etc_ssh = tmp_path / "root", tmp_path / "etc-ssh"
+    home.mkdir()
+    shutil.copytree("/etc/ssh", etc_ssh)
+    for f in etc_ssh.glob("ssh_host_*"):
+        f.unlink()  # the script makes them (ssh-keygen -A)
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    script = tmp_path / "start.sh"
+    script.write_text(sshd_script())
+    run = tmp_path / "run.sh"
+    run.write_text(_NS_RUN.format(home=home, etc_ssh=etc_ssh, key=key, script=script, log=tmp_path / "sshd.log"))
+    proc = subprocess.Popen(["unshare", "-mn", "bash", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:  # sshd is in the script's process group even once the script has ended
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, (out, err, (tmp_path / "sshd.log").read_text())
+    assert "CUDA_HOME=/usr/local/cuda-test" in out and "PATH=/opt/test-bin:" in out  # the container's env
+    assert "PUBLIC_KEY=none" in out and "forward-ok" in out
+    assert (home / ".ssh" / "authorized_keys").read_text().strip() == key.with_suffix(".pub").read_text().strip()
+
+
 async def test_data_parallel_replicas_make_one_pod_with_every_gpu(fake, make) -> None:
     p = make("v2", "proxy")
     await p.provision(_request(count=4, dp=2, tp=2))
