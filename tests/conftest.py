@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.sshd import Sshd
+
 #: Fast timings so process tests finish in seconds.
 # A CI runner may start the suite in the background, where SIGINT is ignored, and an
 # ignored signal is inherited by every process a test starts: the tests that press
@@ -140,3 +142,16 @@ def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """A real sshd on 127.0.0.1 with vllm/docker/sudo/nvidia-smi shims (``tests/sshd.py``),
+    started; afterwards everything started through it is killed."""
+    s = Sshd(tmp_path)
+    try:
+        s.start()
+        s.check_path()
+        yield s
+    finally:
+        s.close()

@@ -1,0 +1,424 @@
+"""The ssh runtime against a real OpenSSH server (``tests/sshd.py``): engines started
+through its vllm/docker shims, reached only through the runtime's port-forward."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import asyncssh
+import httpx
+import pytest
+
+from overnight.errors import RuntimeStartError
+from overnight.runtimes.ssh import ENGINE_NAME_ENV, SshRuntime, engine_name
+from tests.conftest import free_port
+from tests.sshd import Sshd
+
+
+def ssh_spec(sshd: Sshd, **over) -> dict:
+    spec = {
+        "type": "ssh", "host": sshd.host, "port": sshd.port, "user": sshd.user, "host_key": sshd.host_key_line(),
+        "launch": "process", "engine_port": free_port(), "provision_id": "prov-" + uuid.uuid4().hex[:6],
+        "command": ["vllm", "serve", "org/model-x", "--host", "{host}", "--port", "{port}",
+                    "--served-model-name", "tm", "--max-num-seqs", "8"],
+        "ready_timeout_seconds": 30,
+    }
+    spec.update(over)
+    return spec
+
+
+def docker_spec(sshd: Sshd, **over) -> dict:
+    # As ssh_runtime_spec builds it for the vllm/vllm-openai image (its entrypoint is `vllm serve`).
+    over.setdefault("gpus", 1)
+    return ssh_spec(sshd, launch="docker", image="vllm/vllm-openai:v0.11.0",
+                    command=["org/model-x", "--host", "{host}", "--port", "{port}", "--served-model-name", "tm"],
+                    **over)
+
+
+@pytest.fixture
+async def runtimes(sshd: Sshd, tmp_path: Path):
+    """``make(**kw)`` -> an SshRuntime with the test sshd's key; all closed afterwards."""
+    made: list[SshRuntime] = []
+
+    def make(**kw) -> SshRuntime:
+        kw.setdefault("log_dir", tmp_path / "engines")
+        kw.setdefault("key_file", sshd.client_key_path)
+        kw.setdefault("connect_retry_s", 0.2)
+        rt = SshRuntime(**kw)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        await rt.aclose()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.handles: list[dict] = []
+
+    async def __call__(self, handle: dict) -> None:
+        self.handles.append(dict(handle))
+
+
+async def chat(url: str, model: str = "tm") -> dict:
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.post(url + "/v1/chat/completions",
+                         json={"model": model, "messages": [{"role": "user", "content": "hello"}]})
+        r.raise_for_status()
+        return r.json()
+
+
+async def eventually(cond, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = cond()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.1)
+
+
+def refuses(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+# -- launch process --------------------------------------------------------------------------
+async def test_process_engine_served_through_the_port_forward(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    spec = ssh_spec(sshd)
+    rec = Recorder()
+    handle = await rt.acquire(spec, owner="ssh-owner-1", record=rec)
+    name = engine_name(spec["provision_id"], "ssh-owner-1")
+    assert handle["name"] == name and handle["type"] == "ssh" and handle["target"] == \
+        f"ssh://{sshd.user}@{sshd.host}:{sshd.port}"
+    # Recorded before the engine started (and again with its pid).
+    assert rec.handles[0]["name"] == name and "pid" not in rec.handles[0] and rec.handles[-1]["pid"] > 0
+    # The exact command, bound to the machine's loopback.
+    await eventually(lambda: sshd.calls("vllm"))
+    assert sshd.calls("vllm") == [["serve", "org/model-x", "--host", "127.0.0.1", "--port",
+                                   str(spec["engine_port"]), "--served-model-name", "tm", "--max-num-seqs", "8"]]
+    endpoint = await rt.wait_ready(handle, timeout_s=30)
+    local_port = int(endpoint.url.rsplit(":", 1)[1])
+    assert endpoint.url.startswith("http://127.0.0.1:") and local_port != spec["engine_port"]
+    answer = await chat(endpoint.url)
+    assert answer["model"] == "tm" and answer["choices"][0]["message"]["content"]
+    assert await rt.alive(handle)
+    [pid] = sshd.engines_running()
+    assert sshd.engine_environ(pid)[ENGINE_NAME_ENV] == name
+    # The engine's output reaches the local log.
+    line = f"overnight mock engine on http://127.0.0.1:{spec['engine_port']}"
+    assert await eventually(lambda: line in rt.log_tail(handle, 50))
+    assert f"starting engine {name}" in rt.log_tail(handle, 50)
+    assert Path(handle["log_path"]).parent == Path(rt.log_dir).resolve()
+    # The URL is the forward: closing the runtime's connections (engines keep running)
+    # closes it, while the engine still answers on the machine.
+    await rt.aclose()
+    assert await eventually(lambda: refuses(endpoint.url), 5)
+    assert sshd.engines_running() == [pid]
+    async with httpx.AsyncClient(timeout=5) as c:
+        (await c.get(f"http://127.0.0.1:{spec['engine_port']}/health")).raise_for_status()
+    # A new runtime releases it: the whole engine is gone, and so is the log stream.
+    rt2 = runtimes()
+    await rt2.release(handle)
+    assert sshd.engines_running() == []
+    assert await eventually(lambda: sshd.processes() == [], 5), sshd.processes()
+    await rt2.release(handle)  # idempotent
+    assert not await rt2.alive(handle)
+
+
+async def test_release_stops_the_engine_and_its_stream(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    handle = await rt.acquire(ssh_spec(sshd), owner="o")
+    endpoint = await rt.wait_ready(handle, timeout_s=30)
+    await chat(endpoint.url)
+    assert len(sshd.engines_running()) == 1
+    await rt.release(handle)
+    assert sshd.engines_running() == []
+    assert await eventually(lambda: sshd.processes() == [], 5), sshd.processes()
+    assert refuses(endpoint.url)
+    assert "engine " + handle["name"] + " stopped" in rt.log_tail(handle, 5)
+
+
+async def test_engine_killed_on_the_machine_is_not_alive(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    handle = await rt.acquire(ssh_spec(sshd), owner="o")
+    await rt.wait_ready(handle, timeout_s=30)
+    [pid] = sshd.engines_running()
+    os.kill(pid, signal.SIGKILL)
+    assert await eventually(lambda: sshd.engines_running() == [])
+    assert not await rt.alive(handle)
+    info = rt.exit_info(handle)
+    assert info["exit_code"] == 128 + signal.SIGKILL
+    assert "overnight mock engine on" in info["log_tail"]
+    await rt.release(handle)
+
+
+async def test_engine_that_exits_fails_wait_ready_with_its_log(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    spec = ssh_spec(sshd, command=["sh", "-c", "echo model weights missing >&2; exit 3"])
+    handle = await rt.acquire(spec, owner="o")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeStartError) as err:
+        await rt.wait_ready(handle, timeout_s=30)
+    assert time.monotonic() - t0 < 10  # noticed, not waited out
+    assert "exited with code 3 before it was ready" in err.value.message
+    assert "model weights missing" in err.value.message
+    await rt.release(handle)
+
+
+async def test_not_ready_in_time(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    # Something that runs but never serves the health endpoint.
+    handle = await rt.acquire(ssh_spec(sshd, command=["sh", "-c", "echo loading; exec sleep 60"]), owner="o")
+    with pytest.raises(RuntimeStartError) as err:
+        await rt.wait_ready(handle, timeout_s=2)
+    assert "was not ready within 2 s" in err.value.message and "loading" in err.value.message
+    await rt.release(handle)
+    assert await eventually(lambda: sshd.processes() == [], 5), sshd.processes()
+
+
+async def test_missing_secret_is_named_before_anything_starts(sshd: Sshd, runtimes, monkeypatch) -> None:
+    rt = runtimes()
+    var = "OVERNIGHT_TEST_NOT_SET_" + uuid.uuid4().hex[:6].upper()
+    monkeypatch.delenv(var, raising=False)
+    rec = Recorder()
+    with pytest.raises(RuntimeStartError) as err:
+        await rt.acquire(ssh_spec(sshd, secrets={"HF_TOKEN": var}), owner="o", record=rec)
+    assert var in err.value.message and "HF_TOKEN" in err.value.message
+    assert rec.handles == [] and sshd.calls() == []
+
+
+async def test_secrets_reach_the_engine_and_no_command_line(sshd: Sshd, runtimes, monkeypatch) -> None:
+    rt = runtimes()
+    secret = "hf_" + uuid.uuid4().hex
+    monkeypatch.setenv("OVERNIGHT_TEST_HF", secret)
+    handle = await rt.acquire(ssh_spec(sshd, env={"PLAIN": "a b'c"}, secrets={"HF_TOKEN": "OVERNIGHT_TEST_HF"}),
+                              owner="o")
+    await rt.wait_ready(handle, timeout_s=30)
+    [pid] = sshd.engines_running()
+    env = sshd.engine_environ(pid)
+    assert env["HF_TOKEN"] == secret and env["PLAIN"] == "a b'c"
+    assert secret not in sshd.calls_log.read_text()
+    assert secret not in (sshd.log_path.read_text() if sshd.log_path.exists() else "")
+    await rt.release(handle)
+
+
+# -- launch docker ----------------------------------------------------------------------------
+async def test_docker_engine_flags_and_tunnel(sshd: Sshd, runtimes, monkeypatch) -> None:
+    rt = runtimes()
+    secret = "hf_" + uuid.uuid4().hex
+    monkeypatch.setenv("OVERNIGHT_TEST_HF", secret)
+    spec = docker_spec(sshd, env={"VLLM_LOGGING_LEVEL": "INFO"}, secrets={"HF_TOKEN": "OVERNIGHT_TEST_HF"})
+    handle = await rt.acquire(spec, owner="o-docker")
+    name, p = handle["name"], spec["engine_port"]
+    assert sshd.calls("nvidia-smi") == [["-L"]]
+    docker = sshd.calls("docker")
+    # Checked first: Docker works; no engine of that name runs (else it is adopted); then started.
+    assert [c[0] for c in docker] == ["info", "inspect", "rm", "run"]
+    assert docker[1] == ["inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", name]
+    assert docker[2] == ["rm", "-f", name]
+    run = [c for c in docker if c[0] == "run"]
+    assert run == [["run", "-d", "--name", name, "--gpus", "all", "--ipc=host", "-p", f"127.0.0.1:{p}:{p}",
+                    "--label", f"overnight.engine={name}", "-e", f"{ENGINE_NAME_ENV}={name}",
+                    "-e", "VLLM_LOGGING_LEVEL=INFO", "--env-file", "secrets.env", "vllm/vllm-openai:v0.11.0",
+                    "org/model-x", "--host", "0.0.0.0", "--port", str(p), "--served-model-name", "tm"]]
+    # Every docker call went through sudo -n.
+    assert [c[:2] for c in sshd.calls("sudo")] == [["-n", "docker"]] * len(sshd.calls("sudo"))
+    assert len(sshd.calls("sudo")) == len(docker)
+    endpoint = await rt.wait_ready(handle, timeout_s=30)
+    assert (await chat(endpoint.url))["model"] == "tm"
+    [pid] = sshd.engines_running()
+    assert sshd.engine_environ(pid)["HF_TOKEN"] == secret
+    assert secret not in sshd.calls_log.read_text()
+    assert not list(sshd.home.rglob("secrets.env"))  # removed once docker read it
+    line = f"overnight mock engine on http://127.0.0.1:{p}"
+    assert await eventually(lambda: line in rt.log_tail(handle, 50))
+    await rt.release(handle)
+    assert sshd.calls("docker")[-2:][0] == ["rm", "-f", name]
+    assert sshd.engines_running() == []
+    assert await eventually(lambda: sshd.processes() == [], 5), sshd.processes()
+
+
+async def test_docker_container_that_exits(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    handle = await rt.acquire(docker_spec(sshd), owner="o")
+    await rt.wait_ready(handle, timeout_s=30)
+    [pid] = sshd.engines_running()
+    os.kill(pid, signal.SIGKILL)
+    assert await eventually(lambda: sshd.engines_running() == [])
+    assert not await rt.alive(handle)
+    assert rt.exit_info(handle)["exit_code"] == 137
+    await rt.release(handle)
+
+
+@pytest.mark.parametrize("missing", ["nvidia-smi", "docker"])
+async def test_docker_preflight_names_what_is_missing(sshd: Sshd, runtimes, missing: str) -> None:
+    rt = runtimes()
+    (sshd.fail_nvidia_smi if missing == "nvidia-smi" else sshd.fail_docker)(True)
+    rec = Recorder()
+    with pytest.raises(RuntimeStartError) as err:
+        await rt.acquire(docker_spec(sshd), owner="o", record=rec)
+    if missing == "nvidia-smi":
+        assert "needs 1 GPU(s), but `nvidia-smi -L` fails" in err.value.message
+        assert "NVIDIA driver" in err.value.message
+    else:
+        assert "`sudo -n docker info` fails" in err.value.message and "Docker daemon" in err.value.message
+    assert rec.handles == []
+    assert not [c for c in sshd.calls("docker") if c[0] == "run"]
+
+
+async def test_docker_without_gpus_needs_no_driver(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    sshd.fail_nvidia_smi(True)
+    handle = await rt.acquire(docker_spec(sshd, gpus=0), owner="o")
+    assert "--gpus" not in next(c for c in sshd.calls("docker") if c[0] == "run")
+    assert sshd.calls("nvidia-smi") == []
+    await rt.wait_ready(handle, timeout_s=30)
+    await rt.release(handle)
+
+
+# -- adoption -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("launch", ["process", "docker"])
+async def test_second_acquire_after_a_restart_adopts_the_engine(sshd: Sshd, runtimes, launch: str) -> None:
+    spec = ssh_spec(sshd) if launch == "process" else docker_spec(sshd)
+    rt1 = runtimes()
+    h1 = await rt1.acquire(spec, owner="ssh-key-1")
+    e1 = await rt1.wait_ready(h1, timeout_s=30)
+    await chat(e1.url)
+    [pid] = sshd.engines_running()
+    await rt1.aclose()  # the service stopped (SIGKILL would leave the same: engines run on)
+    assert sshd.engines_running() == [pid]
+
+    rt2 = runtimes()
+    rec = Recorder()
+    h2 = await rt2.acquire(spec, owner="ssh-key-1", record=rec)
+    assert h2["adopted"] is True and h2["name"] == h1["name"] and rec.handles[0]["adopted"]
+    e2 = await rt2.wait_ready(h2, timeout_s=30)
+    assert (await chat(e2.url))["model"] == "tm"
+    assert sshd.engines_running() == [pid]  # the same engine: none started
+    starts = sshd.calls("vllm") if launch == "process" else [c for c in sshd.calls("docker") if c[0] == "run"]
+    assert len(starts) == 1
+    assert "adopted engine" in rt2.log_tail(h2, 100)
+    # Another owner on the same machine gets its own engine.
+    h3 = await rt2.acquire(dict(spec, engine_port=free_port()), owner="ssh-key-2")
+    assert h3["name"] != h2["name"] and not h3.get("adopted")
+    await rt2.release(h3)
+    await rt2.release(h2)
+    assert sshd.engines_running() == []
+
+
+# -- connections --------------------------------------------------------------------------------
+async def test_host_key_mismatch_is_refused(sshd: Sshd, runtimes, tmp_path: Path) -> None:
+    other = tmp_path / "other_host_key"
+    await asyncio.to_thread(subprocess.run, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],
+                            check=True)
+    wrong = " ".join(Path(str(other) + ".pub").read_text().split()[:2])
+    rt = runtimes()
+    with pytest.raises(RuntimeStartError) as err:
+        await rt.acquire(ssh_spec(sshd, host_key=wrong), owner="o")
+    msg = err.value.message
+    pinned = asyncssh.import_public_key(wrong).get_fingerprint()
+    offered = asyncssh.import_public_key(sshd.host_key_line()).get_fingerprint()
+    assert f"{sshd.host}:{sshd.port} does not match" in msg and pinned in msg and offered in msg
+    assert sshd.calls() == []
+
+
+async def test_key_readable_by_others_is_refused(sshd: Sshd, runtimes, tmp_path: Path) -> None:
+    loose = tmp_path / "loose_key"
+    loose.write_bytes(sshd.client_key_path.read_bytes())
+    loose.chmod(0o644)
+    rt = runtimes(key_file=loose)
+    with pytest.raises(RuntimeStartError) as err:
+        await rt.acquire(ssh_spec(sshd), owner="o")
+    assert f"chmod 600 {loose}" in err.value.message and "0644" in err.value.message
+    rt = runtimes(key_file=None)
+    rt.key_file = None
+    with pytest.raises(RuntimeStartError) as err:
+        await rt.acquire(ssh_spec(sshd), owner="o")
+    assert "OVERNIGHT_SSH_KEY_FILE" in err.value.message
+    assert sshd.calls() == []
+
+
+async def test_key_file_from_the_environment(sshd: Sshd, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OVERNIGHT_SSH_KEY_FILE", raising=False)
+    monkeypatch.setenv("AIBRIX_BATCH_SSH_KEY_FILE", str(sshd.client_key_path))
+    rt = SshRuntime(log_dir=tmp_path / "e")
+    assert rt.key_file == str(sshd.client_key_path)
+    monkeypatch.setenv("OVERNIGHT_SSH_KEY_FILE", "/nowhere")
+    assert SshRuntime(log_dir=tmp_path / "e").key_file == "/nowhere"
+
+
+async def test_connect_is_retried_while_sshd_starts(tmp_path: Path, runtimes) -> None:
+    late = Sshd(tmp_path / "late")
+    try:
+        rt = runtimes(key_file=late.client_key_path, connect_timeout_s=30, connect_retry_s=0.3)
+        spec = ssh_spec(late)
+        task = asyncio.create_task(rt.acquire(spec, owner="o"))
+        await asyncio.sleep(1.5)
+        assert not task.done()
+        await asyncio.to_thread(late.start)
+        handle = await task
+        endpoint = await rt.wait_ready(handle, timeout_s=30)
+        await chat(endpoint.url)
+        await rt.release(handle)
+    finally:
+        late.close()
+
+
+async def test_a_machine_that_never_answers(tmp_path: Path, runtimes) -> None:
+    gone = Sshd(tmp_path / "gone")  # never started
+    try:
+        rt = runtimes(key_file=gone.client_key_path, connect_timeout_s=1.5, connect_retry_s=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeStartError) as err:
+            await rt.acquire(ssh_spec(gone), owner="o")
+        assert time.monotonic() - t0 < 10
+        assert f"cannot connect to sshd at {gone.user}@{gone.host}:{gone.port} within 1.5 s" in err.value.message
+    finally:
+        gone.close()
+
+
+async def test_dropped_connection_reconnects_on_the_same_url(sshd: Sshd, runtimes) -> None:
+    rt = runtimes()
+    handle = await rt.acquire(ssh_spec(sshd), owner="o")
+    endpoint = await rt.wait_ready(handle, timeout_s=30)
+    await chat(endpoint.url)
+    sshd.drop_connections()
+    assert await eventually(lambda: refuses(endpoint.url), 5)  # the forward died with the connection
+    assert await rt.alive(handle)  # reconnected, forward re-opened on the same port
+    assert (await chat(endpoint.url))["model"] == "tm"
+    # The log stream resumed where it was: a line the engine writes now arrives, and
+    # nothing arrives twice.
+    remote_log = sshd.home / ".overnight" / "engines" / handle["name"] / "engine.log"
+    with remote_log.open("a") as f:
+        f.write("a line written after the reconnect\n")
+    assert await eventually(lambda: "a line written after the reconnect" in rt.log_tail(handle, 20))
+    assert rt.log_tail(handle, 100).count("overnight mock engine on") == 1
+    await rt.release(handle)
+    assert sshd.engines_running() == []
+
+
+async def test_unreachable_machine(sshd: Sshd, runtimes, caplog) -> None:
+    rt = runtimes(unreachable_grace_s=60, release_connect_timeout_s=1, attempt_timeout_s=2)
+    handle = await rt.acquire(ssh_spec(sshd), owner="o")
+    await rt.wait_ready(handle, timeout_s=30)
+    sshd.drop_connections()
+    sshd.stop()  # sshd and its connections gone; the engine runs on
+    assert await rt.alive(handle)  # within the grace: requests fail to connect meanwhile
+    rt.unreachable_grace_s = 0
+    assert not await rt.alive(handle)
+    caplog.clear()
+    await rt.release(handle)  # counts as released, with a warning
+    assert any("counted as released" in r.getMessage() for r in caplog.records)
