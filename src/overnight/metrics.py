@@ -15,8 +15,9 @@ replica reports the same store-wide numbers (aggregate with ``max``); everything
 else is this replica's own (aggregate with ``sum``).
 
 The console's jobs and provisions (``ConsoleCollector``, when the console runs in
-this process) follow the same rules: jobs by status and live resources from the
-store at scrape time (``max``), the rest counted where the planner writes them
+this process; ``ConsoleMetrics``, the whole ``/metrics`` of ``overnight console``
+as its own process) follow the same rules: jobs by status and live resources from
+the store at scrape time (``max``), the rest counted where the planner writes them
 (``console/stats.py``; ``sum``). Labels: a job status, a provider name.
 """
 
@@ -38,7 +39,8 @@ from overnight.console.stats import CONSOLE_STATS, ConsoleStats
 from overnight.executor.stats import BATCH_TRANSITIONS, ExecutorStats, Histogram
 from overnight.store.base import ACTIVE_STATUSES
 
-__all__ = ["METRIC_NAMES", "ConsoleCollector", "Metrics", "SchedulerCollector", "build_registry", "render"]
+__all__ = ["METRIC_NAMES", "ConsoleCollector", "ConsoleMetrics", "Metrics", "SchedulerCollector", "build_registry",
+           "render"]
 
 log = logging.getLogger("overnight.metrics")
 
@@ -331,6 +333,23 @@ class Metrics:
         await self.batches.refresh()
         if self.console is not None:
             await self.console.refresh()
+        return render(self.registry)
+
+
+class ConsoleMetrics:
+    """``/metrics`` of ``overnight console`` as its own process: the console's families
+    from its own store and planner (the same names and labels as ``overnight serve``
+    exports for an embedded console) and the process's; no batch, request or engine
+    family, since batches run at the batches service, which exports those."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = ConsoleCollector(console.store, console.provisioners)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.console)
+        ProcessCollector(registry=self.registry)
+
+    async def render(self) -> bytes:
+        await self.console.refresh()
         return render(self.registry)
 
 

@@ -8,13 +8,11 @@ No ``/v1``: batches and files are the batches service's, reached over its API.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from overnight import __version__
 from overnight._diagnostics import install_task_dump
@@ -23,6 +21,7 @@ from overnight.api.errors import install_error_handlers
 from overnight.api.routes import jobs
 from overnight.composition import open_console
 from overnight.config import Settings
+from overnight.metrics import ConsoleMetrics
 
 __all__ = ["create_console_app"]
 
@@ -42,38 +41,15 @@ async def health(request: Request) -> dict[str, Any]:
             "metadata_service": services.remote.url}
 
 
-class _JobsCollector:
-    """Jobs by active status: read once per scrape (``render``), so the collector
-    itself does no I/O."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def collect(self) -> Any:
-        from overnight.console.jobs import ACTIVE
-
-        fam = GaugeMetricFamily("overnight_console_jobs", "Console jobs not yet terminal, by status "
-                                "(store-wide: every replica reports the same).", labels=["status"])
-        for status in ACTIVE:
-            fam.add_metric([status], self.counts.get(status, 0))
-        yield fam
-
-
 @_routes.get("/metrics", tags=["metrics"])
 async def metrics(request: Request) -> Response:
-    from overnight.console.jobs import ACTIVE, JOB
-
+    """The console's metrics from this process's planner and store (``ConsoleMetrics``:
+    the ``overnight_console_*`` families ``overnight serve`` exports for its embedded
+    console) and the process's own; batches' families are the batches service's."""
     state = request.app.state
     if getattr(state, "metrics", None) is None:
-        registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
-        jobs_collector = _JobsCollector()
-        registry.register(jobs_collector)
-        state.metrics = (registry, jobs_collector)
-    registry, jobs_collector = state.metrics
-    recs = await state.store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000)
-    jobs_collector.counts = Counter(r.status for r in recs)
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        state.metrics = ConsoleMetrics(state.services.console)
+    return Response(await state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_console_app(settings: Settings | None = None) -> FastAPI:
