@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -231,7 +232,7 @@ async def _sweep_kubernetes(settings: Settings, store: Store, rt: Any, replica: 
 
 
 async def _console(settings: Settings, store: Store, storage: Storage, rules: RuntimeRules,
-                   scheduler: Scheduler) -> Any:
+                   scheduler: Scheduler, webhooks: Any = None, secrets: SecretBox | None = None) -> Any:
     """The console's planner and providers, started."""
     from overnight.console.service import Console, build_provisioners, installation_id
 
@@ -241,6 +242,7 @@ async def _console(settings: Settings, store: Store, storage: Storage, rules: Ru
         installation=await installation_id(store, settings.installation_id),
         limits=ValidationLimits(max_requests=settings.max_requests_per_file, max_bytes=settings.max_input_bytes),
         on_batch=lambda _batch_id: scheduler.wake(),
+        webhooks=webhooks, secrets=secrets,
     )
     if scheduler.engines.policy is not None:
         # Engines the console provisioned are not tenant-named: allowed in keyed mode too.
@@ -339,11 +341,14 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 webhooks=webhooks,
             )
             await scheduler.start()
-            dispatcher = WebhookDispatcher(store=store, config=webhooks, secrets=secrets, replica_id=identity.id)
+            dispatcher = WebhookDispatcher(store=store, config=webhooks, secrets=secrets, replica_id=identity.id,
+                                           jobs=settings.console)
             await dispatcher.start()
             stack.push_async_callback(dispatcher.stop)
             if settings.console:
-                services.console = await _console(settings, store, storage, services.rules, scheduler)
+                services.console = await _console(settings, store, storage, services.rules, scheduler, webhooks,
+                                                  secrets)
+                services.console.job_webhooks.on_event = dispatcher.wake
                 stack.push_async_callback(services.console.aclose)
             sweepers = [asyncio.create_task(
                 run_sweeper(store=store, storage=storage, interval_s=settings.sweep_interval_s)
@@ -403,11 +408,24 @@ async def open_console(settings: Settings) -> AsyncIterator[ConsoleServices]:
         templates = await _template_sources(settings, stack)
         remote = RemoteBatches(settings.metadata_service_url, keys=mds_keys, timeout_s=settings.console_mds_timeout_s)
         stack.push_async_callback(remote.aclose)
+        # Jobs' webhooks (job.*) are sent from here, where the jobs are; batches' by the batches service.
+        from overnight.webhooks.config import WebhookConfig
+        from overnight.webhooks.dispatcher import WebhookDispatcher
+
+        webhooks = WebhookConfig.from_settings(settings, keyed=bool(api_keys))
+        key = settings.secret_key or (None if api_keys else load_or_create_key_file(settings.data_dir))
+        secrets = SecretBox(key)
         console = Console(
             store=store, storage=None, settings=settings, rules=RuntimeRules(templates=templates),
             provisioners=build_provisioners(settings, templates=templates),  # local: this host's GPUs
             installation=await installation_id(store, settings.installation_id), limits=None, batches=remote,
+            webhooks=webhooks, secrets=secrets,
         )
+        dispatcher = WebhookDispatcher(store=store, config=webhooks, secrets=secrets, batches=False, jobs=True,
+                                       replica_id=f"console-{socket.gethostname()}-{os.getpid()}")
+        console.job_webhooks.on_event = dispatcher.wake
+        await dispatcher.start()
+        stack.push_async_callback(dispatcher.stop)
         console.start()
         stack.push_async_callback(console.aclose)
         yield ConsoleServices(settings=settings, store=store, console=console, remote=remote, api_keys=api_keys)

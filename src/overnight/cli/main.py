@@ -323,6 +323,9 @@ def _console_preflight(settings: Settings) -> bool:
 
     try:
         check_mds_keys(settings.tenant_for_key(), settings.console_mds_key_map())
+        from overnight.webhooks.config import WebhookConfig
+
+        WebhookConfig.from_settings(settings, keyed=bool(settings.tenant_for_key()))  # job.* webhooks: as serve
         asyncio.run(check())
     except ValueError as exc:
         typer.secho(f"overnight console cannot start: {exc}", err=True, fg=typer.colors.RED)

@@ -24,10 +24,13 @@ from overnight.console.stats import CONSOLE_STATS
 from overnight.errors import ConflictError, InvalidRequestError, NotFoundError
 from overnight.store.base import Store
 from overnight.store.records import DocRecord
+from overnight.webhooks import jobs as job_hooks
+from overnight.webhooks.config import parse_batch_webhook
+from overnight.webhooks.jobs import JobWebhooks
 
 __all__ = [
     "ACTIVE", "JOB", "PROVIDERS", "PROVISION", "TERMINAL", "JobCreate", "add_event", "cancel_job", "create_job",
-    "get_job", "job_object", "list_jobs",
+    "get_job", "job_object", "list_jobs", "release_confirmed",
 ]
 
 JOB = "job"
@@ -51,6 +54,7 @@ class JobCreate:
     FIELDS = frozenset({
         "input_dataset", "endpoint", "completion_window", "name", "model_id", "model_template_name",
         "model_template_version", "profile", "provider", "priority", "metadata", "provision_resource_deadline",
+        "webhook_url", "webhook_secret",
     })
 
     def __init__(self, body: Any) -> None:
@@ -91,11 +95,15 @@ class JobCreate:
             v = body.get(f)
             if v is not None and (not isinstance(v, str) or len(v) > 256):
                 raise InvalidRequestError(f"'{f}' must be a string of at most 256 characters.", param=f)
+        # Where this job's own job.* events go (webhooks/jobs.py): the syntax here; the
+        # server's policy and the sealing of the secret in Console.create_job.
+        self.webhook: dict[str, Any] | None = parse_batch_webhook(body, "")
 
 
 async def create_job(*, store: Store, tenant: str, req: JobCreate, resolved: dict[str, Any], provider: str,
-                     installation_id: str) -> DocRecord:
-    """Record a queued job; the planner takes it from there."""
+                     installation_id: str, webhook: dict[str, Any] | None = None) -> DocRecord:
+    """Record a queued job; the planner takes it from there. ``webhook``: its own
+    URL as checked (``{"url", "secret_sealed"?}``, ``webhooks/config.check_batch_webhook``)."""
     now = time.time()
     rec = DocRecord(
         kind=JOB, id=new_doc_id("job"), tenant=tenant, created_at=now, status="queued", updated_at=now,
@@ -111,6 +119,7 @@ async def create_job(*, store: Store, tenant: str, req: JobCreate, resolved: dic
             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "usage": None,
             "output_dataset": None, "error_dataset": None, "cancel_requested": False,
             "timestamps": {"created_at": int(now), "queued_at": int(now)}, "events": [],
+            **({job_hooks.HOOK: webhook} if webhook else {}),
         },
     )
     add_event(rec, "queued", f"queued for provider {provider}")
@@ -134,9 +143,12 @@ async def list_jobs(*, store: Store, tenant: str, after: str | None, limit: int)
     return recs[:limit], len(recs) > limit
 
 
-async def cancel_job(*, store: Store, tenant: str, job_id: str) -> DocRecord:
-    """Ask for a cancel; the planner carries it out at whatever stage the job is."""
-    await get_job(store=store, tenant=tenant, job_id=job_id)
+async def cancel_job(*, store: Store, tenant: str, job_id: str, webhooks: JobWebhooks | None = None) -> DocRecord:
+    """Ask for a cancel; the planner carries it out at whatever stage the job is
+    (a queued one is cancelled here, with its ``job.cancelled`` event: ``webhooks``)."""
+    job = await get_job(store=store, tenant=tenant, job_id=job_id)
+    if job.status == "queued" and webhooks is not None:
+        await webhooks.owe(store, job)  # before the write that may end it
 
     def mutate(rec: DocRecord) -> DocRecord | None:
         if rec.status in TERMINAL:
@@ -153,11 +165,15 @@ async def cancel_job(*, store: Store, tenant: str, job_id: str) -> DocRecord:
             rec.status = "cancelled"
             rec.body["timestamps"]["cancelled_at"] = now
             add_event(rec, "cancelled", "cancelled before any resource was requested")
+            if webhooks is not None:
+                webhooks.add_event(rec, "cancelled", at=now)
         return rec
 
     rec = await update_doc(store, JOB, job_id, mutate)
     if rec.status == "cancelled":  # only this write moves a job to cancelled here (queued ones)
         CONSOLE_STATS.job_finished("cancelled")
+        if webhooks is not None:
+            webhooks.notify()
     return rec
 
 
@@ -182,5 +198,22 @@ def job_object(rec: DocRecord) -> dict[str, Any]:
         "metadata": b.get("metadata") or {}, "provision_resource_deadline": b.get("provision_resource_deadline"),
         "request_counts": b.get("request_counts") or {"total": 0, "completed": 0, "failed": 0},
         "usage": b.get("usage"), "cost": cost, "created_at": int(rec.created_at),
+        "release_confirmed": release_confirmed(rec),
+        "webhook_url": (b.get(job_hooks.HOOK) or {}).get("url"),
+        "webhooks": job_hooks.deliveries(rec),
         **{k: v for k, v in (b.get("timestamps") or {}).items() if k != "created_at"},
     }
+
+
+def release_confirmed(rec: DocRecord) -> bool | None:
+    """None while the job is active; once it is terminal, whether nothing is held
+    for it any more: the provider confirmed its resource gone, or it never had one
+    (a job that ended before it was provisioned). A ``job.*`` webhook is sent at the
+    terminal status, not at this: a receiver that cares reads it here."""
+    if rec.status not in TERMINAL:
+        return None
+    b = rec.body
+    if not b.get("provision_id"):
+        return True
+    return (b.get("provision") or {}).get("status") == "released" or any(
+        e.get("type") == "release_confirmed" for e in b.get("events") or ())

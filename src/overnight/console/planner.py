@@ -60,6 +60,7 @@ from overnight.errors import ConflictError, NotFoundError, OvernightError, Store
 from overnight.store.base import Store
 from overnight.store.records import DocRecord
 from overnight.templates.resolve import Resolved
+from overnight.webhooks.jobs import JobWebhooks
 
 __all__ = ["BatchView", "BatchesUnavailable", "InProcessBatches", "Planner", "PlannerConfig", "batch_id_for"]
 
@@ -175,13 +176,15 @@ class PlannerConfig:
 class Planner:
     def __init__(self, *, store: Store, storage: Any, provisioners: dict[str, Provisioner], config: PlannerConfig,
                  limits: Any, rules: Any = None, on_batch: Callable[[str], None] | None = None,
-                 batches: Any = None) -> None:
+                 batches: Any = None, webhooks: JobWebhooks | None = None) -> None:
         self.store, self.storage, self.provisioners, self.cfg = store, storage, provisioners, config
         self.limits, self.rules = limits, rules
         #: Where batches are created, read and cancelled (``InProcessBatches`` or a remote one).
         self.batches = batches if batches is not None else InProcessBatches(store, storage, limits)
         #: Called with a new batch's id (the scheduler's wake-up).
         self.on_batch = on_batch
+        #: The job.* webhook events a terminal write owes (``webhooks/jobs.py``); None: none.
+        self.webhooks = webhooks
         #: Told of each provisioned engine as it comes up and goes (``url, live``): the
         #: endpoint policy trusts what the console itself provisioned (keyed mode too).
         self.on_endpoint: Callable[[str, bool], None] | None = None
@@ -365,6 +368,9 @@ class Planner:
         rec.body.setdefault("timestamps", {})[f"{status}_at"] = now
         self._due.pop(rec.id, None)
         add_event(rec, event or status, message)
+        if status in TERMINAL and self.webhooks is not None:
+            # In the write that makes it true, after ``_owe`` (every terminal write's caller).
+            self.webhooks.add_event(rec, status, at=now)
 
     async def _take(self, job: DocRecord) -> None:
         """queued -> resource_preparing: write the provisioning record first."""
@@ -578,8 +584,11 @@ class Planner:
                 self._to(rec, batch.status)
             return True
 
+        if terminal:
+            await self._owe(job)
         job = await self._write(job, mirror) or job
         if terminal:
+            self._notify()
             await self._request_release(job, why=f"the job is {batch.status}")
 
     # -- ending ---------------------------------------------------------------------------------
@@ -590,15 +599,29 @@ class Planner:
             rec.body["error_message"] = message
             self._to(rec, status, message)
 
+        await self._owe(job)
         job = await self._write(job, change)
+        self._notify()
         await self._request_release(job, why=f"the job is {status}")
 
     async def _release_then(self, job: DocRecord, status: str, message: str) -> None:
         def change(rec: DocRecord) -> None:
             self._to(rec, status, message)
 
+        await self._owe(job)
         job = await self._write(job, change)
+        self._notify()
         await self._request_release(job, why=message)
+
+    async def _owe(self, job: DocRecord) -> None:
+        """Before a write that makes the job terminal: what lets the delivery loop find
+        the job.* event that write adds (``webhooks/jobs.py``; a crash in between is harmless)."""
+        if self.webhooks is not None:
+            await self.webhooks.owe(self.store, job)
+
+    def _notify(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.notify()
 
     async def _request_release(self, job: DocRecord, *, why: str, provision_id: str | None = None) -> None:
         """The job needs its resource no more: mark its provision for release (the

@@ -5,7 +5,8 @@ follow the batches API's own expiry.
 
 A job whose provision is not confirmed released is never removed, however old: the
 provision record is what carries the release to the provider's confirmation, and
-the job is where its failures are shown. The provision goes first and the job
+the job is where its failures are shown. Nor is a job that still owes a webhook
+delivery (``webhooks/jobs.py``), until it is sent or given up on. The provision goes first and the job
 second, so a crash in between leaves a job without a provision (removed by the next
 pass), never a provision without its job.
 
@@ -38,6 +39,9 @@ def ended_at(job: DocRecord) -> float:
 
 
 async def _remove(store: Store, job: DocRecord) -> bool:
+    if (job.body.get("webhook_deliveries") or {}).get("pending"):
+        log.debug("retention: job %s kept: a webhook delivery of it is still owed", job.id)
+        return False  # webhooks/jobs.py: its record is where the delivery's state is
     prov = await store.get_doc_by_key(PROVISION, job.tenant, job.id)
     if prov is None and job.body.get("provision_id"):
         prov = await store.get_doc(PROVISION, job.body["provision_id"])

@@ -16,6 +16,8 @@ from overnight.console.templates import StoreTemplates, resolve_job_template
 from overnight.errors import InvalidRequestError, NotFoundError, StoreError
 from overnight.store.base import Store
 from overnight.store.records import DocRecord
+from overnight.webhooks.config import WebhookConfig, check_batch_webhook
+from overnight.webhooks.jobs import JobWebhooks
 
 __all__ = ["Console", "build_provisioners", "installation_id"]
 
@@ -80,15 +82,22 @@ def build_provisioners(settings: Any, *, gpus: Any = None, templates: Any = None
 
 class Console:
     def __init__(self, *, store: Store, storage: Any, settings: Any, rules: Any, provisioners: dict[str, Provisioner],
-                 installation: str, limits: Any, on_batch: Any = None, batches: Any = None) -> None:
+                 installation: str, limits: Any, on_batch: Any = None, batches: Any = None,
+                 webhooks: WebhookConfig | None = None, secrets: Any = None) -> None:
         self.store, self.storage, self.settings, self.rules = store, storage, settings, rules
+        #: The server's webhook settings (a job's own webhook_url is checked against them)
+        #: and the box its webhook_secret is sealed with.
+        self.webhooks, self.secrets = webhooks, secrets
+        #: The job.* events terminal jobs owe (``webhooks/jobs.py``); its ``on_event``
+        #: is set to the delivery loop's wake-up by whoever runs that loop.
+        self.job_webhooks = JobWebhooks(webhooks)
         self.provisioners = provisioners
         self.installation_id = installation
         #: Each tenant's stored deployment templates, as template sources (console/templates.py).
         self.templates = StoreTemplates(store)
         self.planner = Planner(
             store=store, storage=storage, provisioners=provisioners, limits=limits, rules=rules, on_batch=on_batch,
-            batches=batches,
+            batches=batches, webhooks=self.job_webhooks,
             config=PlannerConfig(
                 installation_id=installation, workers=settings.planner_worker_count,
                 policy=settings.planning_policy, tick_s=settings.planner_tick_s, poll_s=settings.planner_poll_s,
@@ -134,7 +143,10 @@ class Console:
         if purpose != "batch":
             raise InvalidRequestError(f"File {req.input_dataset} has purpose {purpose!r}; a job's input_dataset "
                                       "must be uploaded with purpose 'batch'.", param="input_dataset")
+        hook = None
+        if req.webhook is not None:
+            hook = await check_batch_webhook(req.webhook, key="", config=self.webhooks, secrets=self.secrets)
         rec = await create_job(store=self.store, tenant=tenant, req=req, resolved=resolved.to_record(),
-                               provider=provider, installation_id=self.installation_id)
+                               provider=provider, installation_id=self.installation_id, webhook=hook)
         self.planner.wake()
         return rec

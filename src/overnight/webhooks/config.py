@@ -14,6 +14,9 @@ Deliveries to a batch's URL are signed with the batch's ``webhook_secret``
 server's secret signs the server-wide deliveries, and a tenant holding it could
 forge events for every other tenant. In open mode (one user) the server's secret
 is used when the batch brings none.
+
+A console job's own ``webhook_url`` / ``webhook_secret`` (top-level fields of
+``POST /api/v1/jobs``, ``key`` "" below) follow exactly the same rules.
 """
 
 from __future__ import annotations
@@ -96,55 +99,62 @@ class WebhookConfig:
         )
 
 
+def _field(key: str, name: str) -> str:
+    """The request field ``name`` under ``key`` (a batch's extension), or at the top
+    of the body when ``key`` is empty (a console job)."""
+    return f"{key}.{name}" if key else name
+
+
 def parse_batch_webhook(ext: dict[str, Any], key: str) -> dict[str, Any] | None:
-    """The syntax of ``webhook_url`` / ``webhook_secret`` in the extension:
-    ``{"url": ..., "secret": ... | None}`` or None when the batch names no URL."""
+    """The syntax of ``webhook_url`` / ``webhook_secret`` in the extension (in a
+    console job's body when ``key`` is ""): ``{"url": ..., "secret": ... | None}``
+    or None when the request names no URL."""
     url, secret = ext.get("webhook_url"), ext.get("webhook_secret")
+    url_f, secret_f = _field(key, "webhook_url"), _field(key, "webhook_secret")
     if url is None:
         if secret is not None:
-            raise InvalidRequestError(f"'{key}.webhook_secret' needs a {key}.webhook_url.",
-                                      param=f"{key}.webhook_secret")
+            raise InvalidRequestError(f"'{secret_f}' needs a {url_f}.", param=secret_f)
         return None
     try:
         url = check_webhook_url(url)
     except EndpointRefused as exc:
-        raise InvalidRequestError(f"'{key}.webhook_url' {exc}.", param=f"{key}.webhook_url") from None
+        raise InvalidRequestError(f"'{url_f}' {exc}.", param=url_f) from None
     if secret is not None:
         try:
             parse_secret(secret)
         except WebhookSecretError as exc:  # the value is a secret: never echo it
-            raise InvalidRequestError(f"'{key}.webhook_secret' {exc}.", param=f"{key}.webhook_secret") from None
+            raise InvalidRequestError(f"'{secret_f}' {exc}.", param=secret_f) from None
     return {"url": url, "secret": secret}
 
 
 async def check_batch_webhook(
     hook: dict[str, Any], *, key: str, config: WebhookConfig | None, secrets: SecretBox | None
 ) -> dict[str, Any]:
-    """The record's form of a parsed batch webhook: the URL allowed by the policy
-    and the secret sealed (``{"url", "secret_sealed"?}``); a 400 naming the field
-    otherwise."""
+    """The record's form of a parsed batch (or job: ``key`` "") webhook: the URL
+    allowed by the policy and the secret sealed (``{"url", "secret_sealed"?}``); a
+    400 naming the field otherwise."""
+    url_f, secret_f = _field(key, "webhook_url"), _field(key, "webhook_secret")
     if config is None:
-        raise InvalidRequestError("This server does not send webhooks.", param=f"{key}.webhook_url")
+        raise InvalidRequestError("This server does not send webhooks.", param=url_f)
     try:
         url = await config.policy.check(hook["url"])
     except EndpointRefused as exc:
-        raise InvalidRequestError(f"'{key}.webhook_url' {exc}.", param=f"{key}.webhook_url",
-                                  code="webhook_url_not_allowed") from None
+        raise InvalidRequestError(f"'{url_f}' {exc}.", param=url_f, code="webhook_url_not_allowed") from None
     out: dict[str, Any] = {"url": url}
     secret = hook.get("secret")
     if secret is None:
         if config.keyed:
             raise InvalidRequestError(
-                f"'{key}.webhook_url' needs a {key}.webhook_secret (whsec_...) to sign its deliveries with: "
-                "on a server with API keys each receiver has its own secret.", param=f"{key}.webhook_secret")
+                f"'{url_f}' needs a {secret_f} (whsec_...) to sign its deliveries with: "
+                "on a server with API keys each receiver has its own secret.", param=secret_f)
         if not config.keys:
             raise InvalidRequestError(
-                f"'{key}.webhook_url' needs a {key}.webhook_secret (whsec_...): this server has no "
-                "OVERNIGHT_WEBHOOK_SECRET to sign its deliveries with.", param=f"{key}.webhook_secret")
+                f"'{url_f}' needs a {secret_f} (whsec_...): this server has no "
+                "OVERNIGHT_WEBHOOK_SECRET to sign its deliveries with.", param=secret_f)
         return out
     if secrets is None or not secrets.enabled:
         raise InvalidRequestError(
-            f"'{key}.webhook_secret' cannot be stored: this server has no OVERNIGHT_SECRET_KEY to encrypt it "
-            "with. Ask the operator to set one.", param=f"{key}.webhook_secret")
+            f"'{secret_f}' cannot be stored: this server has no OVERNIGHT_SECRET_KEY to encrypt it "
+            "with. Ask the operator to set one.", param=secret_f)
     out[SEALED_SECRET] = secrets.seal(secret)
     return out

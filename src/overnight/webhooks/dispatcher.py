@@ -1,7 +1,11 @@
 """Delivering webhooks: a loop on every replica that claims due deliveries with
 compare-and-set, POSTs them signed, and records the outcome.
 
-At least once, in order per batch and target, never early:
+It delivers batches' events (found by the store's ``list_webhooks_due``) and,
+where the console runs, console jobs' (found by their markers,
+``webhooks/jobs.py``); the state is on each one's own record, the rules the same.
+
+At least once, in order per batch (job) and target, never early:
 
 - A delivery exists only once the batch's terminal status (and its files) are
   stored: it is written in that same compare-and-set (``state.add_event``).
@@ -29,16 +33,18 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from overnight import __version__
 from overnight.batches.service import update_batch
-from overnight.errors import OvernightError
+from overnight.errors import NotFoundError, OvernightError
 from overnight.executor.http1 import ConnectFailed, ConnectionFailed, HttpPool, RequestTimedOut, ResponseTooLarge
 from overnight.runtimes.egress import EndpointRefused
 from overnight.secret_box import SecretBox, SecretError
 from overnight.store.base import Store
-from overnight.store.records import BatchRecord
+from overnight.store.records import BatchRecord, DocRecord
+from overnight.webhooks import jobs as job_hooks
 from overnight.webhooks import state
 from overnight.webhooks.config import SEALED_SECRET, WebhookConfig
 from overnight.webhooks.signing import WebhookSecretError, parse_secret, signed_headers
@@ -50,8 +56,10 @@ log = logging.getLogger("overnight.webhooks")
 
 #: A receiver's answer is not used beyond its status: read at most this much.
 MAX_ANSWER_BYTES = 64 * 1024
-#: Batches being delivered at once by one replica.
+#: Batches (jobs) being delivered at once by one replica.
 MAX_IN_FLIGHT = 32
+#: How often every marked job is read, whatever its marker's hint says (``webhooks/jobs.py``).
+FULL_PASS_S = 60.0
 
 
 async def post_event(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float) -> Outcome:
@@ -85,17 +93,72 @@ async def post_event(url: str, body: bytes, headers: dict[str, str], *, timeout_
     return Outcome(error=f"HTTP {reply.status}", retry_after_s=retry_after, final=reply.status == 410)
 
 
-class WebhookDispatcher:
-    """The delivery loop of one replica (``start``/``stop``)."""
+class _Kind:
+    """Where one kind of record keeps its webhook state and own URL, and how it is
+    written (compare-and-set, retried on conflict)."""
 
-    def __init__(self, *, store: Store, config: WebhookConfig, secrets: SecretBox | None, replica_id: str) -> None:
+    name: str
+    #: The target of the record's own URL.
+    own: str
+
+    def state(self, rec: Any) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def hook(self, rec: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def update(self, store: Store, id: str, change: Callable[[Any], bool]) -> Any:
+        """Apply ``change`` (True: write) to the current record; the record as stored."""
+        raise NotImplementedError
+
+
+class _Batches(_Kind):
+    name, own = "batch", state.TARGET_BATCH
+
+    def state(self, rec: BatchRecord) -> dict[str, Any] | None:
+        return rec.webhook
+
+    def hook(self, rec: BatchRecord) -> dict[str, Any]:
+        return (rec.options or {}).get("webhook") or {}
+
+    async def update(self, store: Store, id: str, change: Callable[[Any], bool]) -> BatchRecord:
+        return await update_batch(store, id, lambda rec: rec if change(rec) else None)
+
+
+class _Jobs(_Kind):
+    name, own = "job", job_hooks.TARGET_JOB
+
+    def state(self, rec: DocRecord) -> dict[str, Any] | None:
+        return rec.body.get(job_hooks.STATE)
+
+    def hook(self, rec: DocRecord) -> dict[str, Any]:
+        return rec.body.get(job_hooks.HOOK) or {}
+
+    async def update(self, store: Store, id: str, change: Callable[[Any], bool]) -> DocRecord:
+        from overnight.console.docs import update_doc
+
+        return await update_doc(store, job_hooks.JOB, id, lambda rec: rec if change(rec) else None)
+
+
+BATCHES, JOBS = _Batches(), _Jobs()
+
+
+class WebhookDispatcher:
+    """The delivery loop of one replica (``start``/``stop``): batches' events, and
+    console jobs' with ``jobs=True`` (where the console's jobs are stored)."""
+
+    def __init__(self, *, store: Store, config: WebhookConfig, secrets: SecretBox | None, replica_id: str,
+                 batches: bool = True, jobs: bool = False) -> None:
         self.store = store
         self.config = config
         self.secrets = secrets
         self.replica_id = replica_id
+        self.batches = batches
+        self.jobs = jobs
         self._task: asyncio.Task[None] | None = None
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
+        self._full_pass_at = 0.0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="overnight-webhooks")
@@ -117,60 +180,91 @@ class WebhookDispatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 
-    async def _loop(self) -> None:
-        while True:
+    async def _due(self) -> list[tuple[_Kind, str]]:
+        now = time.time()
+        due: list[tuple[_Kind, str]] = []
+        if self.batches:
             try:
-                due = await self.store.list_webhooks_due(now=time.time(), limit=MAX_IN_FLIGHT * 2)
+                due += [(BATCHES, rec.id) for rec in
+                        await self.store.list_webhooks_due(now=now, limit=MAX_IN_FLIGHT * 2)]
             except OvernightError as exc:
                 log.warning("webhooks: cannot read due deliveries: %s", exc)
-                due = []
-            for rec in due:
-                if rec.id in self._inflight or len(self._inflight) >= MAX_IN_FLIGHT:
+        if self.jobs:
+            every = now - self._full_pass_at >= FULL_PASS_S
+            try:
+                due += [(JOBS, job_id) for job_id in await job_hooks.owed_jobs(self.store, now=now, every=every)]
+                if every:
+                    self._full_pass_at = now
+            except OvernightError as exc:
+                log.warning("webhooks: cannot read the jobs that owe deliveries: %s", exc)
+        return due
+
+    async def _loop(self) -> None:
+        while True:
+            for kind, id in await self._due():
+                key = (kind.name, id)
+                if key in self._inflight or len(self._inflight) >= MAX_IN_FLIGHT:
                     continue
-                task = asyncio.create_task(self._deliver(rec.id), name=f"overnight-webhook-{rec.id}")
-                self._inflight[rec.id] = task
-                task.add_done_callback(lambda _t, bid=rec.id: self._inflight.pop(bid, None))
+                task = asyncio.create_task(self._deliver(kind, id), name=f"overnight-webhook-{id}")
+                self._inflight[key] = task
+                task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
+                async with asyncio.timeout(self.config.poll_s):
+                    await self._wake.wait()
 
-    async def _deliver(self, batch_id: str) -> None:
+    async def _deliver(self, kind: _Kind, id: str) -> None:
         try:
-            claimed, rec = await self._claim(batch_id)
-        except OvernightError as exc:
-            log.warning("webhooks: batch %s: cannot claim its deliveries: %s", batch_id, exc)
+            claimed, rec = await self._claim(kind, id)
+        except NotFoundError:
+            if kind is JOBS:  # the job is gone: so is what it owed
+                with contextlib.suppress(OvernightError):
+                    await job_hooks.sync_marker(self.store, id, None)
             return
-        if not claimed:
-            return  # another replica has them, or they are not due after all
+        except OvernightError as exc:
+            log.warning("webhooks: %s %s: cannot claim its deliveries: %s", kind.name, id, exc)
+            return
         try:
             for d in claimed:
-                outcome = await self._attempt(rec, d)
-                await self._settle(batch_id, d, outcome)
+                outcome = await self._attempt(kind, rec, d)
+                rec = await self._settle(kind, id, d, outcome) or rec
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):  # best effort: else the claim lapses by itself
-                await asyncio.shield(self._release(batch_id, claimed))
+                rec = await asyncio.shield(self._release(kind, id, claimed)) or rec
+                if kind is JOBS:
+                    await asyncio.shield(job_hooks.sync_marker(self.store, id, rec))
             raise
         except OvernightError as exc:
             # The outcome could not be stored: the claim lapses and it is tried again.
-            log.warning("webhooks: batch %s: cannot record a delivery: %s", batch_id, exc)
+            log.warning("webhooks: %s %s: cannot record a delivery: %s", kind.name, id, exc)
         except Exception:  # a bug: say so; the claim lapses and it is tried again
-            log.exception("webhooks: batch %s: delivery failed unexpectedly", batch_id)
+            log.exception("webhooks: %s %s: delivery failed unexpectedly", kind.name, id)
+        if kind is JOBS:
+            try:
+                await job_hooks.sync_marker(self.store, id, rec)
+            except OvernightError as exc:  # the hint stays as it was: read again at the next poll
+                log.warning("webhooks: job %s: cannot update its marker: %s", id, exc)
 
-    async def _claim(self, batch_id: str) -> tuple[list[dict[str, Any]], BatchRecord]:
+    async def _claim(self, kind: _Kind, id: str) -> tuple[list[dict[str, Any]], Any]:
+        """Claim what is due (none: another replica has it, or nothing is due after all)."""
         claimed: list[dict[str, Any]] = []
 
-        def mutate(rec: BatchRecord) -> BatchRecord | None:
-            claimed[:] = state.claim(rec, now=time.time(), owner=self.replica_id, hold_s=self.config.hold_s)
-            return rec if claimed else None
+        def change(rec: Any) -> bool:
+            if kind is JOBS and rec.status not in job_hooks.EVENT_TYPES:
+                claimed.clear()
+                return False  # not terminal (yet): it owes nothing
+            claimed[:] = state.claim_in(kind.state(rec), now=time.time(), owner=self.replica_id,
+                                        hold_s=self.config.hold_s)
+            return bool(claimed)
 
-        rec = await update_batch(self.store, batch_id, mutate)
+        rec = await kind.update(self.store, id, change)
         return claimed, rec
 
-    def _target(self, rec: BatchRecord, target: str) -> tuple[str | None, tuple[bytes, ...], str | None]:
+    def _target(self, kind: _Kind, rec: Any, target: str) -> tuple[str | None, tuple[bytes, ...], str | None]:
         """(URL, signing keys, why it cannot be sent) for one target of ``rec``."""
         if target == state.TARGET_SERVER:
             return self.config.url, self.config.keys, None
-        hook = (rec.options or {}).get("webhook") or {}
+        hook = kind.hook(rec)
         url = hook.get("url")
         sealed = hook.get(SEALED_SECRET)
         if sealed is None:
@@ -182,16 +276,16 @@ class WebhookDispatcher:
         except (SecretError, WebhookSecretError) as exc:
             return url, (), f"its webhook_secret cannot be used: {exc}"
 
-    async def _attempt(self, rec: BatchRecord, d: dict[str, Any]) -> Outcome:
-        event = state.find_event(rec, d["event"])
+    async def _attempt(self, kind: _Kind, rec: Any, d: dict[str, Any]) -> Outcome:
+        event = state.find_event_in(kind.state(rec), d["event"])
         if event is None:
             return Outcome(error=f"event {d['event']} is not on the record", final=True)
-        url, keys, problem = self._target(rec, d["target"])
+        url, keys, problem = self._target(kind, rec, d["target"])
         if url is None:
             return Outcome(skipped=True)
         if problem is not None:
             return Outcome(error=problem, final=True)
-        if d["target"] == state.TARGET_BATCH:
+        if d["target"] != state.TARGET_SERVER:
             try:  # again at every attempt: the name may resolve elsewhere by now
                 url = await self.config.policy.check(url)
             except EndpointRefused as exc:
@@ -199,19 +293,19 @@ class WebhookDispatcher:
         body = state.event_body(rec.id, event)
         return await post_event(url, body, signed_headers(keys, event["id"], body), timeout_s=self.config.timeout_s)
 
-    async def _settle(self, batch_id: str, d: dict[str, Any], outcome: Outcome) -> None:
+    async def _settle(self, kind: _Kind, id: str, d: dict[str, Any], outcome: Outcome) -> Any:
         result: list[dict[str, Any] | None] = [None]
 
-        def mutate(rec: BatchRecord) -> BatchRecord | None:
-            result[0] = state.settle(rec, d["event"], d["target"], outcome, now=time.time(),
-                                     rules=self.config.retry)
-            return rec if result[0] is not None else None
+        def change(rec: Any) -> bool:
+            result[0] = state.settle_in(kind.state(rec), d["event"], d["target"], outcome, now=time.time(),
+                                        rules=self.config.retry)
+            return result[0] is not None
 
-        await update_batch(self.store, batch_id, mutate)
+        rec = await kind.update(self.store, id, change)
         done = result[0]
         if done is None or outcome.skipped:
-            return
-        what = f"webhook {d['event']} of batch {batch_id} to the {d['target']} URL"
+            return rec
+        what = f"webhook {d['event']} of {kind.name} {id} to the {d['target']} URL"
         if done.get("outcome") == "delivered":
             log.info("%s delivered (attempt %d)", what, done["attempts"])
         elif done.get("outcome") == "failed":
@@ -219,18 +313,19 @@ class WebhookDispatcher:
         else:
             log.warning("%s: attempt %d failed (%s); next in %.1f s", what, done["attempts"], done.get("error"),
                         max(0.0, done["next_at"] - time.time()))
+        return rec
 
-    async def _release(self, batch_id: str, claimed: list[dict[str, Any]]) -> None:
+    async def _release(self, kind: _Kind, id: str, claimed: list[dict[str, Any]]) -> Any:
         """Hand claimed deliveries back (due now) at shutdown."""
         keys = {(d["event"], d["target"]) for d in claimed}
 
-        def mutate(rec: BatchRecord) -> BatchRecord | None:
+        def change(rec: Any) -> bool:
             changed = False
-            for d in (rec.webhook or {}).get("pending") or ():
+            for d in (kind.state(rec) or {}).get("pending") or ():
                 if (d["event"], d["target"]) in keys and d.get("claimed_by") == self.replica_id:
                     d.pop("claimed_by")
                     d["next_at"] = time.time()
                     changed = True
-            return rec if changed else None
+            return changed
 
-        await update_batch(self.store, batch_id, mutate)
+        return await kind.update(self.store, id, change)

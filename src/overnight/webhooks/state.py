@@ -22,6 +22,9 @@ The state::
 own ``webhook_url``. A target's deliveries go in order: one waits until the one
 before it to the same target is done. A batch has one event today (its terminal
 status), but nothing here assumes it.
+
+The same state, with the ``*_in`` functions, is kept on a console job's record
+(``body["webhook_deliveries"]``; its own URL's target is ``job``): ``webhooks/jobs.py``.
 """
 
 from __future__ import annotations
@@ -44,9 +47,15 @@ __all__ = [
     "RetryRules",
     "add_event",
     "claim",
+    "claim_in",
+    "due_at",
     "event_body",
+    "find_event_in",
+    "new_event",
     "settle",
+    "settle_in",
     "view",
+    "view_of",
 ]
 
 TARGET_SERVER = "server"
@@ -94,23 +103,33 @@ class Outcome:
     retry_after_s: float | None = None
 
 
+def new_event(
+    state: dict[str, Any] | None, etype: str, targets: list[str], *, at: int, now: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A copy of ``state`` with the event ``etype`` recorded and its deliveries to
+    ``targets`` owed (due at once), and the event. For any record that keeps this
+    state (a batch's ``webhook``, a console job's ``body["webhook_deliveries"]``,
+    ``webhooks/jobs.py``); write it in the compare-and-set that makes the event true."""
+    state = copy.deepcopy(state) if state else {}
+    state.setdefault("events", [])
+    state.setdefault("pending", [])
+    state.setdefault("done", [])
+    event = {"id": new_id("evt"), "type": etype, "created_at": int(at)}
+    state["events"].append(event)
+    for target in targets:
+        state["pending"].append({"event": event["id"], "target": target, "attempts": 0, "next_at": float(now),
+                                 "error": None})
+    return state, event
+
+
 def add_event(rec: BatchRecord, status: str, *, at: int, now: float) -> dict[str, Any] | None:
     """Record the ``batch.<status>`` event on ``rec`` and owe its deliveries
     (due at once). Call inside the compare-and-set that writes the status."""
     etype = EVENT_TYPES.get(status)
     if etype is None:
         return None
-    state = copy.deepcopy(rec.webhook) if rec.webhook else {}
-    state.setdefault("events", [])
-    state.setdefault("pending", [])
-    state.setdefault("done", [])
-    event = {"id": new_id("evt"), "type": etype, "created_at": int(at)}
-    state["events"].append(event)
     targets = [TARGET_SERVER] + ([TARGET_BATCH] if (rec.options or {}).get("webhook") else [])
-    for target in targets:
-        state["pending"].append({"event": event["id"], "target": target, "attempts": 0, "next_at": float(now),
-                                 "error": None})
-    rec.webhook = state
+    rec.webhook, event = new_event(rec.webhook, etype, targets, at=at, now=now)
     return event
 
 
@@ -126,7 +145,11 @@ def event_body(batch_id: str, event: dict[str, Any]) -> bytes:
 
 
 def find_event(rec: BatchRecord, event_id: str) -> dict[str, Any] | None:
-    for event in (rec.webhook or {}).get("events") or ():
+    return find_event_in(rec.webhook, event_id)
+
+
+def find_event_in(state: dict[str, Any] | None, event_id: str) -> dict[str, Any] | None:
+    for event in (state or {}).get("events") or ():
         if event.get("id") == event_id:
             return event
     return None
@@ -137,7 +160,11 @@ def claim(rec: BatchRecord, *, now: float, owner: str, hold_s: float) -> list[di
     target), in place: each gets ``next_at = now + hold_s``, so no one else sees it
     due until the claim lapses (its owner died mid-delivery). Returns copies of the
     claimed ones; write ``rec`` with compare-and-set for the claim to hold."""
-    state = rec.webhook
+    return claim_in(rec.webhook, now=now, owner=owner, hold_s=hold_s)
+
+
+def claim_in(state: dict[str, Any] | None, *, now: float, owner: str, hold_s: float) -> list[dict[str, Any]]:
+    """``claim`` on the state itself (in place)."""
     if not state:
         return []
     claimed = []
@@ -159,7 +186,13 @@ def settle(rec: BatchRecord, event_id: str, target: str, outcome: Outcome, *, no
     sent, skipped or given up on, else due again after the backoff. Returns the
     delivery as it now stands (with ``outcome`` when it is done), or None when it
     is no longer pending (another replica settled it after this one's claim lapsed)."""
-    state = rec.webhook or {}
+    return settle_in(rec.webhook, event_id, target, outcome, now=now, rules=rules)
+
+
+def settle_in(state: dict[str, Any] | None, event_id: str, target: str, outcome: Outcome, *, now: float,
+              rules: RetryRules) -> dict[str, Any] | None:
+    """``settle`` on the state itself (in place)."""
+    state = state or {}
     pending = state.get("pending") or []
     for i, d in enumerate(pending):
         if d["event"] == event_id and d["target"] == target:
@@ -175,7 +208,7 @@ def settle(rec: BatchRecord, event_id: str, target: str, outcome: Outcome, *, no
     else:
         d["attempts"] += 1
         d["error"] = outcome.error
-        event = find_event(rec, event_id) or {}
+        event = find_event_in(state, event_id) or {}
         deadline = float(event.get("created_at", now)) + rules.max_age_s
         next_at = now + rules.delay_s(d["attempts"], outcome.retry_after_s)
         if outcome.final or d["attempts"] >= rules.max_attempts or next_at > deadline:
@@ -194,7 +227,11 @@ def view(rec: BatchRecord) -> list[dict[str, Any]]:
     """The batch's deliveries for its API object (``overnight.webhooks``): what was
     sent where, what is still owed and the last error. Deliveries skipped for want
     of a server URL are left out; the server's URL is never shown."""
-    state = rec.webhook
+    return view_of(rec.webhook)
+
+
+def view_of(state: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``view`` of the state itself."""
     if not state:
         return []
     types = {e["id"]: e["type"] for e in state.get("events") or ()}
@@ -212,3 +249,18 @@ def view(rec: BatchRecord) -> list[dict[str, Any]]:
             item["last_error"] = d["error"]
         out.append(item)
     return out
+
+
+def due_at(state: dict[str, Any] | None) -> float | None:
+    """When the next delivery of ``state`` is due (None: none pending): the first
+    pending one per target counts, as for a batch (``store.records.webhook_due_at``,
+    which the stores index; a console job's is kept by ``webhooks/jobs.py``)."""
+    due: float | None = None
+    seen: set[str] = set()
+    for d in (state or {}).get("pending") or ():
+        if d["target"] in seen:
+            continue
+        seen.add(d["target"])
+        at = float(d["next_at"])
+        due = at if due is None else min(due, at)
+    return due

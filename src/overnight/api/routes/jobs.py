@@ -69,7 +69,8 @@ async def get_job(request: Request, job_id: str, store: StoreDep, tenant: Tenant
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: str, store: StoreDep, tenant: TenantDep) -> dict[str, Any]:
     console = _console(request)
-    rec = await job_service.cancel_job(store=store, tenant=tenant, job_id=job_id)
+    rec = await job_service.cancel_job(store=store, tenant=tenant, job_id=job_id,
+                                       webhooks=getattr(console, "job_webhooks", None))
     console.planner.wake()
     return job_service.job_object(rec)
 
