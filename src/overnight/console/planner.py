@@ -255,7 +255,7 @@ class Planner:
                 if preparing >= self.cfg.max_provisioning:
                     continue  # its turn comes when a provision is ready or ends
                 preparing += 1
-            self._spawn(job.id, self.step(job.id))
+            self._spawn(job.id, self.advance(job.id))
         for prov in await self.store.list_docs(PROVISION, statuses=("requested", "provisioning"), order="oldest",
                                                limit=10_000):
             # A provision whose job ended without marking it (a crash between the two
@@ -289,7 +289,7 @@ class Planner:
         t.add_done_callback(self._steps.discard)
 
     # -- one step of one job -------------------------------------------------------------------
-    async def step(self, job_id: str) -> None:
+    async def advance(self, job_id: str) -> None:
         """Take the job as far as it can go now: a stage that ends in another one
         ready at once (queued -> resource_preparing with a provider that answers
         running -> submitting -> the batch created) runs on in this worker's turn
@@ -303,6 +303,13 @@ class Planner:
             await self._one_step(job)
             if status in _BATCH_STAGES or self._due.get(job_id, 0.0) > time.time():
                 return  # following a batch is a poll, once per turn; or the job waits
+
+    async def step(self, job_id: str) -> None:
+        """One stage of the job (tests drive the planner stage by stage with it)."""
+        job = await self.store.get_doc(JOB, job_id)
+        if job is None or job.status in TERMINAL:
+            return
+        await self._one_step(job)
 
     async def _one_step(self, job: DocRecord) -> None:
         try:
