@@ -109,6 +109,18 @@ def runner_config(settings: Settings) -> RunnerConfig:
     )
 
 
+def ssh_runtime(settings: Settings) -> Any:
+    """The ssh runtime: engines on the machines the RunPod / Lambda Cloud providers rent,
+    reached over SSH (``runtimes/ssh.py``; asyncssh is imported when it first connects)."""
+    import importlib.util
+
+    from overnight.runtimes.ssh import SshRuntime
+
+    if importlib.util.find_spec("asyncssh") is None:
+        log.warning("the ssh runtime is on but asyncssh is not installed: pip install 'overnight[ssh]'")
+    return SshRuntime(log_dir=settings.data_dir / "engines", key_file=settings.ssh_key_file)
+
+
 def local_runtime(*, log_dir: Path, installation_id: str, gpus: Any = None) -> Any:
     """The local-process runtime (``serve``'s engine manager and ``run --template``)."""
     from overnight.runtimes.local import LocalRuntime
@@ -298,6 +310,8 @@ def _engine_manager(settings: Settings, installation_id: str, kube_deployments: 
     runtimes: dict[str, Any] = {"local": local}
     if kube_deployments is not None:
         runtimes["kubernetes-deployment"] = kube_deployments
+    if "ssh" in settings.allowed_runtimes():
+        runtimes["ssh"] = ssh_runtime(settings)
     return EngineManager(runtimes), gpus
 
 

@@ -263,7 +263,7 @@ class Settings(BaseSettings):
     @field_validator("runtimes")
     @classmethod
     def _check_runtimes(cls, v: str) -> str:
-        known = ("endpoint", "mock", "local", "kubernetes-job", "kubernetes-deployment")
+        known = ("endpoint", "mock", "local", "kubernetes-job", "kubernetes-deployment", "ssh")
         for t in (x.strip() for x in v.split(",")):
             if t and t not in known:
                 raise ValueError(f"unknown runtime type {t!r}; known: {', '.join(known)}")
@@ -315,11 +315,17 @@ class Settings(BaseSettings):
 
     def allowed_runtimes(self) -> frozenset[str]:
         """Runtime types batches may ask for: ``runtimes``, plus the Kubernetes ones
-        when a cluster is configured and ``runtimes`` was left at its default."""
+        when a cluster is configured and ``ssh`` when a neocloud provider (RunPod, Lambda
+        Cloud) is, while ``runtimes`` was left at its default: choosing a provider turns
+        on the runtime it needs."""
         allowed = {t.strip() for t in self.runtimes.split(",") if t.strip()}
         kube = {"kubernetes-job", "kubernetes-deployment"}
         if self.kubernetes and "runtimes" not in self.model_fields_set:
             allowed |= kube
+        neocloud = bool(self.runpod_api_key or self.lambda_cloud_api_key) \
+            or self.provisioner in ("runpod", "lambdaCloud")
+        if neocloud and "runtimes" not in self.model_fields_set:
+            allowed.add("ssh")
         if allowed & kube and not self.kubernetes:
             raise ValueError(f"OVERNIGHT_RUNTIMES lists {', '.join(sorted(allowed & kube))} but no cluster is "
                              "configured: set OVERNIGHT_KUBERNETES (in-cluster, kubeconfig or kubeconfig:PATH)")

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,9 +16,17 @@ import asyncssh
 import httpx
 import pytest
 
-from overnight.errors import RuntimeStartError
+from overnight.errors import OvernightError, RuntimeStartError
 from overnight.runtimes.ssh import ENGINE_NAME_ENV, SshRuntime, engine_name
 from tests.conftest import free_port
+from tests.e2e.helpers import (
+    assert_exactly_once,
+    client_for,
+    results,
+    wait_progress,
+    wait_status,
+)
+from tests.factories import make_input_file
 from tests.sshd import Sshd
 
 
@@ -422,3 +431,244 @@ async def test_unreachable_machine(sshd: Sshd, runtimes, caplog) -> None:
     caplog.clear()
     await rt.release(handle)  # counts as released, with a warning
     assert any("counted as released" in r.getMessage() for r in caplog.records)
+
+
+# -- wiring: settings, batches, the engine manager, serve ------------------------------------------
+def test_choosing_a_neocloud_provider_turns_the_ssh_runtime_on(monkeypatch) -> None:
+    from overnight.config import Settings
+
+    for var in ("RUNPOD_API_KEY", "LAMBDA_CLOUD_API_KEY", "PROVISIONER", "OVERNIGHT_PROVISIONER", "OVERNIGHT_RUNTIMES"):
+        monkeypatch.delenv(var, raising=False)
+    assert "ssh" not in Settings().allowed_runtimes()
+    assert "ssh" in Settings(runpod_api_key="k").allowed_runtimes()
+    assert "ssh" in Settings(lambda_cloud_api_key="k").allowed_runtimes()
+    assert "ssh" in Settings(provisioner="lambdaCloud").allowed_runtimes()
+    # Naming the runtimes is the operator's choice, both ways.
+    assert "ssh" not in Settings(runpod_api_key="k", runtimes="endpoint,local").allowed_runtimes()
+    monkeypatch.setenv("OVERNIGHT_RUNTIMES", "endpoint,ssh")
+    assert Settings().allowed_runtimes() == {"endpoint", "ssh"}
+
+
+def test_the_engine_manager_keys_an_ssh_engine_by_machine_and_command(sshd: Sshd) -> None:
+    from overnight.runtimes.manager import EngineManager
+
+    spec = ssh_spec(sshd, provision_id="prov-a", ready_timeout_seconds=900)
+    key = EngineManager.key_for({"runtime": spec})
+    assert key.startswith("ssh-prov-a-") and key == EngineManager.key_for({"runtime": dict(spec)})
+    assert key != EngineManager.key_for({"runtime": dict(spec, provision_id="prov-b")})
+    assert key != EngineManager.key_for({"runtime": dict(spec, command=["vllm", "serve", "other"])})
+    kind, got, ready, keep = EngineManager({})._spec_for({"runtime": spec})
+    assert (kind, got, ready, keep) == ("ssh", spec, 900.0, 0.0)
+
+
+async def test_a_batch_through_the_engine_manager(sshd: Sshd, runtimes) -> None:
+    from overnight.executor.engine import HttpEngineClient
+    from overnight.runtimes.manager import EngineManager
+
+    manager = EngineManager({"ssh": runtimes()}, watch_interval_s=0.2)
+    options = {"runtime": ssh_spec(sshd)}
+    rec = Recorder()
+    url = await manager.attach("batch_1", options, record=rec)
+    assert rec.handles and rec.handles[-1]["type"] == "ssh"
+    # A second batch on the same machine and command shares the engine.
+    assert await manager.attach("batch_2", options, record=rec) == url
+    client = HttpEngineClient(url, timeout_s=10)
+    try:
+        body = b'{"model": "tm", "messages": [{"role": "user", "content": "hi"}]}'
+        replies = await asyncio.gather(*(client.send("/v1/chat/completions", body) for _ in range(20)))
+    finally:
+        await client.aclose()
+    assert {r.status for r in replies} == {200}
+    key = EngineManager.key_for(options)
+    assert "overnight mock engine on" in (manager.log_tail(key, 50) or "")
+    assert len(sshd.engines_running()) == 1
+    await manager.detach("batch_1", options)
+    assert len(sshd.engines_running()) == 1
+    await manager.detach("batch_2", options)  # the last batch: released (keep-alive 0)
+    assert sshd.engines_running() == []
+    await manager.aclose()
+
+
+async def test_an_engine_manager_without_the_ssh_runtime_fails_the_batch(sshd: Sshd) -> None:
+    from overnight.runtimes.manager import EngineFailed, EngineManager
+
+    with pytest.raises(EngineFailed, match="does not run the 'ssh' runtime"):
+        await EngineManager({}).attach("b", {"runtime": ssh_spec(sshd)}, record=Recorder())
+
+
+@pytest.fixture
+async def batch_env():
+    from overnight.files.service import create_file
+    from overnight.storage.memory import MemoryStorage
+    from overnight.store.memory import MemoryStore
+    from tests.factories import request_line
+
+    store, storage = MemoryStore(), MemoryStorage()
+
+    async def chunks():
+        import json
+
+        yield (json.dumps(request_line(0)) + "\n").encode()
+
+    f = await create_file(store=store, storage=storage, tenant="t", filename="in.jsonl", purpose="batch",
+                          chunks=chunks())
+    return store, storage, f
+
+
+async def _create_ssh_batch(env, runtime: dict, **kw):
+    from overnight.batches import service
+    from overnight.batches.validation import ValidationLimits
+
+    store, storage, f = env
+    body = service.BatchCreate(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                               extension={"runtime": runtime})
+    return await service.create_batch(store=store, storage=storage, tenant="t", body=body,
+                                      limits=ValidationLimits(max_requests=10, max_bytes=10**6), **kw)
+
+
+async def test_keyed_mode_allows_only_machines_the_console_provisioned(sshd: Sshd, batch_env) -> None:
+    from overnight.errors import InvalidRequestError
+    from overnight.runtimes.egress import EndpointPolicy
+    from overnight.scheduler.loop import EnginePool
+
+    policy = EndpointPolicy(None, keyed=True)
+    spec = ssh_spec(sshd, secrets={"HF_TOKEN": "SOME_VAR"})
+    target = f"ssh://{sshd.user}@{sshd.host}:{sshd.port}"
+    with pytest.raises(InvalidRequestError) as err:
+        await _create_ssh_batch(batch_env, spec, policy=policy)
+    assert err.value.code == "endpoint_not_allowed" and err.value.param == "overnight.runtime"
+    assert target in err.value.message and "did not provision" in err.value.message
+    policy.trust(target)  # what the console's planner does while the provision lives
+    rec = await _create_ssh_batch(batch_env, spec, policy=policy)
+    assert rec.options["runtime"]["type"] == "ssh" and rec.options["runtime"]["host_key"] == spec["host_key"]
+    # Checked again before dispatch: the provision ended meanwhile.
+    pool = EnginePool(default_url=None, default_api_key=None, timeout_s=5, policy=policy)
+    await pool.check(rec)
+    policy.trust(target, live=False)
+    with pytest.raises(OvernightError) as err2:
+        await pool.check(rec)
+    assert err2.value.code == "endpoint_not_allowed"
+
+
+async def test_open_mode_takes_any_machine_but_not_with_this_servers_secrets(sshd: Sshd, batch_env) -> None:
+    from overnight.errors import InvalidRequestError
+    from overnight.runtimes.egress import EndpointPolicy
+
+    policy = EndpointPolicy(None)  # open mode
+    rec = await _create_ssh_batch(batch_env, ssh_spec(sshd, env={"HF_TOKEN": "mine"}), policy=policy)
+    assert rec.options["runtime"]["env"] == {"HF_TOKEN": "mine"}
+    with pytest.raises(InvalidRequestError) as err:
+        await _create_ssh_batch(batch_env, ssh_spec(sshd, secrets={"T": "OVERNIGHT_SECRET_KEY"}), policy=policy)
+    assert "'secrets'" in err.value.message and err.value.code == "endpoint_not_allowed"
+
+
+async def test_a_malformed_ssh_runtime_names_the_field(sshd: Sshd, batch_env) -> None:
+    from overnight.batches.service import RuntimeRules
+    from overnight.errors import InvalidRequestError
+
+    spec = ssh_spec(sshd)
+    del spec["host_key"]
+    with pytest.raises(InvalidRequestError) as err:
+        await _create_ssh_batch(batch_env, spec)
+    assert err.value.param == "overnight.runtime.host_key"
+    with pytest.raises(InvalidRequestError) as err:
+        await _create_ssh_batch(batch_env, ssh_spec(sshd, port=0))
+    assert err.value.param == "overnight.runtime.port"
+    with pytest.raises(InvalidRequestError) as err:
+        await _create_ssh_batch(batch_env, ssh_spec(sshd, launch="docker"))
+    assert err.value.param == "overnight.runtime.image"
+    with pytest.raises(InvalidRequestError) as err:
+        await _create_ssh_batch(batch_env, ssh_spec(sshd, extra=1))
+    assert err.value.param == "overnight.runtime.extra"
+    with pytest.raises(InvalidRequestError) as err:
+        await _create_ssh_batch(batch_env, ssh_spec(sshd), rules=RuntimeRules(allowed=frozenset({"endpoint"})))
+    assert err.value.code == "runtime_not_allowed"
+
+
+def _serve_batch(sshd: Sshd, cluster, tmp_path: Path, spec: dict, n: int, *, data_dir: Path | None = None):
+    server = cluster.server(engine_url=None, data_dir=data_dir, env={
+        "OVERNIGHT_RUNTIMES": "endpoint,ssh", "OVERNIGHT_SSH_KEY_FILE": str(sshd.client_key_path)})
+    client = client_for(server.url)
+    with make_input_file(tmp_path / "in.jsonl", n, model="tm").open("rb") as f:
+        fobj = client.files.create(file=f, purpose="batch")
+    batch = client.batches.create(input_file_id=fobj.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  extra_body={"overnight": {"runtime": spec}})
+    return server, client, batch
+
+
+def test_serve_runs_a_batch_on_an_ssh_engine(sshd: Sshd, cluster, tmp_path: Path) -> None:
+    server, client, batch = _serve_batch(sshd, cluster, tmp_path, ssh_spec(sshd), 40)
+    b = wait_status(client, batch.id, timeout_s=60)
+    assert b.status == "completed", b.errors
+    out, err = results(client, b)
+    assert_exactly_once(out, err, {f"req-{i}" for i in range(40)})
+    assert {line["response"]["status_code"] for line in out} == {200}
+    logs = httpx.get(f"{server.url}/v1/batches/{b.id}/engine/logs", headers={"Authorization": "Bearer x"}).json()
+    assert any("overnight mock engine on" in line for line in logs["lines"])
+    # Its engine went with its batch.
+    deadline = time.monotonic() + 10
+    while sshd.engines_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sshd.engines_running() == []
+    assert len(sshd.calls("vllm")) == 1
+
+
+@pytest.mark.slow
+def test_serve_killed_mid_batch_adopts_the_engine_after_restart(sshd: Sshd, cluster, tmp_path: Path) -> None:
+    spec = ssh_spec(sshd, command=[sys.executable, "-m", "overnight.cli.main", "mock-engine", "--host", "{host}",
+                                   "--port", "{port}", "--model", "tm", "--latency-ms", "100",
+                                   "--max-concurrency", "4"])
+    data = tmp_path / "data"
+    server, client, batch = _serve_batch(sshd, cluster, tmp_path, spec, 200, data_dir=data)
+    wait_progress(client, batch.id, at_least=20, timeout_s=60)
+    [pid] = sshd.engines_running()
+    server.signal(signal.SIGKILL)
+    assert sshd.engines_running() == [pid]  # on the machine, the engine runs on
+    server2 = cluster.server(engine_url=None, data_dir=data, env={
+        "OVERNIGHT_RUNTIMES": "endpoint,ssh", "OVERNIGHT_SSH_KEY_FILE": str(sshd.client_key_path)})
+    client2 = client_for(server2.url)
+    b = wait_status(client2, batch.id, timeout_s=120)
+    assert b.status == "completed", b.errors
+    out, err = results(client2, b)
+    assert_exactly_once(out, err, {f"req-{i}" for i in range(200)})
+    assert not err
+    deadline = time.monotonic() + 10
+    while sshd.engines_running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sshd.engines_running() == []
+    rec = httpx.get(f"{server2.url}/v1/batches/{b.id}/engine/logs", headers={"Authorization": "Bearer x"}).json()
+    assert any("adopted engine" in line for line in rec["lines"])
+
+
+async def test_the_scheduler_checks_the_machine_again_before_starting_its_engine(sshd: Sshd, runtimes, tmp_path):
+    from overnight.runtimes.egress import EndpointPolicy
+    from overnight.runtimes.manager import EngineManager
+    from tests.scheduler.test_loop import Harness
+
+    h = Harness(tmp_path)
+    manager = EngineManager({"ssh": runtimes()})
+    h.scheduler.runtimes = manager
+    manager.on_engine_died = h.scheduler._engine_died
+    policy = h.scheduler.engines.policy = EndpointPolicy(None, keyed=True)
+    target = f"ssh://{sshd.user}@{sshd.host}:{sshd.port}"
+    try:
+        # Created while its provision lived; the provision ended before it was dispatched.
+        gone = await h.batch("gone", 3, runtime=ssh_spec(sshd))
+        await h.scheduler.drain(15)
+        rec = await h.store.get_batch(gone)
+        assert rec.status == "failed" and rec.errors[0]["code"] == "endpoint_not_allowed", rec.errors
+        assert target in rec.errors[0]["message"]
+        assert sshd.calls() == []  # nothing was started for it
+        # A live provision: the engine starts on the machine and serves the batch through the tunnel.
+        policy.trust(target)
+        live = await h.batch("live", 12, runtime=ssh_spec(sshd, provision_id="prov-live"))
+        await h.scheduler.drain(30)
+        rec = await h.store.get_batch(live)
+        assert rec.status == "completed" and rec.completed == 12, (rec.status, rec.errors)
+        assert rec.runtime["handle"]["type"] == "ssh" and rec.runtime["handle"]["target"] == target
+        assert sshd.engines_running() == []  # released with its batch
+        assert len(sshd.calls("vllm")) == 1
+    finally:
+        await h.scheduler.stop()
+        await h.scheduler.engines.aclose()
+        await manager.aclose()

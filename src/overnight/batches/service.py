@@ -58,7 +58,7 @@ EXTENSION_FIELDS = frozenset(
 RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args", "shards", "namespace",
                             "request_timeout_s"})
 #: Runtime types a batch may name (the server may allow fewer: ``RuntimeRules``).
-RUNTIME_TYPES = ("endpoint", "local", "mock", "kubernetes-job", "kubernetes-deployment")
+RUNTIME_TYPES = ("endpoint", "local", "mock", "kubernetes-job", "kubernetes-deployment", "ssh")
 #: Runtime types that start the engine from a model_template.
 TEMPLATE_RUNTIMES = ("local", "kubernetes-job", "kubernetes-deployment")
 KUBERNETES_RUNTIMES = ("kubernetes-job", "kubernetes-deployment")
@@ -172,7 +172,7 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
         rt = ext["runtime"]
         if not isinstance(rt, dict):
             raise InvalidRequestError(f"'{key}.runtime' must be an object.", param=f"{key}.runtime")
-        bad = sorted(set(rt) - RUNTIME_FIELDS)
+        bad = sorted(set(rt) - RUNTIME_FIELDS) if rt.get("type") != "ssh" else []  # SshSpec checks its own
         if bad:
             raise InvalidRequestError(f"Unknown field '{key}.runtime.{bad[0]}'.", param=f"{key}.runtime.{bad[0]}")
         rtype = rt.get("type", "endpoint")
@@ -181,7 +181,7 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
                 f"Unsupported runtime type {rtype!r}; supported: {', '.join(RUNTIME_TYPES)}.",
                 param=f"{key}.runtime.type",
             )
-        if rtype != "endpoint":
+        if rtype not in ("endpoint", "ssh"):
             extra = sorted(set(rt) - {"type"} - _RUNTIME_EXTRA[rtype])
             if extra:
                 raise InvalidRequestError(
@@ -190,6 +190,9 @@ def parse_extension(ext: Any, *, key: str = "overnight") -> dict[str, Any]:
                 )
         if rtype in KUBERNETES_RUNTIMES:
             out["runtime"] = _kubernetes_runtime(rt, key, rtype)
+            rt = None
+        elif rtype == "ssh":
+            out["runtime"] = _ssh_runtime(rt, key)
             rt = None
         elif rtype != "endpoint":
             args = rt.get("args") or []
@@ -358,6 +361,11 @@ async def create_batch(
     rt = options.get("runtime")
     if rt is not None and rt.get("type", "endpoint") == "endpoint":
         await _check_runtime(rt, key=body.extension_key, policy=policy, secrets=secrets)
+    if rt is not None and rt.get("type") == "ssh" and policy is not None:
+        refused = ssh_target_refusal(rt, policy)
+        if refused:
+            key = body.extension_key
+            raise InvalidRequestError(f"'{key}.runtime' {refused}.", param=f"{key}.runtime", code="endpoint_not_allowed")
     if "webhook" in options:
         options["webhook"] = await check_batch_webhook(options["webhook"], key=body.extension_key,
                                                        config=webhooks, secrets=secrets)
@@ -449,6 +457,46 @@ def _kubernetes_runtime(rt: dict[str, Any], key: str, rtype: str) -> dict[str, A
                 "and '-', at most 63).", param=f"{key}.runtime.namespace")
         out["namespace"] = ns
     return out
+
+
+def _ssh_runtime(rt: dict[str, Any], key: str) -> dict[str, Any]:
+    """An ``ssh`` runtime spec (what the console's SSH providers report), checked."""
+    from pydantic import ValidationError
+
+    from overnight.runtimes.ssh_common import SshSpec
+
+    try:
+        spec = SshSpec.model_validate(rt)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequestError(f"'{key}.runtime.{where}': {err['msg']}.", param=f"{key}.runtime.{where}") from None
+    if spec.launch == "docker" and not spec.image:
+        raise InvalidRequestError(f"'{key}.runtime.image' is required with launch 'docker'.",
+                                  param=f"{key}.runtime.image")
+    return spec.model_dump()
+
+
+def ssh_target(rt: dict[str, Any]) -> str:
+    """``ssh://user@host:port``: what the endpoint policy trusts for an ``ssh`` runtime."""
+    return f"ssh://{rt.get('user')}@{rt.get('host')}:{rt.get('port')}"
+
+
+def ssh_target_refusal(rt: dict[str, Any], policy: EndpointPolicy) -> str | None:
+    """Why ``policy`` does not let a batch start its engine on the ``ssh`` runtime's
+    machine, or None. A machine the console provisioned (trusted while it lives) may;
+    in keyed mode nothing else may. Any other machine (open mode) gets no ``secrets``:
+    they are this server's environment variables."""
+    target = ssh_target(rt)
+    if policy.is_trusted(target):
+        return None
+    if not policy.allow_any:
+        return (f"names the machine {target}, which this server's console did not provision; only those are "
+                f"allowed ({policy.describe})")
+    if rt.get("secrets"):
+        return (f"names the machine {target}, which this server's console did not provision, with 'secrets' "
+                "(environment variables of this server): send your own values in 'env' instead")
+    return None
 
 
 def _apply_runtime_rules(options: dict[str, Any], rules: RuntimeRules, *, key: str, endpoint: str) -> None:

@@ -14,6 +14,7 @@ _runtimes = LazyRegistry(
     {
         "endpoint": ("overnight.runtimes.endpoint:EndpointRuntime", ""),
         "local": ("overnight.runtimes.local:LocalRuntime", ""),
+        "ssh": ("overnight.runtimes.ssh:SshRuntime", "pip install 'overnight[ssh]'"),
     },
 )
 registry = _runtimes.entries

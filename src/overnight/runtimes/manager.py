@@ -135,6 +135,13 @@ class EngineManager:
             import json
 
             return "mock-" + hashlib.sha256(json.dumps(rt.get("args") or []).encode()).hexdigest()[:16]
+        if kind == "ssh":
+            import hashlib
+            import json
+
+            # One engine per machine (provision) and engine command.
+            what = json.dumps([rt.get("command"), rt.get("engine_port"), rt.get("launch"), rt.get("image")])
+            return f"ssh-{rt.get('provision_id')}-" + hashlib.sha256(what.encode()).hexdigest()[:16]
         return None
 
     def _spec_for(self, options: dict[str, Any], batch_id: str = "") -> tuple[str, dict[str, Any], float, float]:
@@ -142,6 +149,9 @@ class EngineManager:
         rt = options.get("runtime") or {}
         if rt.get("type") == "mock":
             return "local", mock_spec(rt), 60.0, float(rt.get("keep_alive_seconds") or 0.0)
+        if rt.get("type") == "ssh":
+            # The machine is the job's: the engine goes when its batch does (keep-alive 0).
+            return "ssh", dict(rt), float(rt.get("ready_timeout_seconds") or 1800.0), 0.0
         resolved = Resolved.from_record(options["template"])
         if rt.get("type") == "kubernetes-deployment":
             spec = {"type": "kubernetes-deployment", "template": options["template"], "batch_id": batch_id,
@@ -208,6 +218,8 @@ class EngineManager:
             e = self._engines.get(key)
             if e is None:
                 kind, _, _, keep = self._spec_for(options)
+                if kind not in self.runtimes:
+                    raise EngineFailed(f"this server does not run the {kind!r} runtime (OVERNIGHT_RUNTIMES)")
                 e = self._engines[key] = _Engine(key, self.runtimes[kind], kind=kind, keep_alive_s=keep)
             if e.release_timer is not None:
                 e.release_timer.cancel()

@@ -259,6 +259,8 @@ class SshRuntime:
             return load_client_key(self.key_file)
         except SshKeyError as exc:
             raise RuntimeStartError(exc.message) from None
+        except ImportError:
+            raise RuntimeStartError("the ssh runtime needs asyncssh: pip install 'overnight[ssh]'") from None
 
     @staticmethod
     def _pinned(m: _Machine) -> Any:
@@ -600,7 +602,8 @@ class SshRuntime:
             "setsid sh -c 'echo $$ > engine.pid; \"$@\" < /dev/null; echo $? > engine.exit' overnight-engine "
             f"nohup {argv} >> engine.log 2>&1 < /dev/null &\n"
             "i=0\nwhile [ ! -s engine.pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done\n"
-            "if [ -s engine.pid ]; then echo pid $(cat engine.pid); else echo 'no pid file after 10 s' >&2; exit 1; fi\n"
+            "if [ -s engine.pid ]; then echo pid $(cat engine.pid)\n"
+            "else echo 'no pid file after 10 s' >&2; exit 1; fi\n"
         )
         code, out, err = await self._sh(live.machine, conn, script)
         words = out.split()
@@ -801,7 +804,8 @@ class SshRuntime:
                 "  lead=$(cat \"$d/engine.pid\" 2>/dev/null || true)\n"
                 "  for p in $pids; do\n    [ \"$p\" = \"$lead\" ] && kill -s \"$1\" -- \"-$p\" 2>/dev/null\n"
                 "    kill -s \"$1\" \"$p\" 2>/dev/null\n  done\n  return 0\n}\n"
-                "wait_gone() {\n  i=0\n  while [ -n \"$(members)\" ] && [ $i -lt $1 ]; do sleep 0.2; i=$((i + 1)); done\n}\n"
+                "wait_gone() {\n  i=0\n"
+                "  while [ -n \"$(members)\" ] && [ $i -lt $1 ]; do sleep 0.2; i=$((i + 1)); done\n}\n"
                 f"if signal_all TERM; then wait_gone {ticks}; if signal_all KILL; then wait_gone 100; fi; fi\n"
                 "left=$(members)\nif [ -n \"$left\" ]; then echo \"left $left\"; exit 1; fi\necho gone\n"
             )

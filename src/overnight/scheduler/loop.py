@@ -16,7 +16,7 @@ from collections import Counter, deque
 from typing import Any
 
 from overnight import defaults
-from overnight.batches.service import SEALED_API_KEY, transition, update_batch
+from overnight.batches.service import SEALED_API_KEY, ssh_target_refusal, transition, update_batch
 from overnight.batches.states import TERMINAL, BatchStatus
 from overnight.errors import OvernightError, RetryableEngineError
 from overnight.executor.engine import EngineClient, EngineReply, HttpEngineClient, RequestLimit, engine_base_url
@@ -154,6 +154,11 @@ class EnginePool:
                 await self.policy.check(rt["endpoint"])
             except EndpointRefused as exc:
                 raise OvernightError(f"runtime.endpoint {exc}.", code="endpoint_not_allowed") from None
+        if self.policy is not None and rt and rt.get("type") == "ssh":
+            # The console trusts a machine while its provision lives.
+            refused = ssh_target_refusal(rt, self.policy)
+            if refused:
+                raise OvernightError(f"runtime {refused}.", code="endpoint_not_allowed")
 
     def endpoint_for(self, batch: BatchRecord) -> tuple[str, str | None]:
         if batch.id in self._bound:
@@ -423,7 +428,13 @@ class Scheduler:
             self.runners[claimed.id] = runner
             self._tasks[claimed.id] = asyncio.create_task(self._run(runner), name=f"batch-{claimed.id}")
             return True
-        if self.runtimes is not None and EngineManager.key_for(claimed.options) is not None:
+        runtime_batch = self.runtimes is not None and EngineManager.key_for(claimed.options) is not None
+        if runtime_batch and (claimed.options.get("runtime") or {}).get("type") == "ssh":
+            try:
+                await self.engines.check(claimed)
+            except OvernightError:
+                runtime_batch = False  # the check below fails it, naming why
+        if runtime_batch:
             # Its engine is started (or shared) when the runner gets to dispatch.
             runner = BatchRunner(
                 batch=claimed, store=self.store, storage=self.storage, engine=None,
