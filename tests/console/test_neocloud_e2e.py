@@ -266,3 +266,22 @@ def test_provider_api_down_at_release_shows_it_pending_then_confirms(
         assert len(runpod.live_pods()) == 1  # still there, and the job says so
         runpod.down = False
         neo.wait_released(c, job["id"])
+
+
+def test_cancel_while_queued_never_rents_a_machine(neo: Neocloud, runpod: FakeRunPod, sshd: Sshd) -> None:
+    runpod.provisioning_s = 60.0
+    neo.start("runpod", "NVIDIA H100 80GB HBM3", PLANNER_MAX_PROVISIONING="1", **runpod_env(runpod, sshd))
+    with neo.http() as c:
+        first = neo.job(c, 10)
+        neo.wait(c, first["id"], lambda j: j["status"] == "resource_preparing")
+        second = neo.job(c, 10)
+        time.sleep(1.0)  # several planner ticks: it waits its turn
+        assert c.get(f"/api/v1/jobs/{second['id']}").json()["status"] == "queued"
+        assert c.post(f"/api/v1/jobs/{second['id']}/cancel").status_code == 200
+        done = neo.wait_status(c, second["id"])
+        assert done["status"] == "cancelled" and not (done["provision"] or {}).get("resource_ids"), done
+        assert runpod.live_for(second["id"]) == []
+        assert len([r for r in runpod.requests if r.method == "POST" and r.path == "/v2/pods"]) == 1
+        assert c.post(f"/api/v1/jobs/{first['id']}/cancel").status_code == 200
+        neo.wait_status(c, first["id"])
+        neo.wait_released(c, first["id"])
