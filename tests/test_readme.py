@@ -7,8 +7,9 @@ it. The environment the README assumes is set up here:
 * a ``pip`` on ``PATH`` that installs nothing (overnight is already installed)
   but checks each install: ``.`` with extras must name extras that exist in
   pyproject.toml, any other package must be importable;
-* ports 8000 and 8100 are replaced by free ports (and ``OVERNIGHT_PORT`` is set),
-  so the test runs beside anything else on the machine.
+* ports 8000 and 8100 are replaced by free ports (and ``OVERNIGHT_PORT`` is set,
+  and ``OVERNIGHT_SERVER`` to the URL the CLI's default ``http://127.0.0.1:8000``
+  stands for), so the test runs beside anything else on the machine.
 
 A bash block that ends runs to completion and must exit 0. A bash block that
 starts ``overnight serve`` or ``overnight mock-engine`` in the foreground is up
@@ -132,6 +133,7 @@ class Session:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OVERNIGHT_")}
         self.env["PATH"] = f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{self.env['PATH']}"
         self.env["OVERNIGHT_PORT"] = str(ports["8000"])
+        self.env["OVERNIGHT_SERVER"] = f"http://127.0.0.1:{ports['8000']}"  # the CLI's default, moved likewise
         self.server: Server | None = None
 
     def as_here(self, code: str) -> str:
