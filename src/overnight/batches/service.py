@@ -482,18 +482,18 @@ def ssh_target(rt: dict[str, Any]) -> str:
     return f"ssh://{rt.get('user')}@{rt.get('host')}:{rt.get('port')}"
 
 
-def ssh_target_refusal(rt: dict[str, Any], policy: EndpointPolicy) -> str | None:
+def ssh_target_refusal(rt: dict[str, Any], policy: EndpointPolicy, *, secrets: bool = True) -> str | None:
     """Why ``policy`` does not let a batch start its engine on the ``ssh`` runtime's
     machine, or None. A machine the console provisioned (trusted while it lives) may;
-    in keyed mode nothing else may. Any other machine (open mode) gets no ``secrets``:
-    they are this server's environment variables."""
+    in keyed mode nothing else may. Any other machine (open mode) gets no ``secrets``
+    (they are this server's environment variables; checked at create: ``secrets``)."""
     target = ssh_target(rt)
     if policy.is_trusted(target):
         return None
     if not policy.allow_any:
         return (f"names the machine {target}, which this server's console did not provision; only those are "
                 f"allowed ({policy.describe})")
-    if rt.get("secrets"):
+    if secrets and rt.get("secrets"):
         return (f"names the machine {target}, which this server's console did not provision, with 'secrets' "
                 "(environment variables of this server): send your own values in 'env' instead")
     return None

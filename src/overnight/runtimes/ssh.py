@@ -113,6 +113,8 @@ class _Machine:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Since when (monotonic) it has not answered; None while it does.
     unreachable_since: float | None = None
+    #: When ``alive`` last tried to reach it while it did not answer.
+    last_try: float = 0.0
 
     @property
     def target(self) -> str:
@@ -723,6 +725,11 @@ class SshRuntime:
         async with live.lock:
             if live.released:
                 return False
+            now = time.monotonic()
+            if m.unreachable_since is not None and now - m.last_try < self.connect_retry_s \
+                    and now - m.unreachable_since < self.unreachable_grace_s:
+                return True  # tried a moment ago (the engine manager asks every second)
+            m.last_try = now
             try:
                 conn, state, code, pid = await self._fresh_state(live, window_s=0)
             except _Unreachable as exc:

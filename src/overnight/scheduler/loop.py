@@ -155,8 +155,9 @@ class EnginePool:
             except EndpointRefused as exc:
                 raise OvernightError(f"runtime.endpoint {exc}.", code="endpoint_not_allowed") from None
         if self.policy is not None and rt and rt.get("type") == "ssh":
-            # The console trusts a machine while its provision lives.
-            refused = ssh_target_refusal(rt, self.policy)
+            # The console trusts a machine while its provision lives. Secrets were checked at
+            # create (open mode); here, after a restart, the console may not have re-trusted yet.
+            refused = ssh_target_refusal(rt, self.policy, secrets=False)
             if refused:
                 raise OvernightError(f"runtime {refused}.", code="endpoint_not_allowed")
 
