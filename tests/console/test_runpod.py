@@ -752,3 +752,43 @@ def test_the_engine_pool_limits_only_batches_that_ask() -> None:
     plain = pool.client_for(batch({"type": "endpoint", "endpoint": "http://127.0.0.1:9", "api_key": None}))
     assert not isinstance(plain, RequestLimit) and not isinstance(pool.client_for(batch(None)), RequestLimit)
     assert limited.inner is plain  # the same connection pool and health
+
+
+async def test_the_proxy_engine_key_is_stored_sealed_in_the_job_and_opened_for_the_batch(fake, make) -> None:
+    from cryptography.fernet import Fernet
+
+    from overnight.batches.service import BatchCreate
+    from overnight.secret_box import SecretBox
+
+    store = MemoryStore()
+    planner = Planner(store=store, storage=None, provisioners={"runpod": make("v2", "proxy")}, limits=None,
+                      config=PlannerConfig(installation_id="inst-a", poll_s=0, retry_base_s=0))
+    planner.secrets = SecretBox(Fernet.generate_key().decode())
+    created: list[BatchCreate] = []
+
+    class Batches:  # records what the planner would create
+        async def find(self, **_: Any) -> None:
+            return None
+
+        async def create(self, *, tenant: str, job_id: str, body: BatchCreate) -> Any:
+            created.append(body)
+            raise ProvisionError("stop here")  # an OvernightError: the job ends submit_failed
+
+    planner.batches = Batches()
+    t = _template()
+    resolved = resolve(StaticSource([t]), {"name": t["name"]}, None)
+    job = await jobs.create_job(store=store, tenant="t", req=jobs.JobCreate(
+        {"input_dataset": "file-x", "endpoint": "/v1/chat/completions"}), resolved=resolved.to_record(),
+        provider="runpod", installation_id="inst-a")
+    await planner.step(job.id)  # queued -> resource_preparing
+    await planner.step(job.id)  # the pod runs and its proxy answers: submitting
+    rec = await store.get_doc(jobs.JOB, job.id)
+    assert rec.status == "submitting", rec.body["events"]
+    [pod] = fake.live_pods()
+    key = pod["env"][ENGINE_KEY_ENV]
+    assert key not in json.dumps(rec.body), "the engine's API key is stored in the clear"
+    assert rec.body["provision"]["runtime"]["api_key_sealed"]
+    await planner.step(job.id)  # submit: the batch gets the key itself
+    assert created and created[0].extension["runtime"]["api_key"] == key
+    assert "api_key_sealed" not in created[0].extension["runtime"]
+    await planner.release(rec.body["provision_id"])

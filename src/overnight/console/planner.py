@@ -188,6 +188,9 @@ class Planner:
         #: Told of each provisioned engine as it comes up and goes (``url, live``): the
         #: endpoint policy trusts what the console itself provisioned (keyed mode too).
         self.on_endpoint: Callable[[str, bool], None] | None = None
+        #: Seals an engine API key a provider hands over (RunPod's proxy mode) before the
+        #: job record stores it (``SecretBox``; None or disabled: stored as given).
+        self.secrets: Any = None
         self._trusted_known = False
         self._sem = asyncio.Semaphore(max(1, config.workers))
         self._busy: set[str] = set()
@@ -467,6 +470,11 @@ class Planner:
             await self._write(job, retry)
             return
         view = {**state.to_dict(), "status": state.status}
+        rt = view.get("runtime") or {}
+        if rt.get("api_key") and self.secrets is not None and self.secrets.enabled:
+            # Stored sealed, as the batch stores it (batches/service.py); opened at submit.
+            view["runtime"] = {**{k: v for k, v in rt.items() if k != "api_key"},
+                               "api_key_sealed": self.secrets.seal(rt["api_key"])}
         if state.status == "running" and (state.endpoint or state.runtime):
             if self.on_endpoint is not None:
                 self.on_endpoint(trust_key(view) or "", True)
@@ -523,6 +531,9 @@ class Planner:
         # An engine the provision runs (its URL), or one the batch's runtime starts
         # on the provisioned machine (the SSH providers' ``ssh`` runtime spec).
         runtime = job.body["provision"].get("runtime") or {"endpoint": job.body["provision"]["endpoint"]}
+        if "api_key_sealed" in runtime:
+            runtime = {**{k: v for k, v in runtime.items() if k != "api_key_sealed"},
+                       "api_key": self.secrets.open(runtime["api_key_sealed"])}
         body = BatchCreate(
             input_file_id=job.body["input_dataset"], endpoint=job.body["endpoint"], completion_window=window,
             metadata={"overnight_job_id": job.id, **({"name": job.body["name"]} if job.body.get("name") else {})},

@@ -108,6 +108,7 @@ class Console:
                 retention_interval_s=min(300.0, max(settings.planner_tick_s, settings.console_job_retention_s / 4)),
             ),
         )
+        self.planner.secrets = secrets
 
     def start(self) -> None:
         self.planner.start()
