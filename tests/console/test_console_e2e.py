@@ -82,6 +82,30 @@ class Console:
             time.sleep(0.1)
         raise TimeoutError(f"job {job_id}: no release_confirmed: {j['events']}")
 
+    def batches_of(self, c: httpx.Client, job_id: str) -> list[dict]:
+        """Every batch made for the job (its ``metadata.overnight_job_id``), at ``c``'s ``/v1``."""
+        out, after = [], None
+        while True:
+            page = c.get("/v1/batches", params={"limit": 100, **({"after": after} if after else {})}).json()
+            out += [b for b in page["data"] if (b["metadata"] or {}).get("overnight_job_id") == job_id]
+            if not page["has_more"]:
+                return out
+            after = page["last_id"]
+
+    def wait_batch_unrecorded(self, c: httpx.Client, job: httpx.Client, job_id: str, timeout_s: float = 30) -> dict:
+        """Wait until the job's batch exists (at ``c``: the batches API) while the job (at ``job``) is
+        still ``submitting`` without it: the window ``OVERNIGHT_FAKE_SUBMIT_PAUSE_S`` holds open."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = self.batches_of(c, job_id)
+            if found:
+                j = job.get(f"/api/v1/jobs/{job_id}").json()
+                assert j["status"] == "submitting" and j["batch_id"] is None, j
+                assert len(found) == 1, found
+                return found[0]
+            time.sleep(0.05)
+        raise TimeoutError(f"no batch for job {job_id}: {job.get(f'/api/v1/jobs/{job_id}').json()['events']}")
+
     def clean_up(self) -> list[dict]:
         """What the provider still holds at the end of a test, then killed, so that a
         failed test does not leave mock engines running for the next ones."""
@@ -234,6 +258,54 @@ def test_the_planner_killed_at_a_stage_continues_after_a_restart(console: Consol
         console.wait_released(c, j["id"])
     # one resource for the job, never a second
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1
+
+
+def test_cancel_while_submitting_cancels_the_batch_that_got_created(console: Console) -> None:
+    """The cancel arrives while the job is ``submitting``, its batch created but not
+    yet recorded on the job (held there by the fake provider's submit pause): the
+    planner records the batch, cancels it, ends the job cancelled and releases."""
+    console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="200")
+    with console.http() as c:
+        j = console.job(c, 3000, name="slow")
+        batch = console.wait_batch_unrecorded(c, c, j["id"])
+        r = c.post(f"/api/v1/jobs/{j['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "submitting", r.json()
+        done = console.wait(c, j["id"])
+        assert done["status"] == "cancelled" and done["batch_id"] == batch["id"], done
+        b = c.get(f"/v1/batches/{batch['id']}").json()
+        assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 3000, b
+        assert [x["id"] for x in console.batches_of(c, j["id"])] == [batch["id"]]
+        done = console.wait_released(c, j["id"])
+        t = _types(done)
+        assert t.index("submitting") < t.index("cancel_requested") < t.index("batch_created") \
+            < t.index("cancelled") < t.index("release_confirmed"), t
+    assert console.live_resources() == []
+
+
+@pytest.mark.slow
+def test_the_planner_killed_while_submitting_finds_its_batch_after_a_restart(console: Console) -> None:
+    """SIGKILL right after the batch was created and before the job recorded it: the
+    restarted planner creates it again, which returns the same batch (its id derived
+    from the job's), and the job completes once, with one batch, one resource and
+    every line once."""
+    server = console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="60", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="100")
+    with console.http() as c:
+        j = console.job(c, 400)
+        batch = console.wait_batch_unrecorded(c, c, j["id"])
+    server.signal(signal.SIGKILL)
+    console.start()  # no pause this time
+    with console.http() as c:
+        done = console.wait(c, j["id"], timeout_s=90)
+        assert done["status"] == "completed", done
+        assert done["batch_id"] == batch["id"]
+        assert [x["id"] for x in console.batches_of(c, j["id"])] == [batch["id"]]
+        assert _types(done).count("batch_created") == 1
+        out = c.get(f"/api/v1/files/{done['output_dataset']}/content").text.splitlines()
+        ids = [json.loads(x)["custom_id"] for x in out]
+        assert len(ids) == len(set(ids)) == done["request_counts"]["total"] == 400
+        console.wait_released(c, j["id"])
+    assert console.live_resources() == []
+    assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # one resource, never a second
 
 
 @pytest.mark.slow

@@ -194,6 +194,80 @@ def test_the_console_killed_mid_batch_finishes_the_job_with_one_batch(console: S
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # one resource, never a second
 
 
+def test_cancel_while_submitting_cancels_the_batch_at_the_batches_service(console: SplitConsole) -> None:
+    """The cancel arrives while the job is ``submitting``, its batch made at the
+    batches service but not yet recorded (the fake provider's submit pause): the
+    console records it, cancels it there, ends the job cancelled and releases."""
+    console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="200")
+    with console.http() as c, console.mds_http() as m:
+        j = console.job(c, 3000, name="slow")
+        batch = console.wait_batch_unrecorded(m, c, j["id"])
+        r = c.post(f"/api/v1/jobs/{j['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "submitting", r.json()
+        done = console.wait(c, j["id"])
+        assert done["status"] == "cancelled" and done["batch_id"] == batch["id"], done
+        b = m.get(f"/v1/batches/{batch['id']}").json()
+        assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 3000, b
+        assert [x["id"] for x in console.mds_batches_of(m, j["id"])] == [batch["id"]]
+        done = console.wait_released(c, j["id"])
+        t = types(done)
+        assert t.index("submitting") < t.index("cancel_requested") < t.index("batch_created") \
+            < t.index("cancelled") < t.index("release_confirmed"), t
+    assert console.live_resources() == []
+
+
+def test_cancel_while_submitting_to_a_batches_service_that_is_down_creates_no_batch(console: SplitConsole) -> None:
+    """The job waits in ``submitting`` for the batches service (down); a cancel then
+    ends it once the service answers that no batch was made, without making one."""
+    console.start(OVERNIGHT_FAKE_PROVIDER_DELAY_S="3")
+    assert console.mds is not None
+    with console.http() as c:
+        j = console.job(c)
+        console.wait(c, j["id"], {"resource_preparing"})
+        console.mds.signal(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "batches_unavailable" not in types(job := c.get(f"/api/v1/jobs/{j['id']}").json()):
+            assert time.monotonic() < deadline, job["events"]
+            time.sleep(0.2)
+        assert job["status"] == "submitting", job
+        r = c.post(f"/api/v1/jobs/{j['id']}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "submitting", r.json()
+        time.sleep(2)  # the planner cannot tell whether a batch exists: it waits
+        assert c.get(f"/api/v1/jobs/{j['id']}").json()["status"] == "submitting"
+        console.start_mds()
+        done = console.wait(c, j["id"], timeout_s=90)
+        assert done["status"] == "cancelled" and done["batch_id"] is None, done
+        assert "batch_created" not in types(done)
+        with console.mds_http() as m:
+            assert console.mds_batches_of(m, j["id"]) == []
+        console.wait_released(c, j["id"])
+    assert console.live_resources() == []
+
+
+def test_the_console_killed_while_submitting_finds_its_batch_after_a_restart(console: SplitConsole) -> None:
+    """SIGKILL of the console right after the batches service made the batch and
+    before the job recorded it: the restarted console's create returns the same
+    batch (its id derived from the job's), and the job completes once."""
+    proc = console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="60", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="100")
+    with console.http() as c, console.mds_http() as m:
+        j = console.job(c, 400)
+        batch = console.wait_batch_unrecorded(m, c, j["id"])
+    proc.signal(signal.SIGKILL)
+    console.start()  # no pause this time
+    with console.http() as c, console.mds_http() as m:
+        done = console.wait(c, j["id"], timeout_s=90)
+        assert done["status"] == "completed", done
+        assert done["batch_id"] == batch["id"] == batch_id_for_job("anonymous", j["id"])
+        assert [x["id"] for x in console.mds_batches_of(m, j["id"])] == [batch["id"]]
+        assert types(done).count("batch_created") == 1
+        ids = [json.loads(x)["custom_id"] for x in
+               c.get(f"/api/v1/files/{done['output_dataset']}/content").text.splitlines()]
+        assert len(ids) == len(set(ids)) == done["request_counts"]["total"] == 400
+        console.wait_released(c, j["id"])
+    assert console.live_resources() == []
+    assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # one resource, never a second
+
+
 @pytest.mark.parametrize("stage", ["resource_preparing", "in_progress"])
 def test_the_batches_service_down_for_a_while_is_waited_for(console: SplitConsole, stage: str) -> None:
     """MDS killed while the job is being provisioned (so the batch create meets it

@@ -193,3 +193,18 @@ async def test_the_sweep_releases_only_this_installations_orphans(env) -> None:
     released = await planner.sweep()
     assert sorted(released) == ["res-0", "unknown"]
     assert provider.live() == ["other"]
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "nan"])
+def test_a_submit_pause_that_is_not_seconds_is_refused_naming_the_setting(value: str, tmp_path: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from overnight.console.provisioners.fake import FakeProvisioner
+
+    monkeypatch.setenv("OVERNIGHT_FAKE_SUBMIT_PAUSE_S", value)
+    want = f"OVERNIGHT_FAKE_SUBMIT_PAUSE_S must be a number of seconds >= 0, not '{value}'"
+    with pytest.raises(ValueError, match=want):
+        FakeProvisioner(tmp_path)
+    monkeypatch.setenv("OVERNIGHT_FAKE_SUBMIT_PAUSE_S", "2.5")
+    assert FakeProvisioner(tmp_path).submit_pause_s == 2.5
+    monkeypatch.delenv("OVERNIGHT_FAKE_SUBMIT_PAUSE_S")
+    assert FakeProvisioner(tmp_path).submit_pause_s == 0.0

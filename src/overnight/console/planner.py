@@ -553,6 +553,9 @@ class Planner:
         except OvernightError as exc:
             await self._fail(job, "submit_failed", f"the batch could not be created: {exc.message}")
             return
+        pause = getattr(self.provisioners.get(job.body["provider"]), "submit_pause_s", 0.0)
+        if pause:  # injected (the fake provider's OVERNIGHT_FAKE_SUBMIT_PAUSE_S): the batch exists, unrecorded
+            await asyncio.sleep(pause)
 
         def created(rec: DocRecord) -> None:
             rec.body["batch_id"] = batch.id

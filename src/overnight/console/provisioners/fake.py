@@ -15,7 +15,11 @@ a planner process meet them):
   has the GPU);
 * ``OVERNIGHT_FAKE_FAIL_RELEASE=N``: the first N release calls fail (the API is
   down), so the planner must retry them;
-* ``OVERNIGHT_FAKE_REFUSE=1``: provision fails with a non-retryable error.
+* ``OVERNIGHT_FAKE_REFUSE=1``: provision fails with a non-retryable error;
+* ``OVERNIGHT_FAKE_SUBMIT_PAUSE_S=S``: the planner waits S seconds after creating
+  the batch of a job on this provider and before recording it on the job (the job
+  stays ``submitting`` with its batch already made: the window a cancel or a crash
+  must get right; ``submit_pause_s``, which the planner reads).
 
 How it differs from a real provider: no quota, region or price (a flat
 ``price_per_hour`` can be set for cost tests), the "GPU" is a mock engine.
@@ -50,6 +54,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _seconds(env: str) -> float:
+    v = os.environ.get(env, "").strip()
+    try:
+        out = float(v or 0)
+    except ValueError:
+        out = -1.0
+    if not out >= 0 or out == float("inf"):
+        raise ValueError(f"{env} must be a number of seconds >= 0, not {v!r}")
+    return out
+
+
 def _count(env: str) -> int:
     v = os.environ.get(env, "").strip()
     if v == "always":
@@ -75,6 +90,8 @@ class FakeProvisioner:
         self._fail_provision = _count("OVERNIGHT_FAKE_FAIL_PROVISION")
         self._fail_release = _count("OVERNIGHT_FAKE_FAIL_RELEASE")
         self._refuse = os.environ.get("OVERNIGHT_FAKE_REFUSE") == "1"
+        #: Seconds the planner waits between creating a job's batch and recording it (tests).
+        self.submit_pause_s = _seconds("OVERNIGHT_FAKE_SUBMIT_PAUSE_S")
         self._lock = asyncio.Lock()
         self._http = httpx.AsyncClient(timeout=2.0)
 
