@@ -176,7 +176,7 @@ def test_runpod_v2_job_runs_over_ssh_and_the_pod_is_terminated(neo: Neocloud, ru
         assert not [r for r in runpod.requests if r.path.endswith("/stop") or "stop" in json.dumps(r.body or {})]
         # The batch's engine log shows the engine's own output, streamed over SSH.
         logs = c.get(f"/v1/batches/{done['batch_id']}/engine/logs").json()
-        assert logs["object"] == "engine.log"
+        assert logs["object"] == "engine.log" and logs["lines"], logs
 
 
 def test_runpod_v1_root_still_works(neo: Neocloud, runpod: FakeRunPod, sshd: Sshd) -> None:
