@@ -177,6 +177,9 @@ def test_runpod_v2_job_runs_over_ssh_and_the_pod_is_terminated(neo: Neocloud, ru
         # The batch's engine log shows the engine's own output, streamed over SSH.
         logs = c.get(f"/v1/batches/{done['batch_id']}/engine/logs").json()
         assert logs["object"] == "engine.log" and logs["lines"], logs
+        # The catalog lists RunPod's GPU types with their prices, from its API.
+        items = [i for i in c.get("/api/v1/catalog").json()["data"] if i.get("provider") == "runpod"]
+        assert any("H100" in json.dumps(i) for i in items) and not any("error" in i for i in items), items
 
 
 def test_runpod_v1_root_still_works(neo: Neocloud, runpod: FakeRunPod, sshd: Sshd) -> None:
@@ -202,6 +205,8 @@ def test_lambda_job_runs_in_docker_over_ssh_and_the_instance_is_terminated(
         assert f"127.0.0.1:{neo.engine_port}:{neo.engine_port}" in joined, run
         assert "vllm/vllm-openai:v0.11.0" in run
         assert sshd.calls("nvidia-smi"), "the GPU is checked before the engine starts"
+        items = [i for i in c.get("/api/v1/catalog").json()["data"] if i.get("provider") == "lambdaCloud"]
+        assert any("H100" in json.dumps(i) for i in items) and not any("error" in i for i in items), items
         launch = lambda_cloud.launch_bodies()[0]
         assert {"key": "overnight-job", "value": job["id"]} in launch["tags"]
 
