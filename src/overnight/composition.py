@@ -354,6 +354,13 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 api_keys=settings.tenant_for_key(),
                 webhooks=webhooks,
             )
+            if settings.console and policy is not None:
+                # The console's machines (endpoints, ssh targets) are trusted before the
+                # scheduler claims their batches after a restart, not at the planner's first tick.
+                from overnight.console.planner import trusted_targets
+
+                for target in await trusted_targets(store):
+                    policy.trust(target)
             await scheduler.start()
             dispatcher = WebhookDispatcher(store=store, config=webhooks, secrets=secrets, replica_id=identity.id,
                                            jobs=settings.console)

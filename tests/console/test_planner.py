@@ -208,3 +208,27 @@ def test_a_submit_pause_that_is_not_seconds_is_refused_naming_the_setting(value:
     assert FakeProvisioner(tmp_path).submit_pause_s == 2.5
     monkeypatch.delenv("OVERNIGHT_FAKE_SUBMIT_PAUSE_S")
     assert FakeProvisioner(tmp_path).submit_pause_s == 0.0
+
+
+async def test_after_a_restart_submitted_jobs_machines_are_trusted_before_any_tick() -> None:
+    """serve trusts these before its scheduler starts (composition.py), so a console
+    batch claimed right after a restart is not refused as a tenant-named endpoint."""
+    from overnight.console.planner import trusted_targets
+    from overnight.runtimes.egress import EndpointPolicy
+
+    store = MemoryStore()
+    await store.open()
+    ssh_rt = {"type": "ssh", "host": "203.0.113.7", "port": 22022, "user": "root"}
+    cases = [("in_progress", {"runtime": ssh_rt}), ("validating", {"endpoint": "http://10.1.2.3:8000"}),
+             ("resource_preparing", {"endpoint": "http://10.9.9.9:8000"}),  # not submitted yet
+             ("completed", {"endpoint": "http://10.8.8.8:8000"})]  # over
+    for i, (status, prov) in enumerate(cases):
+        await store.insert_doc(DocRecord(kind=jobs.JOB, id=f"job_{i}", tenant="t", created_at=time.time(),
+                                         status=status, body={"provision": prov}))
+    targets = await trusted_targets(store)
+    assert sorted(targets) == ["http://10.1.2.3:8000", "ssh://root@203.0.113.7:22022"]
+    policy = EndpointPolicy(None, keyed=True)
+    for t in targets:
+        policy.trust(t)
+    assert policy.is_trusted("ssh://root@203.0.113.7:22022") and policy.is_trusted("http://10.1.2.3:8000")
+    assert not policy.is_trusted("http://10.9.9.9:8000")

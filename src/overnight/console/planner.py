@@ -88,6 +88,18 @@ def trust_key(provision: dict[str, Any]) -> str | None:
     return provision.get("endpoint")
 
 
+async def trusted_targets(store: Store) -> list[str]:
+    """The engines (``trust_key``) of this store's jobs that got as far as a batch
+    and are not over: what the endpoint policy trusts again after a restart, before
+    the scheduler claims their batches."""
+    out = []
+    for job in await store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000):
+        ep = trust_key(job.body.get("provision") or {})
+        if ep and job.status not in ("queued", "resource_preparing"):
+            out.append(ep)
+    return out
+
+
 def batch_id_for(tenant: str, job_id: str) -> str:
     """The batch a job submits: the same for the same job (idempotent submit; the
     batches API derives it from the job id it is given, ``batch_id_for_job``)."""
@@ -235,11 +247,10 @@ class Planner:
     async def tick(self) -> None:
         now = time.time()
         if not self._trusted_known and self.on_endpoint is not None:
-            # After a restart: the engines of jobs already submitted are trusted again.
-            for job in await self.store.list_docs(JOB, statuses=ACTIVE, order="oldest", limit=10_000):
-                ep = trust_key(job.body.get("provision") or {})
-                if ep and job.status not in ("queued", "resource_preparing"):
-                    self.on_endpoint(ep, True)
+            # After a restart: the engines of jobs already submitted are trusted again
+            # (serve does this before its scheduler starts: ``trusted_targets``).
+            for ep in await trusted_targets(self.store):
+                self.on_endpoint(ep, True)
             self._trusted_known = True
         if now - self._last_sweep >= self.cfg.sweep_interval_s:
             self._last_sweep = now
