@@ -27,6 +27,7 @@ with ``--running 16`` to see it included.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -53,6 +54,10 @@ TEMPLATE = textwrap.dedent("""\
 """)
 
 
+#: The planner's events between a job's POST and its batch, in order (their ``at``).
+STAGES = ("queued", "provision_requested", "provision_ready", "submitting", "batch_created")
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -77,7 +82,8 @@ def main() -> None:
                                    "--log-level", "warning"], port, work / "serve.log", env={
                 "OVERNIGHT_FAKE_PROVIDER_ENGINE_URL": engine.url,
                 "OVERNIGHT_MAX_RUNNING_BATCHES": str(args.running or args.jobs),
-                "OVERNIGHT_PLANNER_TICK_S": "0.2", "OVERNIGHT_PLANNER_POLL_S": "0.2",
+                "OVERNIGHT_PLANNER_TICK_S": os.environ.get("OVERNIGHT_PLANNER_TICK_S", "0.5"),
+                "OVERNIGHT_PLANNER_POLL_S": os.environ.get("OVERNIGHT_PLANNER_POLL_S", "1.0"),
                 "OVERNIGHT_SCHEDULER_POLL_S": "0.1",
             })
             procs.procs.append(serve)
@@ -94,6 +100,7 @@ def main() -> None:
             planner_terminal: dict[str, float] = {}
             created_at: dict[str, float] = {}
             released: dict[str, float] = {}
+            stage_at: dict[str, dict[str, float]] = {}
             deadline = time.time() + 600
             done = threading.Event()
 
@@ -119,7 +126,7 @@ def main() -> None:
                                 running_at[jid] = now
                             if st in ("completed", "failed", "expired", "cancelled") and jid not in terminal_at:
                                 terminal_at[jid] = now
-                        time.sleep(0.05)
+                        time.sleep(float(os.environ.get("BENCH_POLL_S", "0.05")))
 
             watcher = threading.Thread(target=watch_batches, name="watch-batches", daemon=True)
             watcher.start()
@@ -141,6 +148,8 @@ def main() -> None:
                             planner_terminal.setdefault(j["id"], e["at"])
                         if e["type"] == "batch_created":
                             created_at.setdefault(j["id"], e["at"])
+                        if e["type"] in STAGES:
+                            stage_at.setdefault(j["id"], {}).setdefault(e["type"], e["at"])
                 time.sleep(0.5)  # the events carry the planner's own times: no need to poll hard
             done.set()
             watcher.join(timeout=10)
@@ -157,6 +166,13 @@ def main() -> None:
                              ("planner sees the batch terminal -> release confirmed", release_only)):
                 print(f"{name}: p50 {statistics.median(xs) * 1000:.0f} ms, p99 {pct(xs, 99) * 1000:.0f} ms, "
                       f"max {max(xs) * 1000:.0f} ms (n={len(xs)})")
+            # Where the time to batch created goes, stage by stage (the planner's clock).
+            for a, b in zip(STAGES, STAGES[1:]):
+                xs = [stage_at[j][b] - stage_at[j][a] for j in posted
+                      if a in stage_at.get(j, {}) and b in stage_at.get(j, {})]
+                if xs:
+                    print(f"  {a} -> {b}: p50 {statistics.median(xs) * 1000:.0f} ms, "
+                          f"p99 {pct(xs, 99) * 1000:.0f} ms")
         finally:
             procs.close()
 

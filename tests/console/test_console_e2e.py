@@ -264,16 +264,18 @@ def test_cancel_while_submitting_cancels_the_batch_that_got_created(console: Con
     """The cancel arrives while the job is ``submitting``, its batch created but not
     yet recorded on the job (held there by the fake provider's submit pause): the
     planner records the batch, cancels it, ends the job cancelled and releases."""
-    console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="200")
+    # Enough work that the batch cannot finish inside the pause (the adaptive limit
+    # goes far above 1,000 in flight on the mock engine).
+    console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="2000")
     with console.http() as c:
-        j = console.job(c, 3000, name="slow")
+        j = console.job(c, 20000, name="slow")
         batch = console.wait_batch_unrecorded(c, c, j["id"])
         r = c.post(f"/api/v1/jobs/{j['id']}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "submitting", r.json()
         done = console.wait(c, j["id"])
         assert done["status"] == "cancelled" and done["batch_id"] == batch["id"], done
         b = c.get(f"/v1/batches/{batch['id']}").json()
-        assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 3000, b
+        assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 20000, b
         assert [x["id"] for x in console.batches_of(c, j["id"])] == [batch["id"]]
         done = console.wait_released(c, j["id"])
         t = _types(done)

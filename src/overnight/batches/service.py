@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from overnight import defaults
+from overnight.batches import events as batch_events
 from overnight.batches.states import TERMINAL, TIMESTAMP_FIELD, BatchStatus, can_transition
 from overnight.batches.validation import ValidationLimits, validate_input
 from overnight.errors import (
@@ -690,6 +691,7 @@ async def transition(
     BATCH_TRANSITIONS[to.value] += 1
     log.info("batch %s: %s -> %s%s", batch_id, prev or "?", to.value, why,
              extra={"batch_id": batch_id, "status": to.value, "from_status": prev})
+    batch_events.publish(rec)
     return rec
 
 

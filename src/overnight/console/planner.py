@@ -205,10 +205,14 @@ class Planner:
         self.secrets: Any = None
         self._trusted_known = False
         self._sem = asyncio.Semaphore(max(1, config.workers))
+        #: Polls of running batches take turns of their own: a new job's stages never
+        #: queue behind hundreds of jobs whose batches are merely being looked at.
+        self._poll_sem = asyncio.Semaphore(max(1, config.workers))
         self._busy: set[str] = set()
         #: job id -> when to look at it again (polls and backoffs; in memory only).
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
+        self._unsubscribe: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
@@ -219,11 +223,24 @@ class Planner:
     # -- life cycle ----------------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="overnight-planner")
+        if isinstance(self.batches, InProcessBatches):
+            # Batches created in this process: look at a job as soon as its batch moves.
+            from overnight.batches import events
+
+            self._unsubscribe = events.subscribe(self._batch_moved)
+
+    def _batch_moved(self, rec: Any) -> None:
+        job_id = (rec.options or {}).get("job_id")
+        if job_id and self._due.pop(job_id, None) is not None:
+            self.wake()
 
     def wake(self) -> None:
         self._wake.set()
 
     async def aclose(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(BaseException):
@@ -269,7 +286,7 @@ class Planner:
                 if preparing >= self.cfg.max_provisioning:
                     continue  # its turn comes when a provision is ready or ends
                 preparing += 1
-            self._spawn(job.id, self.advance(job.id))
+            self._spawn(job.id, self.advance(job.id), poll=job.status in _BATCH_STAGES)
         for prov in await self.store.list_docs(PROVISION, statuses=("requested", "provisioning"), order="oldest",
                                                limit=10_000):
             # A provision whose job ended without marking it (a crash between the two
@@ -284,12 +301,13 @@ class Planner:
                 continue
             self._spawn(key, self.release(prov.id))
 
-    def _spawn(self, key: str, coro: Any) -> None:
+    def _spawn(self, key: str, coro: Any, *, poll: bool = False) -> None:
+        sem = self._poll_sem if poll else self._sem
         self._busy.add(key)
 
         async def run() -> None:
             try:
-                async with self._sem:
+                async with sem:
                     await coro
             except (ConflictError, StoreError) as exc:  # a racing write: the next tick reads again
                 log.debug("planner step %s: %s", key, exc)

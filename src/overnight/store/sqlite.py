@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -16,9 +18,7 @@ __all__ = ["SQLiteStore"]
 class SQLiteStore(SQLStore):
     """``sqlite:///relative.db`` or ``sqlite:////absolute/path.db`` (SQLAlchemy's
     convention). WAL mode, so API reads never wait behind the executor's writes;
-    this process's writes queue in order (``SQLStore._begin``)."""
-
-    serialize_writes = True
+    this process's write transactions run on one thread, in order (``SQLStore._tx``)."""
 
     def __init__(self, url: str) -> None:
         if ":///" not in url:
@@ -32,9 +32,20 @@ class SQLiteStore(SQLStore):
         await super().open()
 
     def _configure_engine(self, engine: AsyncEngine) -> None:
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
+        _pragmas_on(engine.sync_engine)
+
+    def _sync_engine(self) -> Any:
+        # The writer thread's engine: one connection, the same file and settings.
+        engine = sa.create_engine(f"sqlite:///{self.path}", connect_args={"timeout": 30, "check_same_thread": False},
+                                  pool_size=1, max_overflow=0)
+        _pragmas_on(engine)
+        return engine
+
+
+def _pragmas_on(engine: Any) -> None:
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
