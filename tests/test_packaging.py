@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 #: One extra per store / storage backend and the Kubernetes runtimes; `all` is them.
-BACKEND_EXTRAS = {"postgres", "redis", "mongo", "s3", "kubernetes"}
+BACKEND_EXTRAS = {"postgres", "redis", "mongo", "s3", "kubernetes", "ssh"}
 #: A web console's assets: no file matches them until one exists (the wheel built
 #: with some in test_wheel_ships_web_assets_anywhere_in_the_package proves them).
 WEB_ASSET_PATTERNS = {"**/*.html", "**/*.js", "**/*.css"}
@@ -147,7 +147,7 @@ def test_wheel_metadata_declares_the_extras_and_the_command(wheel: Path) -> None
                 and not r.marker.evaluate({"extra": ""})
                 for r in declared
             ), (extra, spec)
-    assert re.search(r"^overnight = overnight\.cli\.main:main$", entry_points, re.M), entry_points
+    assert re.search(r"^overnight = overnight\.cli\.main:main$", entry_points, re.MULTILINE), entry_points
 
 
 def test_wheel_ships_web_assets_anywhere_in_the_package(tmp_path: Path) -> None:
@@ -338,7 +338,7 @@ def test_dockerfile_installs_the_built_wheel_with_the_backend_extras() -> None:
 
 
 def test_dockerfile_fetches_nothing_and_holds_no_secrets() -> None:
-    secret_word = re.compile(r"(KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL)", re.I)
+    secret_word = re.compile(r"(KEY|SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL)", re.IGNORECASE)
     for ins in DOCKERFILE:
         assert ins.keyword != "ADD", f"line {ins.line}: ADD (use COPY; fetch nothing over http)"
         assert not re.search(r"\b(curl|wget)\b", ins.args), f"line {ins.line}: downloads at build time"

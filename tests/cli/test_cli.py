@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -97,6 +98,7 @@ def test_serve_says_once_where_it_listens_and_with_what(tmp_path: Path) -> None:
         assert out.count(line) == 1, (line, out)
 
 
+@pytest.mark.slow
 def test_serve_reports_keyed_mode(tmp_path: Path) -> None:
     out, _ = _serve_output(tmp_path, {"OVERNIGHT_API_KEYS": "k1:team-a,k2:team-b"})
     assert "keyed mode: 2 API keys" in out, out

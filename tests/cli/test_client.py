@@ -82,6 +82,7 @@ def spawn(server: Proc, *args: str, cwd: Path) -> pexpect.spawn:
 # -- batch create --wait, the happy path ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_create_wait_json_downloads_the_output_next_to_the_input(server: Proc, tmp_path: Path) -> None:
     inp = write_input(tmp_path / "in.jsonl", 12)
     proc = cli(server, "batch", "create", str(inp), "--endpoint", ENDPOINT, "--wait", "--json", "--interval", "0.2",
@@ -198,6 +199,7 @@ def test_files_upload_list_download_delete(server: Proc, tmp_path: Path) -> None
 # -- faults ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_server_down_exits_3_naming_the_url(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     proc = cli(url, "batch", "list")
@@ -209,6 +211,7 @@ def test_server_down_exits_3_naming_the_url(tmp_path: Path) -> None:
     assert one_json(as_json)["error"]["type"] == "unreachable" and url in one_json(as_json)["error"]["message"]
 
 
+@pytest.mark.slow
 def test_4xx_exits_2_with_the_servers_message(server: Proc, tmp_path: Path) -> None:
     proc = cli(server, "batch", "get", "batch_doesnotexist")
     assert proc.returncode == 2
@@ -228,7 +231,7 @@ class _Recorder(BaseHTTPRequestHandler):
     status = 500
     seen: list[tuple[str, str | None]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         type(self).seen.append((self.path, self.headers.get("Authorization")))
         body = json.dumps({"error": {"message": f"stand-in says {self.status}", "type": "x"}}).encode()
         self.send_response(self.status)
@@ -254,6 +257,7 @@ def stand_in() -> Iterator[tuple[str, type[_Recorder]]]:
         httpd.server_close()
 
 
+@pytest.mark.slow
 def test_5xx_exits_1_with_the_message_and_the_api_key_is_sent(stand_in: tuple[str, type[_Recorder]]) -> None:
     url, handler = stand_in
     proc = cli(url, "batch", "get", "batch_1", "--api-key", "sk-flag")
@@ -268,6 +272,7 @@ def test_5xx_exits_1_with_the_message_and_the_api_key_is_sent(stand_in: tuple[st
     assert handler.seen[-1] == ("/v1/files?limit=20", "Bearer sk-env")
 
 
+@pytest.mark.slow
 def test_usage_errors_exit_2(server: Proc, tmp_path: Path) -> None:
     missing = cli(server, "batch", "create", str(tmp_path / "nope.jsonl"), "--endpoint", ENDPOINT)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
@@ -333,6 +338,7 @@ def _screen(child: pexpect.spawn) -> str:
     return ANSI.sub("", child.before or "")
 
 
+@pytest.mark.slow
 def test_live_view_to_completion_then_the_summary(server: Proc, tmp_path: Path) -> None:
     write_input(tmp_path / "in.jsonl", 24)
     child = spawn(server, "batch", "create", "in.jsonl", "--endpoint", ENDPOINT, "--wait", "--max-concurrency", "4",
@@ -357,6 +363,7 @@ def test_live_view_to_completion_then_the_summary(server: Proc, tmp_path: Path) 
     assert len(out.read_text().splitlines()) == 24
 
 
+@pytest.mark.slow
 def test_live_view_ctrl_c_then_d_detaches(server: Proc, tmp_path: Path) -> None:
     write_input(tmp_path / "in.jsonl", 200)
     child = spawn(server, "batch", "create", "in.jsonl", "--wait", "--max-concurrency", "2", "--interval", "0.2",
@@ -378,6 +385,7 @@ def test_live_view_ctrl_c_then_d_detaches(server: Proc, tmp_path: Path) -> None:
         httpx.post(f"{server.url}/v1/batches/{batch_id}/cancel", timeout=10)
 
 
+@pytest.mark.slow
 def test_live_view_ctrl_c_then_c_cancels_and_watches_to_the_end(server: Proc, tmp_path: Path) -> None:
     write_input(tmp_path / "in.jsonl", 200)
     child = spawn(server, "batch", "create", "in.jsonl", "--wait", "--max-concurrency", "2", "--interval", "0.2",

@@ -117,6 +117,7 @@ def screen(child: pexpect.spawn) -> str:
 # -- create --wait, the happy path ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_create_wait_json_runs_the_job_and_downloads_its_output_next_to_the_input(server: Proc,
                                                                                   tmp_path: Path) -> None:
     inp = make_input_file(tmp_path / "in.jsonl", 12, model="tiny")
@@ -171,18 +172,18 @@ def test_create_then_watch_get_and_list_without_a_terminal(server: Proc, tmp_pat
         < events.index("completed")
     assert len(events) == len(job_api(server, job_id)["events"])  # each event once
     assert re.search(rf"^{EVENT}provision_ready\s+fake resource \S+ at http://127\.0\.0\.1:\d+$", watched.stderr,
-                     re.M), watched.stderr
+                     re.MULTILINE), watched.stderr
     assert re.search(rf"^{job_id} completed in [\d.:]+( s)?: 6 completed, 0 failed of 6; tokens [\d,]+ in / [\d,]+ "
-                     r"out; batch batch_\w+$", watched.stdout, re.M), watched.stdout
+                     r"out; batch batch_\w+$", watched.stdout, re.MULTILINE), watched.stdout
     assert re.search(r"resource fake released; cost [\d.,]+ GPU-s", watched.stdout), watched.stdout
 
     got = cli(server, "jobs", "get", job_id, "--json")
     assert got.returncode == 0 and one_json(got)["id"] == job_id and one_json(got)["status"] == "completed"
     human = cli(server, "jobs", "get", job_id)
     assert human.returncode == 0
-    assert re.search(r"^requests\s+6 completed, 0 failed of 6", human.stdout, re.M), human.stdout
-    assert re.search(r"^resource\s+fake released at http://", human.stdout, re.M), human.stdout
-    assert re.search(rf"^\s+{EVENT}release_confirmed", human.stdout, re.M), human.stdout
+    assert re.search(r"^requests\s+6 completed, 0 failed of 6", human.stdout, re.MULTILINE), human.stdout
+    assert re.search(r"^resource\s+fake released at http://", human.stdout, re.MULTILINE), human.stdout
+    assert re.search(rf"^\s+{EVENT}release_confirmed", human.stdout, re.MULTILINE), human.stdout
 
     listed = cli(server, "jobs", "list", "--json", "--limit", "100")
     assert listed.returncode == 0
@@ -206,8 +207,8 @@ def test_a_job_that_ends_badly_exits_1_with_its_message(server: Proc, tmp_path: 
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert re.search(r"job_\w+ submit_failed in [\d.]+ s\n", proc.stdout), proc.stdout
     assert "error    less than a minute is left before the job's provision_resource_deadline" in proc.stdout
-    assert re.search(rf"^{EVENT}submit_failed\s+less than a minute", proc.stderr, re.M), proc.stderr
-    assert re.search(rf"^{EVENT}release_confirmed", proc.stderr, re.M), proc.stderr
+    assert re.search(rf"^{EVENT}submit_failed\s+less than a minute", proc.stderr, re.MULTILINE), proc.stderr
+    assert re.search(rf"^{EVENT}release_confirmed", proc.stderr, re.MULTILINE), proc.stderr
     assert not list(tmp_path.glob("late.job_*"))  # no batch, no datasets
 
     # A batch that fails (no model in its lines): the job is failed, its error file downloaded.
@@ -241,6 +242,7 @@ def test_cancel_a_running_job_then_watch_it_end(server: Proc, tmp_path: Path) ->
 # -- what the server refuses, and what goes wrong on the way ---------------------------------------
 
 
+@pytest.mark.slow
 def test_4xx_and_usage_errors_exit_2(server: Proc, tmp_path: Path) -> None:
     inp = make_input_file(tmp_path / "in.jsonl", 1, model="tiny")
     unknown = cli(server, "jobs", "create", str(inp), "--template", "no-such-template")
@@ -280,7 +282,7 @@ class _Recorder(BaseHTTPRequestHandler):
     status = 500
     seen: list[tuple[str, str | None]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         type(self).seen.append((self.path, self.headers.get("Authorization")))
         body = json.dumps({"error": {"message": f"stand-in says {self.status}", "type": "x"}}).encode()
         self.send_response(self.status)
@@ -327,6 +329,7 @@ def test_5xx_exits_1_401_exits_2_and_the_api_key_is_sent(stand_in: tuple[str, ty
 # -- the live view, as a person sees it --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_live_view_shows_the_events_as_they_arrive_then_the_progress_and_the_summary(server: Proc,
                                                                                       tmp_path: Path) -> None:
     # Requests of 0.1 s to 2.3 s: the batch runs for a couple of seconds.

@@ -140,6 +140,7 @@ def engine(cluster: Cluster):
     return cluster.mock_engine("--latency-ms", "5")
 
 
+@pytest.mark.slow
 def test_full_run_writes_the_services_output_format(cluster: Cluster, engine, tmp_path: Path) -> None:
     inp = write_input(tmp_path / "in.jsonl", 200)
     rc, log = run(tmp_path, str(inp), "-o", "out.jsonl", "--engine-url", engine.url)
@@ -179,6 +180,7 @@ def test_invalid_input_sends_nothing_and_names_the_line(engine, tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")) == ["in.jsonl"]
 
 
+@pytest.mark.slow
 def test_errors_go_to_their_own_file_or_into_the_output(cluster: Cluster, tmp_path: Path) -> None:
     engine = cluster.mock_engine("--latency-ms", "1", "--fail-rate", "0.3", "--seed", "7")
     one_try = {"OVERNIGHT_MAX_ATTEMPTS": "1"}
@@ -210,6 +212,7 @@ def test_unreachable_engine_is_an_error_before_anything_starts(tmp_path: Path) -
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_then_the_same_command_finishes_resending_at_most_the_window(cluster: Cluster, tmp_path: Path) -> None:
     n, window = 1500, 16
     engine = cluster.mock_engine("--latency-ms", "40")

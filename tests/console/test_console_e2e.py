@@ -150,6 +150,7 @@ def _types(job: dict) -> list[str]:
     return [e["type"] for e in job["events"]]
 
 
+@pytest.mark.slow
 def test_a_job_runs_its_whole_life_and_its_resource_is_released(console: Console) -> None:
     console.start(OVERNIGHT_FAKE_PROVIDER_PRICE_PER_HOUR="3.6")
     with console.http() as c:
@@ -174,6 +175,7 @@ def test_a_job_runs_its_whole_life_and_its_resource_is_released(console: Console
         assert b["status"] == "completed" and b["metadata"]["overnight_job_id"] == j["id"]
 
 
+@pytest.mark.slow
 def test_cancel_while_the_resource_is_being_prepared_releases_it(console: Console) -> None:
     console.start(OVERNIGHT_FAKE_PROVIDER_DELAY_S="3")
     with console.http() as c:
@@ -218,6 +220,7 @@ def test_no_capacity_is_retried_until_the_provisioning_timeout(console: Console)
         assert _types(done).count("provision_retry") >= 1
 
 
+@pytest.mark.slow
 def test_a_batch_that_cannot_be_created_is_submit_failed_and_released(console: Console) -> None:
     console.start(OVERNIGHT_FAKE_PROVIDER_DELAY_S="2")
     with console.http() as c:
@@ -260,6 +263,7 @@ def test_the_planner_killed_at_a_stage_continues_after_a_restart(console: Consol
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1
 
 
+@pytest.mark.slow
 def test_cancel_while_submitting_cancels_the_batch_that_got_created(console: Console) -> None:
     """The cancel arrives while the job is ``submitting``, its batch created but not
     yet recorded on the job (held there by the fake provider's submit pause): the
@@ -340,6 +344,7 @@ def test_pages_hold_every_job_once_while_jobs_change_state(console: Console) -> 
             console.wait_released(c, jid)
 
 
+@pytest.mark.slow
 def test_one_tenant_never_sees_or_touches_another_tenants_jobs(console: Console) -> None:
     console.start(OVERNIGHT_API_KEYS="ka:alice,kb:bob")
     with console.http("ka") as a, console.http("kb") as b:
@@ -371,6 +376,7 @@ def test_unknown_template_or_model_is_a_404_naming_it(console: Console) -> None:
         assert r.status_code == 400 and "runpod" in r.text
 
 
+@pytest.mark.slow
 def test_jobs_wait_queued_for_a_provisioning_slot_and_a_queued_cancel_asks_nothing_of_the_provider(
         console: Console) -> None:
     console.start(PLANNER_MAX_PROVISIONING="1", OVERNIGHT_FAKE_PROVIDER_DELAY_S="3")

@@ -15,7 +15,11 @@ import pytest
 
 from overnight.console import jobs as job_service
 from overnight.console import retention
-from overnight.console.templates import StoreTemplates, create_template, resolve_job_template
+from overnight.console.templates import (
+    StoreTemplates,
+    create_template,
+    resolve_job_template,
+)
 from overnight.errors import ConflictError, NotFoundError
 from overnight.store.memory import MemoryStore
 from overnight.store.records import DocRecord
@@ -68,6 +72,7 @@ def error(r: httpx.Response) -> dict[str, Any]:
 
 
 # -- templates through the API ---------------------------------------------------------------
+@pytest.mark.slow
 def test_a_stored_template_runs_jobs_named_by_template_or_by_model(console: Console) -> None:
     console.start()
     with console.http() as c:

@@ -9,6 +9,9 @@ import pytest
 from tests.e2e.helpers import assert_exactly_once, client_for, results, wait_status
 from tests.factories import request_line, write_lines
 
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def engine(cluster):

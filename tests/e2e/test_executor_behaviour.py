@@ -11,8 +11,17 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.helpers import assert_exactly_once, client_for, mock_stats, results, wait_status
+from tests.e2e.helpers import (
+    assert_exactly_once,
+    client_for,
+    mock_stats,
+    results,
+    wait_status,
+)
 from tests.factories import make_input_file
+
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
 
 
 def _run(server, tmp_path, n: int, **extension):

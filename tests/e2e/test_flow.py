@@ -9,8 +9,18 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.helpers import assert_exactly_once, client_for, mock_stats, results, wait_progress, wait_status
+from tests.e2e.helpers import (
+    assert_exactly_once,
+    client_for,
+    mock_stats,
+    results,
+    wait_progress,
+    wait_status,
+)
 from tests.factories import make_input_file, request_line, write_lines
+
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

@@ -11,11 +11,15 @@ import time
 from collections import defaultdict
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from overnight.metrics import METRIC_NAMES
 from tests.e2e.helpers import TERMINAL, client_for, results
 from tests.factories import request_line, write_lines
+
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
 
 ENDPOINT = "/v1/chat/completions"
 OK, RETRIED, REFUSED = 80, 8, 6

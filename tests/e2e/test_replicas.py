@@ -10,8 +10,18 @@ import uuid
 import pytest
 
 from overnight.store import connect_store
-from tests.e2e.helpers import assert_exactly_once, client_for, mock_stats, results, wait_progress, wait_status
+from tests.e2e.helpers import (
+    assert_exactly_once,
+    client_for,
+    mock_stats,
+    results,
+    wait_progress,
+    wait_status,
+)
 from tests.factories import make_input_file
+
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
 
 
 def _reachable(port: int) -> bool:

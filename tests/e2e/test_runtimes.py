@@ -19,6 +19,9 @@ import pytest
 from tests.e2e.helpers import assert_exactly_once, client_for, results, wait_status
 from tests.factories import make_input_file
 
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "templates"
 
 MOCK_TEMPLATE = """\

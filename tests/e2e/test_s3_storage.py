@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import signal
 
-from tests.e2e.helpers import assert_exactly_once, client_for, mock_stats, results, wait_progress, wait_status
+import pytest
+
+from tests.e2e.helpers import (
+    assert_exactly_once,
+    client_for,
+    mock_stats,
+    results,
+    wait_progress,
+    wait_status,
+)
 from tests.factories import make_input_file
 from tests.storage.test_s3 import moto, prefix  # noqa: F401  (fixtures)
+
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
 
 
 def test_batch_on_s3_storage_survives_sigkill(cluster, tmp_path, moto, prefix):  # noqa: F811

@@ -12,6 +12,9 @@ import pytest
 from tests.e2e.helpers import client_for, wait_status
 from tests.factories import make_input_file, request_line, write_lines
 
+# Real processes end to end: the slow CI step (the default run stays short on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def engine(module_cluster):

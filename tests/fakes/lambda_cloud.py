@@ -80,8 +80,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from tests.fakes._threaded import FakeServer, ThreadedFake
 
 __all__ = ["DEFAULT_INSTANCE_TYPES", "FakeLambdaCloud", "Recorded", "instance_type"]
 
@@ -164,7 +166,7 @@ class _ApiError(Exception):
         self.status, self.code, self.message, self.suggestion = status, code, message, suggestion
 
 
-class FakeLambdaCloud:
+class FakeLambdaCloud(ThreadedFake):
     def __init__(self, *, api_key: str = "test-lambda-key", ssh_keys: tuple[str, ...] = ("overnight",),
                  instance_types: dict[str, dict[str, Any]] | None = None,
                  capacity: dict[str, list[str]] | None = None, boot_s: float = 0.0, ip_delay_s: float = 0.0,
@@ -188,37 +190,8 @@ class FakeLambdaCloud:
         self._faults: list[_Fault] = []
         self._refusals: list[list[Any]] = []  # [times, type_name or None]
         self._lock = threading.RLock()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> Self:
-        httpd = _Server(("127.0.0.1", 0), _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-lambda-cloud", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "start() the server first"
-        return int(self._httpd.server_address[1])
-
+    # -- where it answers (start/stop/port: tests/fakes/_threaded.py) --------------------------
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/v1"
@@ -478,14 +451,8 @@ def _invalid_launch(body: Any) -> str | None:
     return None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    fake: FakeLambdaCloud
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: FakeServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -525,3 +492,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._serve("POST")
+
+
+FakeLambdaCloud.handler = _Handler
+FakeLambdaCloud.thread_name = "fake-lambda-cloud"

@@ -99,9 +99,11 @@ import string
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes._threaded import FakeServer, ThreadedFake
 
 __all__ = ["CAPACITY_MESSAGE", "DEFAULT_GPU_TYPES", "FakeRunPod", "Recorded", "gpu_type"]
 
@@ -199,7 +201,7 @@ _TITLES = {400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403
            502: "Bad Gateway", 503: "Service Unavailable"}
 
 
-class FakeRunPod:
+class FakeRunPod(ThreadedFake):
     def __init__(self, *, api_key: str = "test-runpod-key", gpu_types: list[dict[str, Any]] | None = None,
                  provisioning_s: float = 0.0, starting_s: float = 0.0, ip_delay_s: float = 0.0,
                  delete_s: float = 0.0, ssh_host: str = "127.0.0.1", ssh_port: int = 22) -> None:
@@ -217,39 +219,8 @@ class FakeRunPod:
         self._pods: dict[str, _Pod] = {}
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
-        self._httpd: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> Self:
-        httpd = _Server(("127.0.0.1", 0), _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-runpod", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._httpd is not None, "the fake is not started"
-        return int(self._httpd.server_address[1])
-
+    # -- where it answers (start/stop/port: tests/fakes/_threaded.py) --------------------------
     @property
     def url_v2(self) -> str:
         return f"http://127.0.0.1:{self.port}/v2"
@@ -642,14 +613,8 @@ def _problem(status: int, detail: str, errors: list[str] | None = None) -> dict[
     return out
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    fake: FakeRunPod
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    server: FakeServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -692,3 +657,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self) -> None:
         self._serve("PATCH")
+
+
+FakeRunPod.handler = _Handler
+FakeRunPod.thread_name = "fake-runpod"

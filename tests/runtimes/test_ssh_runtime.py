@@ -299,6 +299,7 @@ async def test_docker_without_gpus_needs_no_driver(sshd: Sshd, runtimes) -> None
 
 
 # -- adoption -----------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["process", "docker"])
 async def test_second_acquire_after_a_restart_adopts_the_engine(sshd: Sshd, runtimes, launch: str) -> None:
     spec = ssh_spec(sshd) if launch == "process" else docker_spec(sshd)
@@ -399,6 +400,7 @@ async def test_a_machine_that_never_answers(tmp_path: Path, runtimes) -> None:
         gone.close()
 
 
+@pytest.mark.slow
 async def test_dropped_connection_reconnects_on_the_same_url(sshd: Sshd, runtimes) -> None:
     rt = runtimes()
     handle = await rt.acquire(ssh_spec(sshd), owner="o")
@@ -596,6 +598,7 @@ def _serve_batch(sshd: Sshd, cluster, tmp_path: Path, spec: dict, n: int, *, dat
     return server, client, batch
 
 
+@pytest.mark.slow
 def test_serve_runs_a_batch_on_an_ssh_engine(sshd: Sshd, cluster, tmp_path: Path) -> None:
     server, client, batch = _serve_batch(sshd, cluster, tmp_path, ssh_spec(sshd), 40)
     b = wait_status(client, batch.id, timeout_s=60)

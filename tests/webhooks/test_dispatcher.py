@@ -219,7 +219,7 @@ async def test_stopping_mid_delivery_hands_the_claim_back(store: Store) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             release.wait(10)
             self.send_response(200)
             self.end_headers()

@@ -68,6 +68,7 @@ def wait_view(client: openai.OpenAI, batch_id: str, ok, timeout_s: float = 30.0)
     raise AssertionError(f"webhooks of {batch_id}: {webhook_view(client, batch_id)}")
 
 
+@pytest.mark.slow
 def test_every_terminal_batch_is_one_verified_delivery_sent_once_it_is_readable(cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api: dict[str, str] = {}
     receiver = Receiver(SECRET, on_delivery=looker(api)).start()

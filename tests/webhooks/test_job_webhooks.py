@@ -475,6 +475,7 @@ async def test_no_event_without_a_url_and_none_from_a_server_without_webhooks(tm
 
 
 # -- through overnight serve ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_serve_delivers_job_events_once_the_job_is_readable(cluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from tests.console.test_console_e2e import Console
 
