@@ -198,16 +198,18 @@ def test_cancel_while_submitting_cancels_the_batch_at_the_batches_service(consol
     """The cancel arrives while the job is ``submitting``, its batch made at the
     batches service but not yet recorded (the fake provider's submit pause): the
     console records it, cancels it there, ends the job cancelled and releases."""
-    console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="200")
+    # Enough work that the batch cannot finish inside the pause (the adaptive limit
+    # goes far above 1,000 in flight on the mock engine).
+    console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="2000")
     with console.http() as c, console.mds_http() as m:
-        j = console.job(c, 3000, name="slow")
+        j = console.job(c, 20000, name="slow")
         batch = console.wait_batch_unrecorded(m, c, j["id"])
         r = c.post(f"/api/v1/jobs/{j['id']}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "submitting", r.json()
         done = console.wait(c, j["id"])
         assert done["status"] == "cancelled" and done["batch_id"] == batch["id"], done
         b = m.get(f"/v1/batches/{batch['id']}").json()
-        assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 3000, b
+        assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 20000, b
         assert [x["id"] for x in console.mds_batches_of(m, j["id"])] == [batch["id"]]
         done = console.wait_released(c, j["id"])
         t = types(done)
