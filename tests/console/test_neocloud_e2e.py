@@ -115,14 +115,23 @@ def runpod(sshd: Sshd) -> Iterator[FakeRunPod]:
     with FakeRunPod(api_key="rp-key", provisioning_s=0.3, starting_s=0.3) as fake:
         fake.ssh_host, fake.ssh_port = sshd.host, sshd.port
         yield fake
-        assert fake.live_pods() == [], "the fake RunPod still holds pods after the test"
+        assert _settled(fake.live_pods) == [], "the fake RunPod still holds pods after the test"
 
 
 @pytest.fixture
 def lambda_cloud(sshd: Sshd) -> Iterator[FakeLambdaCloud]:
     with FakeLambdaCloud(api_key="lc-key", boot_s=0.5, terminate_s=0.3, instance_ip=sshd.host) as fake:
         yield fake
-        assert fake.live_instances() == [], "the fake Lambda Cloud still holds instances after the test"
+        assert _settled(fake.live_instances) == [], "the fake Lambda Cloud still holds instances after the test"
+
+
+def _settled(live, timeout_s: float = 30.0) -> list:
+    """What the provider still holds once the service (still running here) has had
+    time to finish a release it started (a terminate answers ``terminating`` first)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := live()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
 
 
 def runpod_env(fake: FakeRunPod, sshd: Sshd, version: str = "v2", **extra: str) -> dict[str, str]:
@@ -228,7 +237,7 @@ def test_cancel_while_the_batch_runs_stops_the_engine_and_terminates(
         neo: Neocloud, lambda_cloud: FakeLambdaCloud, sshd: Sshd) -> None:
     neo.start("lambdaCloud", "H100", image="vllm/vllm-openai:v0.11.0", **lambda_env(lambda_cloud, sshd))
     with neo.http() as c:
-        job = neo.job(c, 4000)
+        job = neo.job(c, 20000)  # enough that a loaded machine cannot finish it before the cancel
         neo.wait(c, job["id"], lambda j: j["status"] == "in_progress" and (j["request_counts"] or {}).get("completed"))
         assert c.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 200
         done = neo.wait_status(c, job["id"])
