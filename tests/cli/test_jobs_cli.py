@@ -110,6 +110,20 @@ def spawn(server: Proc, *args: str, cwd: Path) -> pexpect.spawn:
                          timeout=60)
 
 
+def answer(child: pexpect.spawn, key: str, then: str, tries: int = 20) -> None:
+    """Type ``key`` at the [c/d] question until ``then`` shows. A key typed before the
+    CLI has put the terminal in raw mode is discarded by that switch (the terminal
+    flushes pending input), which a loaded machine makes likely: type it again."""
+    for _ in range(tries):
+        child.send(key)
+        try:
+            child.expect(then, timeout=3)
+            return
+        except pexpect.TIMEOUT:
+            continue
+    raise AssertionError(f"no {then!r} after typing {key!r} {tries} times; screen: {screen(child)!r}")
+
+
 def screen(child: pexpect.spawn) -> str:
     return ANSI.sub("", child.before or "")
 
@@ -374,8 +388,7 @@ def test_live_view_ctrl_c_detaches_or_cancels_the_job(server: Proc, tmp_path: Pa
     child.expect(rf"{EVENT}batch_created")
     child.sendintr()
     child.expect(r"cancel the job or detach\? \[c/d\]")
-    child.send("d")
-    child.expect(rf"detached; {job_id} keeps running \(overnight jobs watch {job_id}\)")
+    answer(child, "d", rf"detached; {job_id} keeps running \(overnight jobs watch {job_id}\)")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
@@ -388,8 +401,7 @@ def test_live_view_ctrl_c_detaches_or_cancels_the_job(server: Proc, tmp_path: Pa
     child.expect(r"in_progress")
     child.sendintr()
     child.expect(r"\[c/d\]")
-    child.send("c")
-    child.expect(rf"cancelling {job_id}")
+    answer(child, "c", rf"cancelling {job_id}")
     child.expect(rf"{EVENT}cancel_requested")
     child.expect(rf"{EVENT}cancelled")
     child.expect(rf"{EVENT}release_confirmed")
