@@ -123,9 +123,11 @@ def test_a_killed_worker_is_replaced_and_its_shard_continues_from_its_checkpoint
     resent = sent - n // 4
     # The new pod has a fresh filesystem (the dead pod's local spool is gone), so it
     # re-sends what was in flight plus what finished since the shard's last stored
-    # checkpoint: at most the window plus one checkpoint interval (0.2 s) of lines at
-    # the most this window can do (8 in flight / 20 ms = 400/s).
-    bound = window + int(0.2 * window / 0.020)
+    # checkpoint: at most the window plus one checkpoint period of lines at the most
+    # this window can do (8 in flight / 20 ms = 400/s). The period is the 0.2 s
+    # interval plus the checkpoint's own store write, allowed 50 ms here (a loaded
+    # machine made it 89 against a bound of 88 that counted the interval alone).
+    bound = window + int((0.2 + 0.05) * window / 0.020)
     assert 0 <= resent <= bound, (resent, bound, [p.engine_received for p in pods0])
 
 
