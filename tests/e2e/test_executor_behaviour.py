@@ -80,6 +80,7 @@ def test_a_batch_cap_holds_at_the_engine(cluster, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # as long as it waits for the batch; the suite's 120 s is for ordinary tests
 def test_a_million_line_batch_runs_with_the_limit_raised_in_flat_memory(cluster, tmp_path):
     n = 1_000_000
     engine = cluster.mock_engine("--latency-ms", "0", "--max-concurrency", "256")
