@@ -3,6 +3,7 @@ for the tests: what it calls and when, at every stage a cancel or a crash can me
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -10,7 +11,12 @@ import pytest
 
 from overnight.console import jobs
 from overnight.console.planner import Planner, PlannerConfig
-from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, ProvisionState
+from overnight.console.provisioners.base import (
+    ProvisionError,
+    ProvisionRequest,
+    ProvisionState,
+)
+from overnight.errors import ConflictError
 from overnight.store.memory import MemoryStore
 from overnight.store.records import DocRecord
 from overnight.templates.source import StaticSource
@@ -113,7 +119,7 @@ async def test_a_cancel_racing_the_planners_take_leaves_nothing_behind(env) -> N
         return await original(j, change, **kw)
 
     planner._write = cancel_first
-    with pytest.raises(Exception):
+    with pytest.raises(ConflictError):
         await planner.step(job.id)
     assert (await store.get_doc(jobs.JOB, job.id)).status == "cancelled"
     await planner.tick()
@@ -124,8 +130,6 @@ async def test_a_cancel_racing_the_planners_take_leaves_nothing_behind(env) -> N
 
 
 async def _drain(planner: Planner) -> None:
-    import asyncio
-
     while planner._steps:
         await asyncio.gather(*list(planner._steps), return_exceptions=True)
 
@@ -172,7 +176,7 @@ async def test_retryable_provider_errors_are_retried_then_fail_at_the_deadline(e
     await planner.step(job.id)
     await planner.step(job.id)
     assert (await store.get_doc(jobs.JOB, job.id)).status == "resource_preparing"
-    time.sleep(0.35)
+    await asyncio.sleep(0.35)
     await planner.step(job.id)
     j = await store.get_doc(jobs.JOB, job.id)
     assert j.status == "resource_failed" and "provision_resource_deadline" in j.body["error_message"]
@@ -232,3 +236,100 @@ async def test_after_a_restart_submitted_jobs_machines_are_trusted_before_any_ti
         policy.trust(t)
     assert policy.is_trusted("ssh://root@203.0.113.7:22022") and policy.is_trusted("http://10.1.2.3:8000")
     assert not policy.is_trusted("http://10.9.9.9:8000")
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    import inspect
+
+    end = time.monotonic() + timeout
+    while not ((await r) if inspect.isawaitable(r := check()) else r):
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _started(planner: Planner) -> list[float]:
+    """Start it; returns the times of the ticks (scans of every job) after its first."""
+    planner.start()
+    await asyncio.sleep(0.05)  # its first tick (of every job) is over; the next is an hour away
+    ticks: list[float] = []
+    tick = planner.tick
+
+    async def counted() -> None:
+        ticks.append(time.time())
+        await tick()
+
+    planner.tick = counted  # type: ignore[method-assign]
+    return ticks
+
+
+async def test_a_kicked_job_is_stepped_at_once_not_at_the_next_tick() -> None:
+    store, provider = MemoryStore(), Provider()
+    provider.running = False
+    planner = Planner(store=store, storage=None, provisioners={"fake": provider}, limits=None,
+                      config=PlannerConfig(installation_id="inst-a", tick_s=3600, poll_s=3600))
+    ticks = await _started(planner)
+    try:
+        job = await _job(store)
+        planner.kick(job.id, queued=True)
+
+        async def provisioning() -> bool:
+            return (await store.get_doc(jobs.JOB, job.id)).status == "resource_preparing" and bool(provider.calls)
+
+        await _until(provisioning)
+        assert provider.calls == [("provision", job.id)] and ticks == []
+    finally:
+        await planner.aclose()
+
+
+async def test_a_kick_during_the_jobs_step_steps_it_again_when_that_step_ends() -> None:
+    store, provider = MemoryStore(), Provider()
+    provider.running = False
+    gate = asyncio.Event()
+    provision = provider.provision
+
+    async def slow_provision(req: ProvisionRequest) -> ProvisionState:
+        await gate.wait()
+        return await provision(req)
+
+    provider.provision = slow_provision
+    planner = Planner(store=store, storage=None, provisioners={"fake": provider}, limits=None,
+                      config=PlannerConfig(installation_id="inst-a", tick_s=3600, poll_s=3600))
+    ticks = await _started(planner)
+    try:
+        job = await _job(store)
+        planner.kick(job.id)
+        await _until(lambda: job.id in planner._busy)
+        planner.kick(job.id)  # e.g. its batch moved while the step was at the provider: not lost
+        assert job.id in planner._again
+        gate.set()
+
+        async def looked_again() -> bool:
+            return any(c[0] == "status" for c in provider.calls)
+
+        await _until(looked_again)  # without a tick, and before the hour-long poll
+        assert provider.calls[0] == ("provision", job.id) and job.id not in planner._again and ticks == []
+    finally:
+        await planner.aclose()
+
+
+async def test_a_new_job_waits_for_the_tick_under_max_provisioning() -> None:
+    store, provider = MemoryStore(), Provider()
+    provider.running = False
+    planner = Planner(store=store, storage=None, provisioners={"fake": provider}, limits=None,
+                      config=PlannerConfig(installation_id="inst-a", tick_s=3600, poll_s=3600,
+                                           max_provisioning=1))
+    await _started(planner)
+    try:
+        first, second = await _job(store), await _job(store)
+        planner.kick(first.id, queued=True)  # a wake: the tick takes queued jobs in order while there is room
+        planner.kick(second.id, queued=True)
+
+        async def first_taken() -> bool:
+            return (await store.get_doc(jobs.JOB, first.id)).status == "resource_preparing"
+
+        await _until(first_taken)
+        await asyncio.sleep(0.2)
+        assert (await store.get_doc(jobs.JOB, second.id)).status == "queued"
+        assert [c for c in provider.calls if c[0] == "provision"] == [("provision", first.id)]
+    finally:
+        await planner.aclose()

@@ -30,6 +30,7 @@ async def update_doc(
     mutate: Callable[[DocRecord], DocRecord | None],
     *,
     expect_status: Collection[str] | None = None,
+    current: DocRecord | None = None,
 ) -> DocRecord:
     """Read-modify-write with compare-and-set, retried on conflict.
 
@@ -38,13 +39,18 @@ async def update_doc(
     so it must not do anything outside the record. With ``expect_status``, the
     write only happens while the doc is in one of those statuses (checked on every
     attempt); otherwise ``ConflictError`` naming the status it is in. Raises
-    ``NotFoundError`` when the doc does not exist."""
+    ``NotFoundError`` when the doc does not exist. ``current``: the record as the
+    caller last read it; the first attempt writes on it without reading again (the
+    compare-and-set still refuses it if it is stale, and the next attempt reads)."""
     expected = check_doc_statuses(expect_status)  # a bare string is refused, not read as letters
     for _ in range(_ATTEMPTS):
-        cur = await store.get_doc(kind, id)
+        fresh = current is None
+        cur, current = (await store.get_doc(kind, id), None) if fresh else (current, None)
         if cur is None:
             raise NotFoundError(f"No such {kind}: {id}")
         if expected is not None and cur.status not in expected:
+            if not fresh:
+                continue  # the caller's copy may be stale: read before refusing
             wanted = " or ".join(expected) or "(none)"
             raise ConflictError(f"{kind} {id} is {cur.status or '(no status)'}, not {wanted}.")
         new = mutate(copy.deepcopy(cur))

@@ -209,6 +209,8 @@ class Planner:
         #: queue behind hundreds of jobs whose batches are merely being looked at.
         self._poll_sem = asyncio.Semaphore(max(1, config.workers))
         self._busy: set[str] = set()
+        #: Keys kicked while their step ran: stepped again as soon as it ends.
+        self._again: set[str] = set()
         #: job id -> when to look at it again (polls and backoffs; in memory only).
         self._due: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -231,11 +233,27 @@ class Planner:
 
     def _batch_moved(self, rec: Any) -> None:
         job_id = (rec.options or {}).get("job_id")
-        if job_id and self._due.pop(job_id, None) is not None:
-            self.wake()
+        if job_id:
+            self.kick(job_id)
 
     def wake(self) -> None:
+        """Scan every job at once (the next tick), not only at the tick's period."""
         self._wake.set()
+
+    def kick(self, job_id: str, *, queued: bool = False) -> None:
+        """Step this job now (it was just created, cancelled, or its batch moved):
+        a turn of its own, without waiting for the next tick's scan of every job. A
+        job whose step is running is stepped again as soon as that step ends, so a
+        change it did not see is never left to the next poll. A new (``queued``) job
+        under ``max_provisioning`` waits for the tick, which takes queued jobs in
+        policy order while there is room."""
+        self._due.pop(job_id, None)
+        if self._task is None or self._task.done() or (queued and self.cfg.max_provisioning):
+            self.wake()  # not started (or stopped): the loop's first tick sees it
+        elif job_id in self._busy:
+            self._again.add(job_id)
+        else:
+            self._spawn(job_id, self.advance(job_id))
 
     async def aclose(self) -> None:
         if self._unsubscribe is not None:
@@ -315,6 +333,9 @@ class Planner:
                 log.exception("planner step %s failed", key)
             finally:
                 self._busy.discard(key)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.kick(key)
 
         t = asyncio.create_task(run(), name=f"planner-{key}")
         self._steps.add(t)
@@ -326,15 +347,18 @@ class Planner:
         ready at once (queued -> resource_preparing with a provider that answers
         running -> submitting -> the batch created) runs on in this worker's turn
         instead of waiting for the next tick and a free worker for each stage."""
-        status = None
+        status, job = None, None
         for _ in range(_STAGES_PER_TURN):
-            job = await self.store.get_doc(JOB, job_id)
+            if job is None:
+                job = await self.store.get_doc(JOB, job_id)
             if job is None or job.status in TERMINAL or job.status == status:
                 return
             status = job.status
-            await self._one_step(job)
+            job = await self._one_step(job)  # the record it wrote, when it moved the job on
             if status in _BATCH_STAGES or self._due.get(job_id, 0.0) > time.time():
                 return  # following a batch is a poll, once per turn; or the job waits
+            if job is not None and job.status in _BATCH_STAGES:
+                return  # its batch was just created: its moves kick the job (or the next tick polls it)
 
     async def step(self, job_id: str) -> None:
         """One stage of the job (tests drive the planner stage by stage with it)."""
@@ -343,20 +367,24 @@ class Planner:
             return
         await self._one_step(job)
 
-    async def _one_step(self, job: DocRecord) -> None:
+    async def _one_step(self, job: DocRecord) -> DocRecord | None:
+        """One stage; returns the job as written when the stage moved it on (None:
+        read it again before anything else)."""
+        new = None
         try:
             if job.status == "queued":
-                await self._take(job)
+                new = await self._take(job)
             elif job.status == "resource_preparing":
-                await self._provisioning(job)
+                new = await self._provisioning(job)
             elif job.status == "submitting":
-                await self._submit(job)
+                new = await self._submit(job)
             elif job.status in _BATCH_STAGES:
                 await self._follow_batch(job)
         except BatchesUnavailable as exc:
             await self._batches_unavailable(job, exc)
         else:
             self._outage.pop(job.id, None)
+        return new
 
     async def _batches_unavailable(self, job: DocRecord, exc: BatchesUnavailable) -> None:
         """Try the step again later (doubling, up to ``retry_max_s``). One event per
@@ -390,7 +418,7 @@ class Planner:
                 return None  # nothing new: no write
             return rec
 
-        new = await update_doc(self.store, JOB, job.id, mutate)
+        new = await update_doc(self.store, JOB, job.id, mutate, current=job)
         if new.status != status and new.status in TERMINAL:
             CONSOLE_STATS.job_finished(new.status)  # counted once the write won
         return new
@@ -411,22 +439,21 @@ class Planner:
             # In the write that makes it true, after ``_owe`` (every terminal write's caller).
             self.webhooks.add_event(rec, status, at=now)
 
-    async def _take(self, job: DocRecord) -> None:
+    async def _take(self, job: DocRecord) -> DocRecord:
         """queued -> resource_preparing: write the provisioning record first."""
-        provider = job.body["provider"]
-        prov = await self.store.get_doc_by_key(PROVISION, job.tenant, job.id)
-        if prov is None:
-            from overnight.console.docs import new_doc_id
+        from overnight.console.docs import new_doc_id
 
-            prov = DocRecord(kind=PROVISION, id=new_doc_id("prov"), tenant=job.tenant, created_at=time.time(),
-                             status="requested", key=job.id, updated_at=time.time(),
-                             body={"job_id": job.id, "provider": provider, "provider_id": None})
-            try:
-                await self.store.insert_doc(prov)
-            except StoreError:
-                prov = await self.store.get_doc_by_key(PROVISION, job.tenant, job.id)
-                if prov is None:
-                    raise
+        provider = job.body["provider"]
+        prov = DocRecord(kind=PROVISION, id=new_doc_id("prov"), tenant=job.tenant, created_at=time.time(),
+                         status="requested", key=job.id, updated_at=time.time(),
+                         body={"job_id": job.id, "provider": provider, "provider_id": None})
+        try:
+            await self.store.insert_doc(prov)
+        except StoreError:
+            # The key is taken: a step before a crash (or a racing replica) wrote it.
+            prov = await self.store.get_doc_by_key(PROVISION, job.tenant, job.id)
+            if prov is None:
+                raise
 
         def change(rec: DocRecord) -> None:
             rec.body["provision_id"] = prov.id
@@ -436,8 +463,7 @@ class Planner:
             self._to(rec, "resource_preparing", f"asking {provider} for the resource",
                      event="provision_requested")
 
-        await self._write(job, change)
-        self.wake()
+        return await self._write(job, change)
 
     def _request(self, job: DocRecord) -> ProvisionRequest:
         r = Resolved.from_record(job.body["template"])
@@ -458,7 +484,7 @@ class Planner:
             end, why = float(dl), "the job's provision_resource_deadline"
         return end, why
 
-    async def _provisioning(self, job: DocRecord) -> None:
+    async def _provisioning(self, job: DocRecord) -> DocRecord | None:
         provisioner = self.provisioners.get(job.body["provider"])
         prov = await self.store.get_doc(PROVISION, job.body["provision_id"])
         if provisioner is None or prov is None:
@@ -477,7 +503,7 @@ class Planner:
                     p.status = "provisioning"
                     return p
 
-                prov = await update_doc(self.store, PROVISION, prov.id, noted)
+                prov = await update_doc(self.store, PROVISION, prov.id, noted, current=prov)
             elif getattr(provisioner, "status_takes_template", False):
                 # An SSH provider builds the batch's runtime spec from the job's template.
                 state = await provisioner.status(prov.body["provider_id"], template=job.body["template"])
@@ -490,10 +516,11 @@ class Planner:
                 await self._fail(job, "resource_failed", msg)
                 return
             delay = min(self.cfg.retry_max_s, self.cfg.retry_base_s * 2 ** (attempt - 1))
+            why_not = exc.message
 
             def retry(rec: DocRecord) -> None:
                 rec.body["provision_attempt"] = attempt
-                add_event(rec, "provision_retry", f"{exc.message}; trying again in {delay:g} s")
+                add_event(rec, "provision_retry", f"{why_not}; trying again in {delay:g} s")
                 self._later(rec, delay)
 
             await self._write(job, retry)
@@ -518,15 +545,14 @@ class Planner:
             job = await self._write(job, ready)
             started = float(job.body.get("provision_started") or job.created_at)
             CONSOLE_STATS.provision_ready(job.body["provider"], float(job.body["running_at"]) - started)
-            self.wake()
-            return
+            return job
         if state.status in ("failed", "released"):
             await self._fail(job, "resource_failed", state.error or f"the provider reports the resource {state.status}")
-            return
+            return None
         if time.time() >= end:
             reason = f": {state.error}" if state.error else ""
             await self._fail(job, "resource_failed", f"the resource was not running by {why}{reason}")
-            return
+            return None
 
         def waiting(rec: DocRecord) -> bool:
             self._later(rec, self.cfg.poll_s)
@@ -539,8 +565,9 @@ class Planner:
             return True
 
         await self._write(job, waiting)
+        return None
 
-    async def _submit(self, job: DocRecord) -> None:
+    async def _submit(self, job: DocRecord) -> DocRecord | None:
         if job.body.get("cancel_requested"):
             batch = await self.batches.find(tenant=job.tenant, job_id=job.id)
             if batch is None:
@@ -591,10 +618,10 @@ class Planner:
             add_event(rec, "batch_created", f"batch {batch.id}")
             self._to(rec, batch.status if batch.status in _BATCH_STAGES else "validating", "")
 
-        await self._write(job, created)
+        job = await self._write(job, created)
         if self.on_batch is not None:
             self.on_batch(batch.id)
-        self.wake()
+        return job
 
     async def _follow_batch(self, job: DocRecord) -> None:
         try:
@@ -698,7 +725,8 @@ class Planner:
 
             with contextlib.suppress(ConflictError):
                 await self._write(job, noted, expect=job.status)
-        self.wake()
+        if prov.status == "release_pending" and "release:" + prov.id not in self._busy:
+            self._spawn("release:" + prov.id, self.release(prov.id, prov=prov))  # now, not at the next tick
 
     async def _adopt(self, prov: DocRecord) -> None:
         job = await self.store.get_doc(JOB, prov.body["job_id"])
@@ -715,9 +743,10 @@ class Planner:
             else:
                 await self._request_release(job, why=f"the job is {job.status}", provision_id=prov.id)
 
-    async def release(self, provision_id: str) -> None:
-        """Ask the provider to release one provision; done once it confirms."""
-        prov = await self.store.get_doc(PROVISION, provision_id)
+    async def release(self, provision_id: str, *, prov: DocRecord | None = None) -> None:
+        """Ask the provider to release one provision; done once it confirms.
+        ``prov``: the record as the caller just wrote it (else it is read)."""
+        prov = prov or await self.store.get_doc(PROVISION, provision_id)
         if prov is None or prov.status != "release_pending":
             return
         provisioner = self.provisioners.get(prov.body["provider"])
@@ -751,12 +780,12 @@ class Planner:
                 p.body["released_at"] = now
                 return p
 
-            await update_doc(self.store, PROVISION, prov.id, done)
+            await update_doc(self.store, PROVISION, prov.id, done, current=prov)
             if job is not None:
                 ep = trust_key(job.body.get("provision") or {})
                 if ep and self.on_endpoint is not None:
                     self.on_endpoint(ep, False)
-                await self._note_release(job.id, now, None)
+                await self._note_release(job.id, now, None, current=job)
             log.info("provision %s (job %s): release confirmed", prov.id, prov.body["job_id"])
             return
         attempt = int(prov.body.get("release_attempt") or 0) + 1
@@ -767,13 +796,14 @@ class Planner:
             p.body["next_at"] = now + delay
             return p
 
-        await update_doc(self.store, PROVISION, prov.id, again)
+        await update_doc(self.store, PROVISION, prov.id, again, current=prov)
         CONSOLE_STATS.release_failed(prov.body["provider"])
         if job is not None:
-            await self._note_release(job.id, None, f"{error}; trying again in {delay:g} s")
+            await self._note_release(job.id, None, f"{error}; trying again in {delay:g} s", current=job)
         log.warning("provision %s (job %s): release not confirmed: %s", prov.id, prov.body["job_id"], error)
 
-    async def _note_release(self, job_id: str, released_at: float | None, failure: str | None) -> None:
+    async def _note_release(self, job_id: str, released_at: float | None, failure: str | None, *,
+                            current: DocRecord | None = None) -> None:
         costed: list[float] = []  # the GPU-seconds this write adds (mutate may run more than once)
 
         def mutate(rec: DocRecord) -> DocRecord:
@@ -796,7 +826,7 @@ class Planner:
             return rec
 
         with contextlib.suppress(ConflictError, NotFoundError):
-            rec = await update_doc(self.store, JOB, job_id, mutate)
+            rec = await update_doc(self.store, JOB, job_id, mutate, current=current)
             if costed:
                 CONSOLE_STATS.add_gpu_seconds(str(rec.body.get("provider")), costed[0])
 
@@ -806,7 +836,7 @@ class Planner:
         for name, provisioner in self.provisioners.items():
             try:
                 owned = await provisioner.list_owned(self.cfg.installation_id)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - one provider's failure never stops the others' sweep
                 log.warning("sweep: listing %s resources failed: %s", name, exc)
                 continue
             for state in owned:

@@ -149,5 +149,5 @@ class Console:
             hook = await check_batch_webhook(req.webhook, key="", config=self.webhooks, secrets=self.secrets)
         rec = await create_job(store=self.store, tenant=tenant, req=req, resolved=resolved.to_record(),
                                provider=provider, installation_id=self.installation_id, webhook=hook)
-        self.planner.wake()
+        self.planner.kick(rec.id, queued=True)
         return rec

@@ -71,7 +71,7 @@ async def cancel_job(request: Request, job_id: str, store: StoreDep, tenant: Ten
     console = _console(request)
     rec = await job_service.cancel_job(store=store, tenant=tenant, job_id=job_id,
                                        webhooks=getattr(console, "job_webhooks", None))
-    console.planner.wake()
+    console.planner.kick(rec.id)
     return job_service.job_object(rec)
 
 
