@@ -190,6 +190,16 @@ async def test_launch_body_tags_name_and_one_ssh_key(fake, make) -> None:
     assert req.path == "/instance-operations/launch" and req.status == 200
 
 
+async def test_concurrent_provisions_of_one_job_launch_once_and_leave_no_lock_behind(fake, make) -> None:
+    import asyncio
+
+    p = make()
+    first, second = await asyncio.gather(p.provision(_request(job_id="job_same")),
+                                         p.provision(_request(job_id="job_same")))
+    assert first.provision_id == second.provision_id and len(fake.launch_bodies()) == 1
+    assert p._key_locks == {}  # one entry per provision under way, not per job ever seen
+
+
 async def test_launches_are_paced_process_wide(fake, make) -> None:
     a, b = make(launch_interval_s=0.6, request_interval_s=0.2), make(launch_interval_s=0.6, request_interval_s=0.2)
     await a.provision(_request(job_id="job_a"))

@@ -56,12 +56,13 @@ only, never by their text):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -296,7 +297,9 @@ class LambdaCloudProvisioner:
         self._uncertain: dict[str, float] = {}
         #: (type, region) -> when Lambda refused it for capacity.
         self._refused: dict[tuple[str, str], float] = {}
-        self._key_locks: dict[str, asyncio.Lock] = {}
+        #: idempotency key -> [its lock, callers holding or waiting for it]; an entry
+        #: goes with its last caller, so the map holds only provisions under way.
+        self._key_locks: dict[str, list[Any]] = {}
 
     @classmethod
     def from_settings(cls, settings: Any, **kw: Any) -> LambdaCloudProvisioner:
@@ -442,8 +445,18 @@ class LambdaCloudProvisioner:
         return name, region, types[name]["instance_type"]
 
     # -- provision ---------------------------------------------------------------------------------
-    def _lock(self, key: str) -> asyncio.Lock:
-        return self._key_locks.setdefault(key, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, key: str) -> AsyncIterator[None]:
+        """One provision call per key at a time (a retry never races its original)."""
+        entry = self._key_locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._key_locks[key]
 
     def _launch_body(self, request: ProvisionRequest, type_name: str, region: str) -> dict[str, Any]:
         tags = [{"key": JOB_TAG, "value": request.job_id},
