@@ -329,6 +329,25 @@ async def test_second_acquire_after_a_restart_adopts_the_engine(sshd: Sshd, runt
     assert sshd.engines_running() == []
 
 
+async def test_a_process_that_no_longer_holds_the_engine_does_not_stop_it(sshd: Sshd, runtimes) -> None:
+    """Two replicas: A ran the batch, B took it over (A's lease ran out while A was slow)
+    and adopted the engine. A's release, when it finds out, must not stop B's engine."""
+    spec = ssh_spec(sshd)
+    a, b = runtimes(), runtimes()
+    ha = await a.acquire(spec, owner="batch-1")
+    await a.wait_ready(ha, timeout_s=30)
+    [pid] = sshd.engines_running()
+    hb = await b.acquire(spec, owner="batch-1")
+    assert hb["adopted"] is True and hb["name"] == ha["name"]
+    eb = await b.wait_ready(hb, timeout_s=30)
+    await a.release(ha)
+    assert sshd.engines_running() == [pid]
+    assert (await chat(eb.url))["model"] == "tm"  # B's forward still reaches it
+    assert "left running" in Path(ha["log_path"]).read_text()
+    await b.release(hb)  # the holder stops it
+    assert sshd.engines_running() == []
+
+
 # -- connections --------------------------------------------------------------------------------
 async def test_host_key_mismatch_is_refused(sshd: Sshd, runtimes, tmp_path: Path) -> None:
     other = tmp_path / "other_host_key"

@@ -198,6 +198,11 @@ class SshRuntime:
         self.poll_interval_s = poll_interval_s
         self._machines: dict[tuple[str, str, int, str], _Machine] = {}
         self._engines: dict[str, _Live] = {}
+        #: Written to the engine's ``holder`` file on the machine at every acquire: the
+        #: last process to start or adopt an engine holds it, and ``release`` stops it
+        #: only while this process still does (another replica that took the batch over
+        #: adopted it: the one that lost the batch must not stop it under the new one).
+        self.holder_id = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(6).hex()}"
 
     # -- spec ---------------------------------------------------------------------------------
     def parse_spec(self, spec: RuntimeSpec | dict[str, Any]) -> SshSpec:
@@ -542,6 +547,7 @@ class SshRuntime:
         conn = await self._conn(m, window_s=self.connect_timeout_s)
         if spec.launch == "docker":
             await self._preflight(live, conn, spec)
+        await self._hold(live, conn)
         state, _, pid = await self._state(live, conn)
         if state == "running":
             handle["adopted"] = True
@@ -572,6 +578,17 @@ class SshRuntime:
         await record(handle)
         log.info("started engine %s for %s on %s (launch %s)", name, owner, m.target, spec.launch)
         return handle
+
+    async def _hold(self, live: _Live, conn: Any) -> None:
+        """Write this process's ``holder_id`` as the engine's holder, before it is
+        started or adopted (a release by a process that held it before is then a no-op)."""
+        d = self._remote_dir(live.name)
+        code, out, err = await self._sh(live.machine, conn, (
+            f"umask 077\nmkdir -p {d}\nprintf '%s\\n' {_q(self.holder_id)} > {d}/holder.tmp\n"
+            f"mv -f {d}/holder.tmp {d}/holder\n"))
+        if code != 0:
+            raise RuntimeStartError(f"engine {live.name}: writing its holder file on {live.machine.target} failed "
+                                    f"(exit {code}): {(err.strip() or out.strip())[:500]}")
 
     async def _preflight(self, live: _Live, conn: Any, spec: SshSpec) -> None:
         """What ``docker run`` needs: a GPU driver (when the engine wants GPUs), Docker and
@@ -793,8 +810,13 @@ class SshRuntime:
 
     async def _stop(self, live: _Live, conn: Any) -> None:
         name, m = live.name, live.machine
+        # Adopted since by another process (a replica that took the batch over, or this
+        # service restarted): that one stops it when it is done with it. Checked in the
+        # same script that stops it.
+        guard = (f"h=$(cat {self._remote_dir(name)}/holder 2>/dev/null || true)\n"
+                 f"if [ -n \"$h\" ] && [ \"$h\" != {_q(self.holder_id)} ]; then echo \"held $h\"; exit 0; fi\n")
         if live.handle["launch"] == "docker":
-            code, out, err = await self._sh(m, conn, (
+            code, out, err = await self._sh(m, conn, guard + (
                 f"sudo -n docker rm -f {_q(name)} >/dev/null 2>&1\n"
                 f"sudo -n docker inspect --format '{{{{.State.Running}}}}' {_q(name)} >/dev/null 2>&1 "
                 "&& { echo left; exit 1; }\necho gone\n"))
@@ -804,7 +826,7 @@ class SshRuntime:
         else:
             marker = _q(f"{ENGINE_NAME_ENV}={name}")
             ticks = max(1, math.ceil(float(live.handle.get("stop_grace_seconds", self.stop_grace_s)) * 5))
-            script = (
+            script = guard + (
                 f"d={self._remote_dir(name)}\n"
                 f"members() {{ grep -lsxzF {marker} /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | tr '\\n' ' '; }}\n"
                 "signal_all() {\n  pids=$(members); [ -n \"$pids\" ] || return 1\n"
@@ -820,6 +842,11 @@ class SshRuntime:
             if code != 0:
                 raise OvernightError(f"engine {name}: processes {out.strip()} still run on {m.target} after SIGKILL",
                                      code="runtime_stop_failed")
+        if out.startswith("held "):
+            holder = out[5:].strip()
+            self._note(live, f"engine {name} left running: {holder} holds it now")
+            log.warning("engine %s on %s: not stopped, another process holds it now (%s)", name, m.target, holder)
+            return
         self._note(live, f"engine {name} stopped")
         log.info("engine %s stopped on %s", name, m.target)
 
