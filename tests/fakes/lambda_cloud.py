@@ -83,7 +83,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.fakes._threaded import FakeServer, ThreadedFake
+from tests.fakes._threaded import FakeServer, Fault, Recorded, ThreadedFake, take_fault
 
 __all__ = ["DEFAULT_INSTANCE_TYPES", "FakeLambdaCloud", "Recorded", "instance_type"]
 
@@ -123,26 +123,10 @@ DEFAULT_INSTANCE_TYPES: dict[str, dict[str, Any]] = {t["name"]: t for t in (
 )}
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    body: Any
-    at: float
-    status: int = 0
-
-
-@dataclass
-class _Fault:
-    path: str
-    status: int
+@dataclass(kw_only=True)
+class _Fault(Fault):
     code: str
     message: str
-    times: int
-    retry_after: float | None = None
-    method: str | None = None
-    after: bool = False
-    drop: bool = False
 
 
 @dataclass
@@ -286,11 +270,7 @@ class FakeLambdaCloud(ThreadedFake):
 
     # -- requests -------------------------------------------------------------------------------
     def _fault(self, method: str, path: str) -> _Fault | None:
-        for f in self._faults:
-            if f.times > 0 and path.startswith(f.path) and (f.method is None or f.method == method):
-                f.times -= 1
-                return f
-        return None
+        return take_fault(self._faults, method, path)
 
     def handle(self, method: str, path: str, body: Any, auth: str | None) -> tuple[int, Any, dict[str, str]]:
         """One request: (status, JSON body, headers); ``(-1, None, {})`` drops the connection."""

@@ -103,7 +103,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tests.fakes._threaded import FakeServer, ThreadedFake
+from tests.fakes._threaded import FakeServer, Fault, Recorded, ThreadedFake, take_fault
 
 __all__ = ["CAPACITY_MESSAGE", "DEFAULT_GPU_TYPES", "FakeRunPod", "Recorded", "gpu_type"]
 
@@ -143,25 +143,8 @@ DEFAULT_GPU_TYPES: list[dict[str, Any]] = [
 ]
 
 
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: Any
-    at: float
-    status: int = 0
-
-
-@dataclass
-class _Fault:
-    path: str
-    status: int
-    times: int
-    method: str | None = None
-    retry_after: float | None = None
-    after: bool = False
-    drop: bool = False
+@dataclass(kw_only=True)
+class _Fault(Fault):
     delay_s: float = 0.0
     detail: str | None = None
 
@@ -238,8 +221,9 @@ class FakeRunPod(ThreadedFake):
                retry_after: float | None = None, after: bool = False, drop: bool = False, delay_s: float = 0.0,
                detail: str | None = None) -> None:
         with self._lock:
-            self._faults.append(_Fault(path, status, times, method.upper() if method else None, retry_after, after,
-                                       drop, delay_s, detail))
+            self._faults.append(_Fault(path=path, status=status, times=times,
+                                       method=method.upper() if method else None, retry_after=retry_after,
+                                       after=after, drop=drop, delay_s=delay_s, detail=detail))
 
     def no_capacity(self, times: int = 1) -> None:
         with self._lock:
@@ -489,19 +473,16 @@ class FakeRunPod(ThreadedFake):
 
     # -- HTTP -----------------------------------------------------------------------------------
     def _fault(self, method: str, path: str) -> _Fault | None:
-        for f in self._faults:
-            if f.times > 0 and path.startswith(f.path) and (f.method is None or f.method == method):
-                if isinstance(f, _CreateFault) and not (method == "POST" and path in ("/v2/pods", "/v1/pods")):
-                    continue
-                f.times -= 1
-                return f
-        return None
+        def applies(f: _Fault, method: str, path: str) -> bool:  # a capacity fault meets only creates
+            return not isinstance(f, _CreateFault) or (method == "POST" and path in ("/v2/pods", "/v1/pods"))
+
+        return take_fault(self._faults, method, path, applies)
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any,
                auth: str | None) -> tuple[int, Any, dict[str, str], float]:
         """(status, payload, headers, delay_s); status -1: close without answering."""
         with self._lock:
-            rec = Recorded(method, path, query, copy.deepcopy(body), time.monotonic())
+            rec = Recorded(method=method, path=path, query=query, body=copy.deepcopy(body), at=time.monotonic())
             self.requests.append(rec)
             if self.down:
                 rec.status = -1
