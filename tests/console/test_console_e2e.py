@@ -9,12 +9,14 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from overnight.batches.service import batch_id_for_job
 from tests.conftest import Cluster
 from tests.factories import make_input_file
 
@@ -263,24 +265,25 @@ def test_the_planner_killed_at_a_stage_continues_after_a_restart(console: Consol
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1
 
 
-@pytest.mark.slow
-def test_cancel_while_submitting_cancels_the_batch_that_got_created(console: Console) -> None:
+def check_cancel_while_submitting(console: Console, batches_http: Callable[[], httpx.Client]) -> None:
     """The cancel arrives while the job is ``submitting``, its batch created but not
     yet recorded on the job (held there by the fake provider's submit pause): the
-    planner records the batch, cancels it, ends the job cancelled and releases."""
+    planner records the batch, cancels it, ends the job cancelled and releases.
+    ``batches_http``: a client of the batches API (the same server, or the batches
+    service the console process submits to)."""
     # Enough work that the batch cannot finish inside the pause (the adaptive limit
     # goes far above 1,000 in flight on the mock engine).
     console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="2000")
-    with console.http() as c:
+    with console.http() as c, batches_http() as m:
         j = console.job(c, 20000, name="slow")
-        batch = console.wait_batch_unrecorded(c, c, j["id"])
+        batch = console.wait_batch_unrecorded(m, c, j["id"])
         r = c.post(f"/api/v1/jobs/{j['id']}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "submitting", r.json()
         done = console.wait(c, j["id"])
         assert done["status"] == "cancelled" and done["batch_id"] == batch["id"], done
-        b = c.get(f"/v1/batches/{batch['id']}").json()
+        b = m.get(f"/v1/batches/{batch['id']}").json()
         assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 20000, b
-        assert [x["id"] for x in console.batches_of(c, j["id"])] == [batch["id"]]
+        assert [x["id"] for x in console.batches_of(m, j["id"])] == [batch["id"]]
         done = console.wait_released(c, j["id"])
         t = _types(done)
         assert t.index("submitting") < t.index("cancel_requested") < t.index("batch_created") \
@@ -288,23 +291,22 @@ def test_cancel_while_submitting_cancels_the_batch_that_got_created(console: Con
     assert console.live_resources() == []
 
 
-@pytest.mark.slow
-def test_the_planner_killed_while_submitting_finds_its_batch_after_a_restart(console: Console) -> None:
+def check_killed_while_submitting(console: Console, batches_http: Callable[[], httpx.Client]) -> None:
     """SIGKILL right after the batch was created and before the job recorded it: the
     restarted planner creates it again, which returns the same batch (its id derived
     from the job's), and the job completes once, with one batch, one resource and
     every line once."""
     server = console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="60", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="100")
-    with console.http() as c:
+    with console.http() as c, batches_http() as m:
         j = console.job(c, 400)
-        batch = console.wait_batch_unrecorded(c, c, j["id"])
+        batch = console.wait_batch_unrecorded(m, c, j["id"])
     server.signal(signal.SIGKILL)
     console.start()  # no pause this time
-    with console.http() as c:
+    with console.http() as c, batches_http() as m:
         done = console.wait(c, j["id"], timeout_s=90)
         assert done["status"] == "completed", done
-        assert done["batch_id"] == batch["id"]
-        assert [x["id"] for x in console.batches_of(c, j["id"])] == [batch["id"]]
+        assert done["batch_id"] == batch["id"] == batch_id_for_job("anonymous", j["id"])
+        assert [x["id"] for x in console.batches_of(m, j["id"])] == [batch["id"]]
         assert _types(done).count("batch_created") == 1
         out = c.get(f"/api/v1/files/{done['output_dataset']}/content").text.splitlines()
         ids = [json.loads(x)["custom_id"] for x in out]
@@ -312,6 +314,16 @@ def test_the_planner_killed_while_submitting_finds_its_batch_after_a_restart(con
         console.wait_released(c, j["id"])
     assert console.live_resources() == []
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # one resource, never a second
+
+
+@pytest.mark.slow
+def test_cancel_while_submitting_cancels_the_batch_that_got_created(console: Console) -> None:
+    check_cancel_while_submitting(console, console.http)
+
+
+@pytest.mark.slow
+def test_the_planner_killed_while_submitting_finds_its_batch_after_a_restart(console: Console) -> None:
+    check_killed_while_submitting(console, console.http)
 
 
 @pytest.mark.slow

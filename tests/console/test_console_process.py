@@ -73,15 +73,6 @@ class SplitConsole(e2e.Console):
         return httpx.Client(base_url=f"http://127.0.0.1:{self.mds_port}", headers={"Authorization": f"Bearer {key}"},
                             timeout=30)
 
-    def mds_batches_of(self, m: httpx.Client, job_id: str) -> list[dict]:
-        out, after = [], None
-        while True:
-            page = m.get("/v1/batches", params={"limit": 100, **({"after": after} if after else {})}).json()
-            out += [b for b in page["data"] if (b["metadata"] or {}).get("overnight_job_id") == job_id]
-            if not page["has_more"]:
-                return out
-            after = page["last_id"]
-
 
 @pytest.fixture
 def console(cluster: Cluster, tmp_path: Path):
@@ -116,7 +107,7 @@ def test_a_job_runs_its_whole_life_through_the_console_process(console: SplitCon
         b = m.get(f"/v1/batches/{done['batch_id']}").json()
         assert b["status"] == "completed" and b["metadata"]["overnight_job_id"] == j["id"]
         assert b["id"] == batch_id_for_job("anonymous", j["id"])
-        assert [x["id"] for x in console.mds_batches_of(m, j["id"])] == [b["id"]]
+        assert [x["id"] for x in console.batches_of(m, j["id"])] == [b["id"]]
         # the output, through the console's proxy, is MDS's file byte for byte
         out = c.get(f"/api/v1/files/{done['output_dataset']}/content")
         assert out.status_code == 200 and len(out.text.splitlines()) == 50
@@ -186,7 +177,7 @@ def test_the_console_killed_mid_batch_finishes_the_job_with_one_batch(console: S
     with console.http() as c, console.mds_http() as m:
         done = console.wait(c, j["id"], timeout_s=90)
         assert done["status"] == "completed", done
-        assert len(console.mds_batches_of(m, j["id"])) == 1
+        assert len(console.batches_of(m, j["id"])) == 1
         ids = [json.loads(x)["custom_id"] for x in
                c.get(f"/api/v1/files/{done['output_dataset']}/content").text.splitlines()]
         assert len(ids) == len(set(ids)) == 1500
@@ -195,27 +186,7 @@ def test_the_console_killed_mid_batch_finishes_the_job_with_one_batch(console: S
 
 
 def test_cancel_while_submitting_cancels_the_batch_at_the_batches_service(console: SplitConsole) -> None:
-    """The cancel arrives while the job is ``submitting``, its batch made at the
-    batches service but not yet recorded (the fake provider's submit pause): the
-    console records it, cancels it there, ends the job cancelled and releases."""
-    # Enough work that the batch cannot finish inside the pause (the adaptive limit
-    # goes far above 1,000 in flight on the mock engine).
-    console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="3", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="2000")
-    with console.http() as c, console.mds_http() as m:
-        j = console.job(c, 20000, name="slow")
-        batch = console.wait_batch_unrecorded(m, c, j["id"])
-        r = c.post(f"/api/v1/jobs/{j['id']}/cancel")
-        assert r.status_code == 200 and r.json()["status"] == "submitting", r.json()
-        done = console.wait(c, j["id"])
-        assert done["status"] == "cancelled" and done["batch_id"] == batch["id"], done
-        b = m.get(f"/v1/batches/{batch['id']}").json()
-        assert b["status"] == "cancelled" and b["request_counts"]["completed"] < 20000, b
-        assert [x["id"] for x in console.mds_batches_of(m, j["id"])] == [batch["id"]]
-        done = console.wait_released(c, j["id"])
-        t = types(done)
-        assert t.index("submitting") < t.index("cancel_requested") < t.index("batch_created") \
-            < t.index("cancelled") < t.index("release_confirmed"), t
-    assert console.live_resources() == []
+    e2e.check_cancel_while_submitting(console, console.mds_http)
 
 
 def test_cancel_while_submitting_to_a_batches_service_that_is_down_creates_no_batch(console: SplitConsole) -> None:
@@ -241,33 +212,13 @@ def test_cancel_while_submitting_to_a_batches_service_that_is_down_creates_no_ba
         assert done["status"] == "cancelled" and done["batch_id"] is None, done
         assert "batch_created" not in types(done)
         with console.mds_http() as m:
-            assert console.mds_batches_of(m, j["id"]) == []
+            assert console.batches_of(m, j["id"]) == []
         console.wait_released(c, j["id"])
     assert console.live_resources() == []
 
 
 def test_the_console_killed_while_submitting_finds_its_batch_after_a_restart(console: SplitConsole) -> None:
-    """SIGKILL of the console right after the batches service made the batch and
-    before the job recorded it: the restarted console's create returns the same
-    batch (its id derived from the job's), and the job completes once."""
-    proc = console.start(OVERNIGHT_FAKE_SUBMIT_PAUSE_S="60", OVERNIGHT_FAKE_PROVIDER_LATENCY_MS="100")
-    with console.http() as c, console.mds_http() as m:
-        j = console.job(c, 400)
-        batch = console.wait_batch_unrecorded(m, c, j["id"])
-    proc.signal(signal.SIGKILL)
-    console.start()  # no pause this time
-    with console.http() as c, console.mds_http() as m:
-        done = console.wait(c, j["id"], timeout_s=90)
-        assert done["status"] == "completed", done
-        assert done["batch_id"] == batch["id"] == batch_id_for_job("anonymous", j["id"])
-        assert [x["id"] for x in console.mds_batches_of(m, j["id"])] == [batch["id"]]
-        assert types(done).count("batch_created") == 1
-        ids = [json.loads(x)["custom_id"] for x in
-               c.get(f"/api/v1/files/{done['output_dataset']}/content").text.splitlines()]
-        assert len(ids) == len(set(ids)) == done["request_counts"]["total"] == 400
-        console.wait_released(c, j["id"])
-    assert console.live_resources() == []
-    assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # one resource, never a second
+    e2e.check_killed_while_submitting(console, console.mds_http)
 
 
 @pytest.mark.parametrize("stage", ["resource_preparing", "in_progress"])
@@ -302,7 +253,7 @@ def test_the_batches_service_down_for_a_while_is_waited_for(console: SplitConsol
         done = console.wait(c, j["id"], timeout_s=90)
         assert done["status"] == "completed", done
         with console.mds_http() as m:
-            assert len(console.mds_batches_of(m, j["id"])) == 1
+            assert len(console.batches_of(m, j["id"])) == 1
         console.wait_released(c, j["id"])
 
 
