@@ -135,6 +135,31 @@ def test_each_further_refusal_within_the_limit_gives_up_a_slot() -> None:
     assert lim.value == first - 1
 
 
+def test_a_burst_of_refusals_narrows_the_ceiling_to_the_capacity_and_leaves_the_limit_there() -> None:
+    # A doubling from 64 to 128 against an engine that takes 64: the refusals come back
+    # at 128, 127, ..., 65 in flight as the requests sent into the congestion leave.
+    clock = FakeClock()
+    lim = make(clock, initial=128)
+    epoch(lim, clock, rate=1280, latency=0.05)
+    for inflight in range(128, 64, -1):
+        lim.on_overload(Signal.OVERLOAD, inflight=inflight)
+    # (It was: the ceiling stayed at 127 and each refusal gave up a slot, down to 51.)
+    assert lim.ceiling == 64 and lim.value == 64
+
+
+def test_one_or_two_slow_epochs_do_not_move_the_limit_below_the_capacity() -> None:
+    """A level's rate is the median of its last epochs: a stall of the service (or the
+    engine) for an epoch or two does not make a lower level look as good."""
+    clock = FakeClock()
+    lim = make(clock, initial=64, max=64)  # an engine of 64 at 50 ms: 20 answers/s per slot
+    for _ in range(40):  # cruising at 64, with a probe down to 51 on record
+        epoch(lim, clock, rate=lambda n: 20.0 * n, latency=0.05)
+    assert lim.value == 64 and 51 in lim.table()
+    epoch(lim, clock, rate=lambda n: 12.0 * n, latency=0.05, seconds=0.06)  # a stalled epoch
+    epoch(lim, clock, rate=lambda n: 20.0 * n, latency=0.05, seconds=0.5)
+    assert lim.value == 64
+
+
 def test_a_refusal_level_is_a_ceiling_for_a_while_then_probed_again() -> None:
     clock = FakeClock()
     lim = make(clock, initial=64, ceiling_ttl_s=30.0)

@@ -14,7 +14,8 @@ the law never lowers the limit because of latency.
 The law works in **epochs** at one in-flight level: wait about one round trip
 for the pipe to settle at the new level, then count completions for about one
 more round trip (and at least a handful). Each measured level's rate goes into a
-small table (an average per level, forgotten after ``table_ttl_s``):
+small table (per level, the median of its last few epochs, forgotten after
+``table_ttl_s``):
 
 * **Startup** (BBR's startup): double the level each epoch while the rate grows
   by at least ``startup_gain`` (25%) per doubling; the first doubling that does
@@ -29,9 +30,10 @@ small table (an average per level, forgotten after ``table_ttl_s``):
 * **Refusals** (429/502/503/504), timeouts and dropped connections, at most one
   cut a round: the limit drops below the level the engine refused at
   (``backoff_ratio``), and that level becomes a ceiling until ``ceiling_ttl_s``
-  has passed; each further refusal in the same round while in-flight is already
-  within the limit takes one more slot away, so a refused slot is not refilled
-  just to be refused again.
+  has passed. The rest of the same burst narrows the ceiling down to the lowest
+  level refused (the engine's capacity) and keeps the limit at or below it; a
+  lone refusal at or below the ceiling later takes one slot away, so a refused
+  slot is not refilled just to be refused again.
 * **Outage**: failures with no success in between for a while (a second, or
   two round trips), or twice the limit of them in a row, stop all new sends
   until ``Retry-After`` (or an exponential backoff) has passed; the table is
@@ -148,10 +150,37 @@ class EngineLoad:
 
 
 class _Rate:
-    __slots__ = ("rate", "tokens", "n", "at")
+    """What one level delivered: the median of its last ``_RATE_HISTORY`` epochs, so
+    one or two epochs that a stall (of the engine or of this process) or luck put
+    far off move nothing. An epoch is about one round trip, a few dozen answers at
+    a level of 64, so single epochs are noisy and a stall of one round trip spoils
+    two of them; with a 50/50 average such a stall at 64 pulled its rate within the
+    knee tolerance of the level below, and the limit then stayed a step too low
+    until that level was probed again (bench/adaptive.py's 429 case, one run in
+    three). A level whose rate really changed moves the knee three epochs later."""
+
+    __slots__ = ("_rates", "_tokens", "n", "at")
 
     def __init__(self, rate: float, tokens: float, at: float) -> None:
-        self.rate, self.tokens, self.n, self.at = rate, tokens, 1, at
+        self._rates, self._tokens, self.n, self.at = [rate], [tokens], 1, at
+
+    def add(self, rate: float, tokens: float, at: float) -> None:
+        self._rates = [*self._rates[1 - _RATE_HISTORY:], rate]
+        self._tokens = [*self._tokens[1 - _RATE_HISTORY:], tokens]
+        self.n += 1
+        self.at = at
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self._rates)
+
+    @property
+    def tokens(self) -> float:
+        return statistics.median(self._tokens)
+
+
+#: Epochs a level's rate is the median of.
+_RATE_HISTORY = 5
 
 
 # Modes
@@ -347,6 +376,17 @@ class AdaptiveLimit:
         refused = kind == Signal.OVERLOAD  # the engine said it is full; else it failed us
         refused_at = inflight if inflight is not None else self.value
         level = float(max(self.limits.min, min(self.value, refused_at - 1)))
+        if refused and self.ceiling and now < self._ceiling_until and now - self._burst_at <= self._settle_s():
+            # The rest of the burst whose first refusal set the ceiling and cut the
+            # limit: each refusal, as the requests sent into the congestion leave, shows
+            # the engine took no more than what was in flight beside it, so the ceiling
+            # narrows down to the engine's capacity and the limit stays at or below it.
+            # Not one slot each: that walked the limit far below the capacity (a burst
+            # of 64 refusals from 128 to an engine of 64 ended at 51).
+            self.ceiling = min(self.ceiling, level)
+            if self.limit > self.ceiling:
+                self._set(self.ceiling, f"{kind} at {refused_at} in flight", quiet=True)
+            return
         if refused and self.ceiling and now < self._ceiling_until and refused_at <= self.ceiling + 1:
             # Refused at (or below) the capacity it already showed: an engine that
             # counts a finished request a moment too long. One slot, not a cut; the
@@ -507,10 +547,7 @@ class AdaptiveLimit:
         if r is None or now - r.at > self.limits.table_ttl_s:
             self._table[level] = _Rate(rate, tokens_rate, now)
         else:
-            r.rate = 0.5 * r.rate + 0.5 * rate
-            r.tokens = 0.5 * r.tokens + 0.5 * tokens_rate
-            r.n += 1
-            r.at = now
+            r.add(rate, tokens_rate, now)
 
     def _cap(self, now: float) -> float:
         """The highest level allowed now: max, the refusal ceiling, and, while the
