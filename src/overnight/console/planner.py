@@ -248,12 +248,21 @@ class Planner:
         under ``max_provisioning`` waits for the tick, which takes queued jobs in
         policy order while there is room."""
         self._due.pop(job_id, None)
-        if self._task is None or self._task.done() or (queued and self.cfg.max_provisioning):
+        if (self._task is None or self._task.done() or (queued and self.cfg.max_provisioning)
+                or not self._on_own_loop()):
             self.wake()  # not started (or stopped): the loop's first tick sees it
         elif job_id in self._busy:
             self._again.add(job_id)
         else:
             self._spawn(job_id, self.advance(job_id))
+
+    def _on_own_loop(self) -> bool:
+        """Called from the planner's own event loop (a step is a task there; anything
+        else, such as a notice from another loop or thread, only wakes the tick)."""
+        try:
+            return self._task is not None and asyncio.get_running_loop() is self._task.get_loop()
+        except RuntimeError:
+            return False
 
     async def aclose(self) -> None:
         if self._unsubscribe is not None:
