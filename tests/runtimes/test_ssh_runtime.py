@@ -138,13 +138,17 @@ async def test_process_engine_served_through_the_port_forward(sshd: Sshd, runtim
     assert sshd.engines_running() == [pid]
     async with httpx.AsyncClient(timeout=5) as c:
         (await c.get(f"http://127.0.0.1:{spec['engine_port']}/health")).raise_for_status()
-    # A new runtime releases it: the whole engine is gone, and so is the log stream.
+    # A new runtime (this service restarted) adopts it and releases it: the whole engine
+    # is gone, and so is the log stream. (It stops only what it holds: a release before
+    # its acquire would leave the engine to the process that last started or adopted it.)
     rt2 = runtimes()
-    await rt2.release(handle)
+    handle2 = await rt2.acquire(spec, owner="ssh-owner-1")
+    assert handle2["adopted"] is True and handle2["name"] == name
+    await rt2.release(handle2)
     assert sshd.engines_running() == []
     assert await eventually(lambda: sshd.processes() == [], 5), sshd.processes()
-    await rt2.release(handle)  # idempotent
-    assert not await rt2.alive(handle)
+    await rt2.release(handle2)  # idempotent
+    assert not await rt2.alive(handle2)
 
 
 async def test_release_stops_the_engine_and_its_stream(sshd: Sshd, runtimes) -> None:
