@@ -262,12 +262,19 @@ async def _started(planner: Planner) -> list[float]:
     return ticks
 
 
-async def test_a_kicked_job_is_stepped_at_once_not_at_the_next_tick() -> None:
-    store, provider = MemoryStore(), Provider()
-    provider.running = False
+async def _quiet_planner(provider: Provider, **cfg: Any) -> tuple[MemoryStore, Planner, list[float]]:
+    """A started planner on a new store whose next tick and polls are an hour away
+    (and the list of any tick that runs all the same)."""
+    store = MemoryStore()
     planner = Planner(store=store, storage=None, provisioners={"fake": provider}, limits=None,
-                      config=PlannerConfig(installation_id="inst-a", tick_s=3600, poll_s=3600))
-    ticks = await _started(planner)
+                      config=PlannerConfig(installation_id="inst-a", tick_s=3600, poll_s=3600, **cfg))
+    return store, planner, await _started(planner)
+
+
+async def test_a_kicked_job_is_stepped_at_once_not_at_the_next_tick() -> None:
+    provider = Provider()
+    provider.running = False
+    store, planner, ticks = await _quiet_planner(provider)
     try:
         job = await _job(store)
         planner.kick(job.id, queued=True)
@@ -282,7 +289,7 @@ async def test_a_kicked_job_is_stepped_at_once_not_at_the_next_tick() -> None:
 
 
 async def test_a_kick_during_the_jobs_step_steps_it_again_when_that_step_ends() -> None:
-    store, provider = MemoryStore(), Provider()
+    provider = Provider()
     provider.running = False
     gate = asyncio.Event()
     provision = provider.provision
@@ -292,9 +299,7 @@ async def test_a_kick_during_the_jobs_step_steps_it_again_when_that_step_ends() 
         return await provision(req)
 
     provider.provision = slow_provision
-    planner = Planner(store=store, storage=None, provisioners={"fake": provider}, limits=None,
-                      config=PlannerConfig(installation_id="inst-a", tick_s=3600, poll_s=3600))
-    ticks = await _started(planner)
+    store, planner, ticks = await _quiet_planner(provider)
     try:
         job = await _job(store)
         planner.kick(job.id)
@@ -313,12 +318,9 @@ async def test_a_kick_during_the_jobs_step_steps_it_again_when_that_step_ends() 
 
 
 async def test_a_new_job_waits_for_the_tick_under_max_provisioning() -> None:
-    store, provider = MemoryStore(), Provider()
+    provider = Provider()
     provider.running = False
-    planner = Planner(store=store, storage=None, provisioners={"fake": provider}, limits=None,
-                      config=PlannerConfig(installation_id="inst-a", tick_s=3600, poll_s=3600,
-                                           max_provisioning=1))
-    await _started(planner)
+    store, planner, _ = await _quiet_planner(provider, max_provisioning=1)
     try:
         first, second = await _job(store), await _job(store)
         planner.kick(first.id, queued=True)  # a wake: the tick takes queued jobs in order while there is room
