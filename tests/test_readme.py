@@ -234,6 +234,7 @@ class Session:
         assert "Traceback" not in out, f"{self.where(server.block)}:\n{out}"
 
 
+@pytest.mark.slow  # 45 s: runs in .ci/run's slow step
 def test_every_readme_block_runs_as_written(tmp_path: Path) -> None:
     blocks = readme_blocks(README.read_text())
     assert sum(b.lang == "python" for b in blocks) >= 1 and sum(b.lang == "bash" for b in blocks) >= 3

@@ -11,6 +11,7 @@ import tracemalloc
 from pathlib import Path
 
 import orjson
+import pytest
 
 from overnight.batches.validation import ValidationLimits, validate_input
 from overnight.executor.checkpoint import Checkpoint
@@ -64,6 +65,7 @@ async def test_validation_keeps_about_8_bytes_per_line(tmp_path: Path) -> None:
     assert per_line < 40, per_line  # hashes (8 B) plus the sort's copies, never the lines
 
 
+@pytest.mark.slow  # 10 s
 async def test_execution_keeps_a_bit_per_line(tmp_path: Path) -> None:
     storage = LocalStorage(f"file://{tmp_path / 'files'}")
     await storage.open()

@@ -86,6 +86,7 @@ def k8s(cluster: Cluster, tmp_path: Path):
         api.stop()
 
 
+@pytest.mark.slow  # 15 s
 def test_four_shards_finish_a_batch_with_every_line_exactly_once(k8s: Env) -> None:
     client = client_for(k8s.server().url)
     n = 20_000
