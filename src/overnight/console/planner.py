@@ -323,10 +323,14 @@ class Planner:
                 self._spawn(key, self._adopt(prov))
         for prov in await self.store.list_docs(PROVISION, statuses=("release_pending",), order="oldest",
                                                limit=10_000):
-            key = "release:" + prov.id
-            if key in self._busy or float(prov.body.get("next_at") or 0) > now:
-                continue
-            self._spawn(key, self.release(prov.id))
+            if float(prov.body.get("next_at") or 0) <= now:
+                self._release_soon(prov)
+
+    def _release_soon(self, prov: DocRecord) -> None:
+        """Start the release of a ``release_pending`` provision unless one runs."""
+        key = "release:" + prov.id
+        if key not in self._busy:
+            self._spawn(key, self.release(prov.id, prov=prov))
 
     def _spawn(self, key: str, coro: Any, *, poll: bool = False) -> None:
         sem = self._poll_sem if poll else self._sem
@@ -734,8 +738,8 @@ class Planner:
 
             with contextlib.suppress(ConflictError):
                 await self._write(job, noted, expect=job.status)
-        if prov.status == "release_pending" and "release:" + prov.id not in self._busy:
-            self._spawn("release:" + prov.id, self.release(prov.id, prov=prov))  # now, not at the next tick
+        if prov.status == "release_pending":
+            self._release_soon(prov)  # now, not at the next tick
 
     async def _adopt(self, prov: DocRecord) -> None:
         job = await self.store.get_doc(JOB, prov.body["job_id"])

@@ -159,24 +159,19 @@ class _Rate:
     until that level was probed again (bench/adaptive.py's 429 case, one run in
     three). A level whose rate really changed moves the knee three epochs later."""
 
-    __slots__ = ("_rates", "_tokens", "n", "at")
+    __slots__ = ("_rates", "_tokens", "rate", "tokens", "n", "at")
 
     def __init__(self, rate: float, tokens: float, at: float) -> None:
         self._rates, self._tokens, self.n, self.at = [rate], [tokens], 1, at
+        self.rate, self.tokens = rate, tokens
 
     def add(self, rate: float, tokens: float, at: float) -> None:
+        # The medians are worked out here, once per epoch, not at every read of the table.
         self._rates = [*self._rates[1 - _RATE_HISTORY:], rate]
         self._tokens = [*self._tokens[1 - _RATE_HISTORY:], tokens]
+        self.rate, self.tokens = statistics.median(self._rates), statistics.median(self._tokens)
         self.n += 1
         self.at = at
-
-    @property
-    def rate(self) -> float:
-        return statistics.median(self._rates)
-
-    @property
-    def tokens(self) -> float:
-        return statistics.median(self._tokens)
 
 
 #: Epochs a level's rate is the median of.
