@@ -37,10 +37,18 @@ from tests.kubernetes.fake_apiserver import FakeApiServer
 INDEX_ANN = "batch.kubernetes.io/job-completion-index"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _reserve_port() -> socket.socket:
+    """A port held for a pod's engine until the pod ends.
+
+    The socket is bound with SO_REUSEADDR and never listens, so the engine (which
+    binds with SO_REUSEADDR too) can take the same port, while the kernel hands it
+    to no other bind(0) or outgoing connection in between. A port merely picked and
+    released could be taken by anything on a busy machine before the engine starts.
+    """
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 def _quote(value: str) -> str:
@@ -57,6 +65,7 @@ class Pod:
     engine: subprocess.Popen | None = None
     worker: subprocess.Popen | None = None
     engine_port: int = 0
+    port_hold: socket.socket | None = None
     exit_code: int | None = None
     terminated: bool = False
     #: Requests its engine received (read before the engine is stopped).
@@ -202,7 +211,8 @@ class Kubelet:
         # A pod's own filesystem: its spool dies with it (the emptyDir of the manifest).
         env.update({"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": name,
                     "OVERNIGHT_DATA_DIR": str(pod.workdir / "data")})
-        pod.engine_port = _free_port()
+        pod.port_hold = _reserve_port()
+        pod.engine_port = pod.port_hold.getsockname()[1]
         elog = (pod.workdir / "engine.log").open("ab")
         pod.engine = subprocess.Popen(
             [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(pod.engine_port),
@@ -269,16 +279,9 @@ class Kubelet:
         elif pod.exit_code is None:
             pod.exit_code = -1
 
-    @staticmethod
-    def _kill(pod: Pod, sig: int) -> None:
-        if pod.engine is not None and pod.engine.poll() is None and pod.engine_received is None:
-            try:
-                import httpx
-
-                stats = httpx.get(f"http://127.0.0.1:{pod.engine_port}/stats", timeout=5).json()
-                pod.engine_received = int(stats["received_total"])
-            except Exception:
-                pass
+    def _kill(self, pod: Pod, sig: int) -> None:
+        if pod.engine is not None and pod.engine_received is None:
+            pod.engine_received = self._engine_received(pod)
         for p in (pod.worker, pod.engine):
             if p is not None and p.poll() is None:
                 p.send_signal(sig)
@@ -287,6 +290,29 @@ class Kubelet:
                         p.wait(10)
                     except subprocess.TimeoutExpired:
                         p.kill()
+        if pod.port_hold is not None and (pod.engine is None or pod.engine.poll() is not None):
+            pod.port_hold.close()
+            pod.port_hold = None
+
+    def _engine_received(self, pod: Pod) -> int | None:
+        """The requests the pod's engine received, read before it is stopped. A
+        failure is an event the test can show, not a silent ``None``."""
+        import httpx
+
+        assert pod.engine is not None
+        why = ""
+        for _ in range(3):
+            if pod.engine.poll() is not None:
+                log = (pod.workdir / "engine.log").read_text(errors="replace")[-500:]
+                why = f"engine exited with {pod.engine.returncode}: {log}"
+                break
+            try:
+                stats = httpx.get(f"http://127.0.0.1:{pod.engine_port}/stats", timeout=10).json()
+                return int(stats["received_total"])
+            except Exception as exc:
+                why = repr(exc)
+        self.events.append(f"{pod.name}: engine stats unread: {why}")
+        return None
 
 
 def _ranges(indexes: set[int]) -> str:

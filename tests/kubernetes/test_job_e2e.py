@@ -120,7 +120,8 @@ def test_a_killed_worker_is_replaced_and_its_shard_continues_from_its_checkpoint
     wait_until(lambda: all(p.exit_code is not None for p in k8s.kubelet.pods.values()), 30, what="pods reaped")
     pods0 = [p for p in k8s.kubelet.pods.values() if p.index == 0]
     assert len(pods0) == 2 and victim in pods0  # the index was retried in a new pod
-    sent = sum(p.engine_received or 0 for p in pods0)
+    assert all(p.engine_received is not None for p in pods0), k8s.kubelet.events
+    sent = sum(p.engine_received for p in pods0)
     resent = sent - n // 4
     # The new pod has a fresh filesystem (the dead pod's local spool is gone), so it
     # re-sends what was in flight plus what finished since the shard's last stored
@@ -129,7 +130,7 @@ def test_a_killed_worker_is_replaced_and_its_shard_continues_from_its_checkpoint
     # interval plus the checkpoint's own store write, allowed 50 ms here (a loaded
     # machine made it 89 against a bound of 88 that counted the interval alone).
     bound = window + int((0.2 + 0.05) * window / 0.020)
-    assert 0 <= resent <= bound, (resent, bound, [p.engine_received for p in pods0])
+    assert 0 <= resent <= bound, (resent, bound, [p.engine_received for p in pods0], k8s.kubelet.events)
 
 
 def test_cancel_deletes_the_job_and_writes_the_undone_lines_as_cancelled(k8s: Env) -> None:
