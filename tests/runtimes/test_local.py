@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -149,6 +150,30 @@ async def test_ready_then_release(runtime: LocalRuntime, installation: str) -> N
     assert not await runtime.alive(handle)
     assert not marked(installation + "/")
     await runtime.release(handle)  # idempotent
+
+
+async def test_the_port_is_held_until_the_engine_listens(runtime: LocalRuntime) -> None:
+    # vLLM imports for seconds before it binds: meanwhile nothing else may get its
+    # port, neither another program nor another replica's engine (whose health
+    # answer would pass for this one's).
+    import socket
+
+    handle = await runtime.acquire(fake("--sleep", "1.5"), owner="b_hold")
+    try:
+        other = socket.socket()
+        with pytest.raises(OSError) as exc:
+            other.bind(("127.0.0.1", handle["port"]))
+        other.close()
+        assert exc.value.errno == errno.EADDRINUSE
+        await runtime.wait_ready(handle, timeout_s=20)  # the engine could bind it all the same
+        assert not runtime._holds
+    finally:
+        await runtime.release(handle)
+    # An engine that never listens gives its port back when it is released.
+    handle = await runtime.acquire(fake("--never-listen"), owner="b_hold2")
+    assert list(runtime._holds) == [handle["id"]]
+    await runtime.release(handle)
+    assert not runtime._holds
 
 
 async def test_ready_timeout_quotes_the_log(runtime: LocalRuntime) -> None:

@@ -115,10 +115,27 @@ class LocalSpec(RuntimeSpec):
         return v
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def _reserve_port() -> socket.socket:
+    """A free port, held until the engine listens on it.
+
+    The socket is bound with SO_REUSEADDR and SO_REUSEPORT and never listens. The
+    engine can bind the same port if it sets either (vLLM sets both, SGLang's uvicorn
+    and nearly every server SO_REUSEADDR), and meanwhile the kernel gives the port
+    to no other bind(0) or outgoing connection.
+    A port picked and closed at once could be taken during the seconds an engine
+    imports before it binds, by another replica's engine too, whose health answer
+    would then pass for this one's.
+    """
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((HOST, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _log_name(owner: str) -> str:
@@ -187,6 +204,8 @@ class LocalRuntime:
         #: Exit codes of guards reaped here, by handle id.
         self._exit_codes: dict[str, int] = {}
         self._ports: set[int] = set()
+        #: Ports held for engines that do not listen yet, by handle id (``_reserve_port``).
+        self._holds: dict[str, socket.socket] = {}
 
     # -- checks -------------------------------------------------------------
     def parse_spec(self, spec: RuntimeSpec | dict[str, Any]) -> LocalSpec:
@@ -236,9 +255,21 @@ class LocalRuntime:
     def _start(
         self, spec: LocalSpec, *, owner: str, hid: str, gpus: list[int]
     ) -> tuple[subprocess.Popen[bytes], RuntimeHandle]:
-        port = _free_port()
-        while port in self._ports:
-            port = _free_port()
+        hold = _reserve_port()
+        # Never a port this process gave another engine (one adopted holds none).
+        while int(hold.getsockname()[1]) in self._ports:
+            hold.close()
+            hold = _reserve_port()
+        try:
+            return self._start_on(spec, owner=owner, hid=hid, gpus=gpus, hold=hold)
+        except BaseException:
+            hold.close()
+            raise
+
+    def _start_on(
+        self, spec: LocalSpec, *, owner: str, hid: str, gpus: list[int], hold: socket.socket
+    ) -> tuple[subprocess.Popen[bytes], RuntimeHandle]:
+        port = int(hold.getsockname()[1])
         argv = [a.replace("{port}", str(port)).replace("{host}", HOST) for a in spec.command]
         env = {**os.environ, **spec.env}
         if gpus:
@@ -272,6 +303,7 @@ class LocalRuntime:
             raise RuntimeStartError(f"engine {spec.name!r}: cannot start it: {exc}") from exc
         self._children[proc.pid] = proc
         self._ports.add(port)
+        self._holds[hid] = hold
         try:
             start_time = psutil.Process(proc.pid).create_time()
         except psutil.Error:
@@ -325,6 +357,11 @@ class LocalRuntime:
             self._adopt(handle)
         return running
 
+    def _unhold(self, handle: RuntimeHandle) -> None:
+        hold = self._holds.pop(handle.get("id", ""), None)
+        if hold is not None:
+            hold.close()
+
     def _adopt(self, handle: RuntimeHandle) -> None:
         hid = handle["id"]
         if handle.get("gpus") and hid not in self.gpus.held():
@@ -359,6 +396,7 @@ class LocalRuntime:
                 try:
                     reply = await pool.request("GET", path, content_type=b"text/plain", timeout_s=max(0.1, min(5.0, remaining)))
                     if reply.status == 200:
+                        self._unhold(handle)  # it listens: the port is its own
                         break
                 except (ConnectionFailed, RequestTimedOut, ResponseTooLarge, OSError):
                     pass
@@ -463,6 +501,7 @@ class LocalRuntime:
                         code="runtime_stop_failed",
                     )
         self._reap(handle)
+        self._unhold(handle)
         self.gpus.release(handle.get("id", ""))
         self._ports.discard(int(handle.get("port", 0)))
 
