@@ -59,6 +59,8 @@ class Services:
     webhooks: Any = None
     #: The console (``console/service.py``): jobs, providers and the planner; None when off.
     console: Any = None
+    #: Keys of consoles running as their own processes (``OVERNIGHT_TRUSTED_CONSOLE_KEYS``).
+    console_keys: frozenset[str] = frozenset()
 
 
 def _free_port() -> int:
@@ -319,6 +321,7 @@ def _engine_manager(settings: Settings, installation_id: str, kube_deployments: 
 async def open_services(settings: Settings) -> AsyncIterator[Services]:
     """Open everything ``serve`` needs; close it all on exit (engines released)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    console_keys = settings.console_key_set()  # a key that is no API key fails the start
     identity = ReplicaIdentity(settings.data_dir, settings.replica_id)
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -353,6 +356,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
                 engines=manager,
                 api_keys=settings.tenant_for_key(),
                 webhooks=webhooks,
+                console_keys=console_keys,
             )
             if settings.console and policy is not None:
                 # The console's machines (endpoints, ssh targets) are trusted before the

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     #: any in open mode, none in keyed mode; ``*``; ``none``; or a comma-separated
     #: list of URL prefixes, hosts (``*.suffix``) and IP ranges.
     allowed_endpoints: str | None = None
+    #: API keys (comma-separated, each one of ``api_keys`` in keyed mode) that a console
+    #: running as its own process (``overnight console``) uses here: their batches may
+    #: name any engine endpoint or ``ssh`` machine, with this server's ``secrets``, as
+    #: the embedded console's may (what a console names is what it provisioned).
+    trusted_console_keys: str = ""
     #: Fernet key(s), comma-separated (first encrypts), for secrets stored in records.
     secret_key: str | None = None
     #: Directory of model deployment template and profile YAML files (docs/templates.md).
@@ -364,6 +369,16 @@ class Settings(BaseSettings):
     def console_mds_key_map(self) -> dict[str, str]:
         """``console_mds_keys`` as ``{tenant: key}``."""
         return parse_tenant_keys(self.console_mds_keys)
+
+    def console_key_set(self) -> frozenset[str]:
+        """``trusted_console_keys`` as a set; in keyed mode each must be an API key."""
+        entries = [k.strip() for k in self.trusted_console_keys.split(",") if k.strip()]
+        known = self.tenant_for_key()
+        for i, key in enumerate(entries, 1):
+            if known and key not in known:
+                raise ValueError(f"OVERNIGHT_TRUSTED_CONSOLE_KEYS entry {i} is not one of OVERNIGHT_API_KEYS: "
+                                 "a console's key is an ordinary key of the tenant it acts for")
+        return frozenset(entries)
 
     def tenant_for_key(self) -> dict[str, str]:
         out: dict[str, str] = {}

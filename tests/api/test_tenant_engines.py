@@ -177,3 +177,46 @@ async def test_api_key_is_sealed_at_rest_and_still_reaches_the_engine(tmp_path) 
         assert f"Authorization: Bearer {secret}\r\n".encode() in engine.received
     stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert secret.encode() not in stored  # not in the database files, WAL or spool
+
+
+async def test_a_trusted_console_key_may_name_its_provisions_and_no_other_key_may(tmp_path) -> None:
+    # key-c is the key a console running as its own process uses for alice here
+    # (OVERNIGHT_TRUSTED_CONSOLE_KEYS): what it names is what it provisioned.
+    from overnight.batches.service import CONSOLE_PROVISIONED
+    from overnight.errors import OvernightError
+
+    ssh = {"type": "ssh", "host": "203.0.113.7", "port": 22, "user": "root", "engine_port": 8000,
+           "provision_id": "prov-1", "host_key": "203.0.113.7 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+           "command": ["vllm", "serve", "m", "--port", "{port}"], "secrets": {"HF_TOKEN": "HF_TOKEN"}}
+    app = await _app(tmp_path, max_running_batches=0, api_keys="key-a:alice,key-c:alice",
+                     trusted_console_keys="key-c", runtimes="endpoint,ssh")
+    async with app.router.lifespan_context(app):
+        for ext in ({"runtime": {"endpoint": "http://10.1.2.3:8000"}}, {"runtime": ssh}):
+            async with _client(app, "key-a") as user:
+                r = await _create(user, ext)
+                assert r.status_code == 400 and r.json()["error"]["code"] == "endpoint_not_allowed", r.text
+            async with _client(app, "key-c") as console:
+                r = await _create(console, ext)
+                assert r.status_code == 200, r.text
+            rec = await app.state.store.get_batch(r.json()["id"])
+            assert rec.tenant == "alice" and rec.options[CONSOLE_PROVISIONED] is True
+            await app.state.scheduler.engines.check(rec)  # and again when it is claimed
+            # The same batch without the mark (as a user's would be) is refused at the claim.
+            rec.options.pop(CONSOLE_PROVISIONED)
+            with pytest.raises(OvernightError) as exc:
+                await app.state.scheduler.engines.check(rec)
+            assert exc.value.code == "endpoint_not_allowed"
+        async with _client(app, "key-a") as user:  # the mark is the server's, never a client's field
+            r = await _create(user, {"runtime": {"endpoint": "http://10.1.2.3:8000"}, CONSOLE_PROVISIONED: True})
+            assert r.status_code == 400 and r.json()["error"]["param"] == f"overnight.{CONSOLE_PROVISIONED}"
+        async with _client(app, "key-c") as console:  # a batch naming no engine carries no mark
+            r = await _create(console, {})
+            assert r.status_code == 200
+            assert CONSOLE_PROVISIONED not in (await app.state.store.get_batch(r.json()["id"])).options
+
+
+def test_a_trusted_console_key_must_be_an_api_key(tmp_path) -> None:
+    with pytest.raises(ValueError, match="OVERNIGHT_TRUSTED_CONSOLE_KEYS entry 2 is not one of OVERNIGHT_API_KEYS"):
+        Settings(data_dir=tmp_path, api_keys="a:alice", trusted_console_keys="a,b").console_key_set()
+    # open mode takes any key as the console's (no key is checked there)
+    assert Settings(data_dir=tmp_path, trusted_console_keys=" c ,").console_key_set() == {"c"}

@@ -299,3 +299,46 @@ def test_cancel_while_queued_never_rents_a_machine(neo: Neocloud, runpod: FakeRu
         assert c.post(f"/api/v1/jobs/{first['id']}/cancel").status_code == 200
         neo.wait_status(c, first["id"])
         neo.wait_released(c, first["id"])
+
+
+def test_a_console_process_rents_machines_for_a_keyed_batches_service_that_trusts_its_key(
+        cluster: Cluster, tmp_path: Path, runpod: FakeRunPod, sshd: Sshd) -> None:
+    # `overnight console` as its own process; the batches service is keyed, and the
+    # console acts there for alice with the key "mc". The machine the console rents
+    # is taken only once the service lists "mc" in OVERNIGHT_TRUSTED_CONSOLE_KEYS.
+    from tests.console.test_console_process import start_console
+
+    neo = Neocloud(cluster, tmp_path, sshd)
+    (neo.tdir / "t.yaml").write_text(template(neo.engine_port, "NVIDIA H100 80GB HBM3"))
+    ssh_key = {"OVERNIGHT_SSH_KEY_FILE": str(sshd.client_key_path)}
+    mds_port = free_port()
+
+    def batches_service(**env: str):
+        return cluster.server(engine_url=None, data_dir=tmp_path / "mds", port=mds_port, env={
+            "OVERNIGHT_CONSOLE": "false", "OVERNIGHT_API_KEYS": "mc:alice,ma:alice", "OVERNIGHT_RUNTIMES": "endpoint,ssh",
+            **ssh_key, **env})
+
+    mds = batches_service()
+    neo.server = start_console(cluster, mds_url=mds.url, data_dir=tmp_path / "console", templates_dir=neo.tdir,
+                               env={"PROVISIONER": "runpod", **runpod_env(runpod, sshd), **ssh_key,
+                                    "OVERNIGHT_API_KEYS": "ka:alice", "OVERNIGHT_CONSOLE_MDS_KEYS": "alice:mc"})
+    with httpx.Client(base_url=neo.server.url, headers={"Authorization": "Bearer ka"}, timeout=30) as c:
+        job = neo.job(c, 10)
+        done = neo.wait_status(c, job["id"])
+        assert done["status"] == "submit_failed", done
+        assert "did not provision" in done["error_message"] and "ssh://" in done["error_message"], done
+        assert "OVERNIGHT_TRUSTED_CONSOLE_KEYS" in done["error_message"], done
+        neo.wait_released(c, job["id"])  # the pod goes all the same
+        assert sshd.calls("vllm") == []
+        mds.stop()
+        batches_service(OVERNIGHT_TRUSTED_CONSOLE_KEYS="mc")
+        job = neo.job(c, 30)
+        done = assert_finished_clean(neo, c, job, 30)
+        assert len(sshd.calls("vllm")) == 1
+        # alice's own key there still may not name a machine
+        spec = {"type": "ssh", "host": sshd.host, "port": sshd.port, "user": sshd.user, "provision_id": "p",
+                "host_key": sshd.host_key_line(), "engine_port": neo.engine_port, "command": ["vllm", "{port}"]}
+        with httpx.Client(base_url=mds.url, headers={"Authorization": "Bearer ma"}) as alice:
+            r = alice.post("/v1/batches", json={"input_file_id": done["input_dataset"], "completion_window": "24h",
+                                                "endpoint": "/v1/chat/completions", "overnight": {"runtime": spec}})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "endpoint_not_allowed", r.text

@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.store, app.state.storage = services.store, services.storage
             app.state.scheduler = services.scheduler
             app.state.api_keys = services.api_keys
+            app.state.console_keys = services.console_keys
             app.state.runtime_rules = services.rules
             yield
 

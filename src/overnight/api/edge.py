@@ -11,6 +11,7 @@ are streamed by their route, which enforces the file limits itself.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from overnight.api.errors import error_response
 
-__all__ = ["OPEN_TENANT", "TENANT_SCOPE_KEY", "EdgeMiddleware", "public_paths", "tenant_for_headers"]
+__all__ = ["OPEN_TENANT", "TENANT_SCOPE_KEY", "EdgeMiddleware", "is_console_key", "public_paths", "tenant_for_headers"]
 
 #: The one tenant of open mode (no keys configured).
 OPEN_TENANT = "anonymous"
@@ -52,6 +53,15 @@ def tenant_for_headers(headers: Iterable[tuple[bytes, bytes]], keys: dict[str, s
     if not keys:
         return OPEN_TENANT
     return keys.get(_bearer(headers))
+
+
+def is_console_key(headers: Iterable[tuple[bytes, bytes]], console_keys: frozenset[str]) -> bool:
+    """Does the request carry a key of a trusted console (``OVERNIGHT_TRUSTED_CONSOLE_KEYS``)?"""
+    if not console_keys:
+        return False
+    key = _bearer(headers).encode()
+    # Compared with every entry in constant time: no timing tells how much of a key matched.
+    return any([hmac.compare_digest(key, k.encode()) for k in console_keys])
 
 
 class EdgeMiddleware:

@@ -37,6 +37,7 @@ from overnight.webhooks.config import WebhookConfig, check_batch_webhook, parse_
 log = logging.getLogger("overnight.batches")
 
 __all__ = [
+    "CONSOLE_PROVISIONED",
     "SUPPORTED_ENDPOINTS",
     "BatchCreate",
     "LeaseLost",
@@ -58,6 +59,9 @@ EXTENSION_FIELDS = frozenset(
 )
 RUNTIME_FIELDS = frozenset({"endpoint", "url", "api_key", "type", "args", "shards", "namespace",
                             "request_timeout_s"})
+#: Set by the server (never a field a client may send) on a batch a trusted console
+#: created: the engine endpoint or ssh machine it names is that console's provision.
+CONSOLE_PROVISIONED = "console_provisioned"
 #: Runtime types a batch may name (the server may allow fewer: ``RuntimeRules``).
 RUNTIME_TYPES = ("endpoint", "local", "mock", "kubernetes-job", "kubernetes-deployment", "ssh")
 #: Runtime types that start the engine from a model_template.
@@ -331,6 +335,7 @@ async def create_batch(
     rules: RuntimeRules | None = None,
     batch_id: str | None = None,
     webhooks: WebhookConfig | None = None,
+    console: bool = False,
 ) -> BatchRecord:
     """Create a batch in ``validating``. With ``validate_now`` the input is checked
     before anything is recorded and a bad line is an ``InputError`` (HTTP 400).
@@ -341,7 +346,11 @@ async def create_batch(
 
     A tenant-named engine endpoint must pass ``policy`` (the SSRF allowlist); its
     ``api_key`` is stored sealed by ``secrets``, and refused when there is no key.
-    A ``webhook_url`` must pass ``webhooks.policy`` likewise (``webhooks/config.py``)."""
+    A ``webhook_url`` must pass ``webhooks.policy`` likewise (``webhooks/config.py``).
+
+    ``console``: the request came with a trusted console's key: the engine or machine
+    it names is one that console provisioned, so ``policy`` does not apply to it, now
+    or when the batch is claimed (``CONSOLE_PROVISIONED`` on the record)."""
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         raise InvalidRequestError(
             f"Unsupported endpoint {body.endpoint!r}; supported: {', '.join(SUPPORTED_ENDPOINTS)}.",
@@ -360,6 +369,9 @@ async def create_batch(
         window_s = min(window_s, left)
     _apply_runtime_rules(options, rules or RuntimeRules(), key=body.extension_key, endpoint=body.endpoint)
     rt = options.get("runtime")
+    if rt is not None and console:
+        options[CONSOLE_PROVISIONED] = True
+        policy = None
     if rt is not None and rt.get("type", "endpoint") == "endpoint":
         await _check_runtime(rt, key=body.extension_key, policy=policy, secrets=secrets)
     if rt is not None and rt.get("type") == "ssh" and policy is not None:
@@ -493,7 +505,8 @@ def ssh_target_refusal(rt: dict[str, Any], policy: EndpointPolicy, *, secrets: b
         return None
     if not policy.allow_any:
         return (f"names the machine {target}, which this server's console did not provision; only those are "
-                f"allowed ({policy.describe})")
+                f"allowed ({policy.describe}; a console running as its own process needs its key here in "
+                "OVERNIGHT_TRUSTED_CONSOLE_KEYS)")
     if secrets and rt.get("secrets"):
         return (f"names the machine {target}, which this server's console did not provision, with 'secrets' "
                 "(environment variables of this server): send your own values in 'env' instead")

@@ -16,7 +16,13 @@ from collections import Counter, deque
 from typing import Any
 
 from overnight import defaults
-from overnight.batches.service import SEALED_API_KEY, ssh_target_refusal, transition, update_batch
+from overnight.batches.service import (
+    CONSOLE_PROVISIONED,
+    SEALED_API_KEY,
+    ssh_target_refusal,
+    transition,
+    update_batch,
+)
 from overnight.batches.states import TERMINAL, BatchStatus
 from overnight.errors import OvernightError, RetryableEngineError
 from overnight.executor.engine import EngineClient, EngineReply, HttpEngineClient, RequestLimit, engine_base_url
@@ -149,6 +155,8 @@ class EnginePool:
         """Check a tenant-named endpoint against the policy again right before it is
         used: a DNS name may point elsewhere than it did at create time."""
         rt = batch.options.get("runtime")
+        if batch.options.get(CONSOLE_PROVISIONED):
+            return  # a trusted console's own provision (``create_batch(console=True)``)
         if self.policy is not None and rt and rt.get("endpoint"):
             try:
                 await self.policy.check(rt["endpoint"])

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
+from overnight.api.edge import is_console_key
 from overnight.api.deps import SchedulerDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from overnight.api.schemas import BatchCreateBody, batch_object, list_object
 from overnight.batches import service
@@ -48,6 +49,7 @@ async def create_batch(
         secrets=request.app.state.secrets,
         rules=request.app.state.runtime_rules,
         webhooks=request.app.state.services.webhooks,
+        console=is_console_key(request.headers.raw, getattr(request.app.state, "console_keys", frozenset())),
     )
     scheduler.wake()
     return batch_object(rec)
