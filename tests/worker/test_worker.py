@@ -272,7 +272,9 @@ async def test_sigkill_then_the_replacement_continues_resending_at_most_the_wind
     n, shards, window = 1200, 2, 8
     engine = cluster.mock_engine("--latency-ms", "40")
     bid, _ = await world.batch(n, max_concurrency=window)
-    env = {"OVERNIGHT_LEASE_S": "1.5"}
+    # The lease outlasts the replacement's start (a worker's imports took over 1.5 s on a
+    # loaded CI machine, and it found the lease already gone instead of held).
+    env = {"OVERNIGHT_LEASE_S": "5"}
     first = world.worker(world.podinfo(bid, shards, engine.port, index=0), 0, env=env)
     other = world.worker(world.podinfo(bid, shards, engine.port, index=1), 1, env=env)
     at_kill = await world.wait_done(bid, 0, 150, first)
