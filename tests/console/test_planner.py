@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,6 +213,37 @@ def test_a_submit_pause_that_is_not_seconds_is_refused_naming_the_setting(value:
     assert FakeProvisioner(tmp_path).submit_pause_s == 2.5
     monkeypatch.delenv("OVERNIGHT_FAKE_SUBMIT_PAUSE_S")
     assert FakeProvisioner(tmp_path).submit_pause_s == 0.0
+
+
+async def test_the_fake_providers_engine_port_is_held_until_the_engine_answers(tmp_path: Path) -> None:
+    # The engine (a mock-engine process) binds its port a second after it is picked:
+    # meanwhile nothing else may take it (another job's engine would answer for it).
+    import errno
+    import socket
+
+    from overnight.console.provisioners.fake import FakeProvisioner
+
+    prov = FakeProvisioner(tmp_path / "fake")
+    st = await prov.provision(ProvisionRequest(job_id="job_1", tenant="t", installation_id="inst",
+                                               idempotency_key="job_1", template={}))
+    port = st.raw["port"]
+    try:
+        assert st.status == "provisioning" and list(prov._holds) == [st.provision_id]
+        probe = socket.socket()
+        with pytest.raises(OSError) as exc:
+            probe.bind(("127.0.0.1", port))
+        probe.close()
+        assert exc.value.errno == errno.EADDRINUSE
+        deadline = time.monotonic() + 30
+        while (st := await prov.status(st.provision_id)).status == "provisioning" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert st.status == "running" and st.endpoint == f"http://127.0.0.1:{port}"  # it bound the held port
+        assert not prov._holds
+    finally:
+        while not await prov.release(st.provision_id):
+            pass
+        await prov.aclose()
+    assert not prov._holds
 
 
 async def test_after_a_restart_submitted_jobs_machines_are_trusted_before_any_tick() -> None:

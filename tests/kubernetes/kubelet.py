@@ -32,23 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from overnight.runtimes.local import reserve_port
 from tests.kubernetes.fake_apiserver import FakeApiServer
 
 INDEX_ANN = "batch.kubernetes.io/job-completion-index"
-
-
-def _reserve_port() -> socket.socket:
-    """A port held for a pod's engine until the pod ends.
-
-    The socket is bound with SO_REUSEADDR and never listens, so the engine (which
-    binds with SO_REUSEADDR too) can take the same port, while the kernel hands it
-    to no other bind(0) or outgoing connection in between. A port merely picked and
-    released could be taken by anything on a busy machine before the engine starts.
-    """
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 0))
-    return s
 
 
 def _quote(value: str) -> str:
@@ -211,7 +198,7 @@ class Kubelet:
         # A pod's own filesystem: its spool dies with it (the emptyDir of the manifest).
         env.update({"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": name,
                     "OVERNIGHT_DATA_DIR": str(pod.workdir / "data")})
-        pod.port_hold = _reserve_port()
+        pod.port_hold = reserve_port()  # held until the pod ends: see its docstring
         pod.engine_port = pod.port_hold.getsockname()[1]
         elog = (pod.workdir / "engine.log").open("ab")
         pod.engine = subprocess.Popen(

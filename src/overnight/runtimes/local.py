@@ -52,7 +52,7 @@ from overnight.executor.http1 import ConnectionFailed, HttpPool, RequestTimedOut
 from overnight.runtimes.base import Endpoint, RecordHandle, RuntimeHandle, RuntimeSpec, _ignore
 from overnight.runtimes.gpus import GpuPool
 
-__all__ = ["ID_ENV", "OWNER_ENV", "LocalRuntime", "LocalSpec"]
+__all__ = ["ID_ENV", "OWNER_ENV", "LocalRuntime", "LocalSpec", "reserve_port"]
 
 log = logging.getLogger("overnight.runtimes.local")
 
@@ -115,7 +115,7 @@ class LocalSpec(RuntimeSpec):
         return v
 
 
-def _reserve_port() -> socket.socket:
+def reserve_port() -> socket.socket:
     """A free port, held until the engine listens on it.
 
     The socket is bound with SO_REUSEADDR and SO_REUSEPORT and never listens. The
@@ -204,7 +204,7 @@ class LocalRuntime:
         #: Exit codes of guards reaped here, by handle id.
         self._exit_codes: dict[str, int] = {}
         self._ports: set[int] = set()
-        #: Ports held for engines that do not listen yet, by handle id (``_reserve_port``).
+        #: Ports held for engines that do not listen yet, by handle id (``reserve_port``).
         self._holds: dict[str, socket.socket] = {}
 
     # -- checks -------------------------------------------------------------
@@ -255,11 +255,11 @@ class LocalRuntime:
     def _start(
         self, spec: LocalSpec, *, owner: str, hid: str, gpus: list[int]
     ) -> tuple[subprocess.Popen[bytes], RuntimeHandle]:
-        hold = _reserve_port()
+        hold = reserve_port()
         # Never a port this process gave another engine (one adopted holds none).
         while int(hold.getsockname()[1]) in self._ports:
             hold.close()
-            hold = _reserve_port()
+            hold = reserve_port()
         try:
             return self._start_on(spec, owner=owner, hid=hid, gpus=gpus, hold=hold)
         except BaseException:

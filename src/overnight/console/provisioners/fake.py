@@ -44,14 +44,9 @@ import psutil
 
 from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, ProvisionState
 from overnight.ids import new_id
+from overnight.runtimes.local import reserve_port
 
 __all__ = ["FakeProvisioner"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _seconds(env: str) -> float:
@@ -94,6 +89,8 @@ class FakeProvisioner:
         self.submit_pause_s = _seconds("OVERNIGHT_FAKE_SUBMIT_PAUSE_S")
         self._lock = asyncio.Lock()
         self._http = httpx.AsyncClient(timeout=2.0)
+        #: Ports held for engines that do not answer yet, by resource id (``reserve_port``).
+        self._holds: dict[str, socket.socket] = {}
 
     # -- the provider's database ------------------------------------------------------------
     def _path(self, provision_id: str) -> Path:
@@ -131,20 +128,27 @@ class FakeProvisioner:
                 self._fail_provision -= 1
                 raise ProvisionError("fake provider: no capacity for this GPU type right now", retryable=True,
                                      code="no_capacity")
-            port = _free_port()
+            hold = reserve_port()  # kept until the engine answers: nothing else takes the port meanwhile
+            port = hold.getsockname()[1]
             rec = {"id": new_id("fake"), "key": request.idempotency_key, "job_id": request.job_id,
                    "installation": request.installation_id, "port": port, "pid": None, "create_time": None,
                    "status": "provisioning", "ready_at": time.time() + self.delay_s, "created_at": time.time()}
             if self.engine_url:
+                hold.close()
                 rec["url"] = self.engine_url
                 self._write(rec)
                 return await self._state(rec)
-            self._write(rec)  # recorded before the process exists: a crash leaves a trace
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(port), *self.engine_args],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "OVERNIGHT_FAKE_RESOURCE": rec["id"]},
-            )
+            try:
+                self._write(rec)  # recorded before the process exists: a crash leaves a trace
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(port), *self.engine_args],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                    env={**os.environ, "OVERNIGHT_FAKE_RESOURCE": rec["id"]},
+                )
+            except BaseException:
+                hold.close()
+                raise
+            self._holds[rec["id"]] = hold
             rec["pid"], rec["create_time"] = proc.pid, psutil.Process(proc.pid).create_time()
             self._write(rec)
             return await self._state(rec)
@@ -176,12 +180,19 @@ class FakeProvisioner:
                     ok = False
                 if ok:
                     status, endpoint = "running", f"http://127.0.0.1:{rec['port']}"
+            if status != "provisioning":
+                self._unhold(rec["id"])  # it listens, or never will
         return ProvisionState(provision_id=rec["id"], provider=self.name, status=status, endpoint=endpoint,
                               resource_ids=[f"pid:{rec['pid']}"] if rec.get("pid") else [],
                               job_id=rec["job_id"], installation_id=rec["installation"],
                               price_per_hour=self.price_per_hour,
                               error="the resource's process is gone" if status == "failed" else None,
                               raw={"port": rec["port"], "pid": rec["pid"]})
+
+    def _unhold(self, provision_id: str) -> None:
+        hold = self._holds.pop(provision_id, None)
+        if hold is not None:
+            hold.close()
 
     async def status(self, provision_id: str) -> ProvisionState:
         rec = self._read(provision_id)
@@ -210,6 +221,7 @@ class FakeProvisioner:
                 pass
         if self._process(rec) is not None:
             return False
+        self._unhold(provision_id)
         rec["status"] = "released"
         rec["released_at"] = time.time()
         self._write(rec)
@@ -224,4 +236,6 @@ class FakeProvisioner:
                  self.price_per_hour}]
 
     async def aclose(self) -> None:
+        for rid in list(self._holds):
+            self._unhold(rid)
         await self._http.aclose()
