@@ -103,6 +103,13 @@ PROFILES = [
         },
     },
     {"name": "env-secret", **STORE, "secrets": {"HF_TOKEN": {"env": "HF_TOKEN"}}},
+    {"name": "worker-only", **STORE,
+     "secrets": {"HF_TOKEN": {"secret_key_ref": {"name": "hf", "key": "token"}}},
+     "worker_secrets": {
+         "PGPASSWORD": {"secret_key_ref": {"name": "overnight-db", "key": "password"}},
+         "AWS_SECRET_ACCESS_KEY": {"secret_key_ref": {"name": "overnight-s3", "key": "secret_access_key"}},
+     }},
+    {"name": "worker-env-secret", **STORE, "worker_secrets": {"PGPASSWORD": {"env": "PGPASSWORD"}}},
     {"name": "no-store"},
     {"name": "both-store", **STORE,
      "secrets": {"OVERNIGHT_STORE_URL": {"secret_key_ref": {"name": "overnight-store", "key": "url"}}}},
@@ -123,6 +130,7 @@ VARIANTS = [
     ("qwen-tp2", "kueue", 4),
     ("qwen-tp2", "gpu-pool", 2),
     ("llama-dp2", "store-in-secrets", 3),
+    ("llama-8b", "worker-only", 4),
 ]
 
 
@@ -396,7 +404,7 @@ def test_no_secret_value_anywhere(template: str, profile: str, shards: int, monk
     for k, v in SECRET_VALUES.items():
         monkeypatch.setenv(k, v)
     r = _r(template, profile)
-    secret_names = set(r.profile.secrets) if r.profile else set()
+    secret_names = set(r.profile.secrets) | set(r.profile.worker_secrets) if r.profile else set()
     for obj in _objects(template, profile, shards):
         text = json.dumps(obj)
         for value in SECRET_VALUES.values():
@@ -413,6 +421,37 @@ def test_an_environment_secret_reference_is_refused() -> None:
     with pytest.raises(ManifestError, match=r"secrets\.HF_TOKEN") as e:
         render_job(_r("llama-8b", "env-secret"), batch_id=BATCH, namespace=NS, image=IMAGE)
     assert e.value.param == "profile.secrets.HF_TOKEN"
+    with pytest.raises(ManifestError, match=r"worker_secrets\.PGPASSWORD") as e:
+        render_job(_r("llama-8b", "worker-env-secret"), batch_id=BATCH, namespace=NS, image=IMAGE)
+    assert e.value.param == "profile.worker_secrets.PGPASSWORD"
+
+
+def test_worker_secrets_reach_the_worker_and_never_the_engine() -> None:
+    # The engine runs a model's code; the store's and the storage's credentials are the worker's.
+    pod = _pod(render_job(_r("llama-8b", "worker-only"), batch_id=BATCH, namespace=NS, image=IMAGE))
+    engine = {e["name"]: e for e in _engine(pod)["env"]}
+    worker = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert "HF_TOKEN" in engine and "HF_TOKEN" in worker
+    assert not {"PGPASSWORD", "AWS_SECRET_ACCESS_KEY"} & set(engine)
+    assert worker["PGPASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": "overnight-db", "key": "password"}}
+    assert worker["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "overnight-s3"
+    # A Deployment has no worker: its engine gets none of them either.
+    for obj in render_deployment(_r("llama-8b", "worker-only"), batch_id=BATCH, namespace=NS, image=IMAGE):
+        assert "PGPASSWORD" not in json.dumps(obj) and "AWS_SECRET_ACCESS_KEY" not in json.dumps(obj)
+
+
+@pytest.mark.parametrize(("body", "where", "message"), [
+    ({"worker_secrets": {"bad-name": {"env": "X"}}}, "worker_secrets.bad-name", "environment variable name"),
+    ({"secrets": {"A": {"env": "A"}}, "worker_secrets": {"A": {"env": "A"}}}, "worker_secrets.A", "also in secrets"),
+    ({"worker_secrets": {"OVERNIGHT_STORE_URL": {"env": "U"}}}, "worker_secrets.OVERNIGHT_STORE_URL", "goes in secrets"),
+    ({"worker_secrets": {"B": {"env": "B"}}, "env": {"B": "1"}}, "env.B", "also in worker_secrets"),
+])
+def test_worker_secrets_are_checked_like_secrets(body: dict[str, Any], where: str, message: str) -> None:
+    from overnight.templates.schema import TemplateSchemaError, parse_profile
+
+    with pytest.raises(TemplateSchemaError) as e:
+        parse_profile({"name": "p", **body})
+    assert any(where in line and message in line for line in e.value.issues), e.value.issues
 
 
 # -- labels, annotations, names ----------------------------------------------------------------

@@ -424,6 +424,10 @@ class Profile(_Doc):
     storage_url: str | None = None
     #: Environment variable name in the engine/worker -> where its value comes from.
     secrets: dict[str, SecretRef] = Field(default_factory=dict)
+    #: The same, for a Kubernetes Job's worker container only: the store's and the
+    #: storage's credentials (``PGPASSWORD``, ``AWS_*``), which the engine, running a
+    #: model's code, never needs. Other runtimes have no worker and ignore them.
+    worker_secrets: dict[str, SecretRef] = Field(default_factory=dict)
     service_account: str | None = Field(None, pattern=_K8S_NAME.pattern)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
@@ -455,16 +459,32 @@ class Profile(_Doc):
         _raise("secrets", [((n,), "must be an environment variable name") for n in v if not _ENV_NAME.match(n)])
         return v
 
+    @field_validator("worker_secrets")
+    @classmethod
+    def _worker_secret_names(cls, v: dict[str, SecretRef], info: ValidationInfo) -> dict[str, SecretRef]:
+        secrets = info.data.get("secrets") or {}
+        issues: list[tuple[tuple[str | int, ...], str]] = []
+        for n in v:
+            if not _ENV_NAME.match(n):
+                issues.append(((n,), "must be an environment variable name"))
+            elif n in secrets:
+                issues.append(((n,), "is also in secrets; give it in one place"))
+            elif n in ("OVERNIGHT_STORE_URL", "OVERNIGHT_STORAGE_URL"):
+                issues.append(((n,), "goes in secrets (OVERNIGHT_* names reach the worker only)"))
+        _raise("worker_secrets", issues)
+        return v
+
     @field_validator("env")
     @classmethod
     def _plain_env(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        secrets = info.data.get("secrets") or {}
+        secrets = {**(info.data.get("worker_secrets") or {}), **(info.data.get("secrets") or {})}
         issues: list[tuple[tuple[str | int, ...], str]] = []
         for name, value in v.items():
             if not _ENV_NAME.match(name):
                 issues.append(((name,), "must be an environment variable name"))
             elif name in secrets:
-                issues.append(((name,), "is also in secrets; give it in one place"))
+                where = "secrets" if name in (info.data.get("secrets") or {}) else "worker_secrets"
+                issues.append(((name,), f"is also in {where}; give it in one place"))
             elif _secret_in_value(name, value):
                 issues.append(((name,), f"looks like a secret value; declare it under secrets "
                                f"(e.g. {name}: {{env: {name}}})"))

@@ -219,13 +219,13 @@ def _annotations(resolved: Resolved, batch_id: str, shards: int | None) -> dict[
 
 
 # -- environment ------------------------------------------------------------------------
-def _secret_env(profile: Profile, var: str) -> dict[str, Any]:
-    ref = profile.secrets[var]
+def _secret_env(profile: Profile, var: str, field: str = "secrets") -> dict[str, Any]:
+    ref = getattr(profile, field)[var]
     if ref.secret_key_ref is None:
         raise ManifestError(
-            f"profile {profile.name!r}: secrets.{var} is an environment reference ({{env: {ref.env}}}); "
+            f"profile {profile.name!r}: {field}.{var} is an environment reference ({{env: {ref.env}}}); "
             "a pod can only get a secret from a Kubernetes Secret: use {secret_key_ref: {name, key}}",
-            param=f"profile.secrets.{var}",
+            param=f"profile.{field}.{var}",
         )
     return _ref_env(var, ref.secret_key_ref)
 
@@ -235,8 +235,9 @@ def _ref_env(var: str, ref: SecretKeyRef) -> dict[str, Any]:
 
 
 def _profile_env(profile: Profile | None, *, worker: bool) -> list[dict[str, Any]]:
-    """The profile's secrets (as references) then its plain env. ``OVERNIGHT_*``
-    names configure the worker, so the engine does not get them."""
+    """The profile's secrets (as references), the worker's own ones for the worker,
+    then its plain env. ``OVERNIGHT_*`` names configure the worker, so the engine
+    does not get them, nor ``worker_secrets``."""
     if profile is None:
         return []
     out: list[dict[str, Any]] = []
@@ -244,6 +245,8 @@ def _profile_env(profile: Profile | None, *, worker: bool) -> list[dict[str, Any
         if var in (STORE_ENV, STORAGE_ENV) or (not worker and var.startswith("OVERNIGHT_")):
             continue
         out.append(_secret_env(profile, var))
+    if worker:
+        out.extend(_secret_env(profile, var, "worker_secrets") for var in profile.worker_secrets)
     for var, value in profile.env.items():
         if not worker and var.startswith("OVERNIGHT_"):
             continue
