@@ -63,23 +63,23 @@ class Services:
     console_keys: frozenset[str] = frozenset()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.asynccontextmanager
 async def _mock_engine(settings: Settings) -> AsyncIterator[str]:
     """Run the built-in mock engine in this process; yields its URL."""
     from overnight.mock_engine import MockEngineConfig, serve
 
-    port = _free_port()
+    from overnight.runtimes.local import reserve_port
+
+    hold = reserve_port()  # until the engine listens: nothing else takes the port meanwhile
+    port = hold.getsockname()[1]
     started = asyncio.Event()
-    task = asyncio.create_task(
-        serve(MockEngineConfig(latency_ms=settings.mock_latency_ms), host="127.0.0.1", port=port, started=started)
-    )
-    await asyncio.wait_for(started.wait(), 10)
+    try:
+        task = asyncio.create_task(
+            serve(MockEngineConfig(latency_ms=settings.mock_latency_ms), host="127.0.0.1", port=port, started=started)
+        )
+        await asyncio.wait_for(started.wait(), 10)
+    finally:
+        hold.close()
     log.info("mock engine listening on 127.0.0.1:%d", port)
     try:
         yield f"http://127.0.0.1:{port}"
