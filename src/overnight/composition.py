@@ -67,7 +67,6 @@ class Services:
 async def _mock_engine(settings: Settings) -> AsyncIterator[str]:
     """Run the built-in mock engine in this process; yields its URL."""
     from overnight.mock_engine import MockEngineConfig, serve
-
     from overnight.runtimes.local import reserve_port
 
     hold = reserve_port()  # until the engine listens: nothing else takes the port meanwhile

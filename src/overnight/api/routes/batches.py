@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from overnight.api.edge import is_console_key
 from overnight.api.deps import SchedulerDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from overnight.api.edge import is_console_key
 from overnight.api.schemas import BatchCreateBody, batch_object, list_object
 from overnight.batches import service
 from overnight.batches.validation import ValidationLimits
