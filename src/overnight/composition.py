@@ -69,8 +69,7 @@ async def _mock_engine(settings: Settings) -> AsyncIterator[str]:
     from overnight.mock_engine import MockEngineConfig, serve
     from overnight.runtimes.local import reserve_port
 
-    hold = reserve_port()  # until the engine listens: nothing else takes the port meanwhile
-    port = hold.getsockname()[1]
+    port, hold = reserve_port()  # until the engine listens: nothing else takes the port meanwhile
     started = asyncio.Event()
     try:
         task = asyncio.create_task(
@@ -78,7 +77,8 @@ async def _mock_engine(settings: Settings) -> AsyncIterator[str]:
         )
         await asyncio.wait_for(started.wait(), 10)
     finally:
-        hold.close()
+        if hold is not None:
+            hold.close()
     log.info("mock engine listening on 127.0.0.1:%d", port)
     try:
         yield f"http://127.0.0.1:{port}"

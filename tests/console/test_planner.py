@@ -223,6 +223,10 @@ async def test_the_fake_providers_engine_port_is_held_until_the_engine_answers(t
 
     from overnight.console.provisioners.fake import FakeProvisioner
 
+    from overnight.runtimes.local import HOLDS_PORTS
+
+    if not HOLDS_PORTS:
+        pytest.skip("ports are held only on Linux")
     prov = FakeProvisioner(tmp_path / "fake")
     st = await prov.provision(ProvisionRequest(job_id="job_1", tenant="t", installation_id="inst",
                                                idempotency_key="job_1", template={}))

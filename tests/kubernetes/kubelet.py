@@ -198,8 +198,7 @@ class Kubelet:
         # A pod's own filesystem: its spool dies with it (the emptyDir of the manifest).
         env.update({"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": name,
                     "OVERNIGHT_DATA_DIR": str(pod.workdir / "data")})
-        pod.port_hold = reserve_port()  # held until the pod ends: see its docstring
-        pod.engine_port = pod.port_hold.getsockname()[1]
+        pod.engine_port, pod.port_hold = reserve_port()  # held until the pod ends: see its docstring
         elog = (pod.workdir / "engine.log").open("ab")
         pod.engine = subprocess.Popen(
             [sys.executable, "-m", "overnight.cli.main", "mock-engine", "--port", str(pod.engine_port),

@@ -176,6 +176,20 @@ async def test_the_port_is_held_until_the_engine_listens(runtime: LocalRuntime) 
     assert not runtime._holds
 
 
+def test_where_ports_cannot_be_held_one_is_picked_and_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    # BSD and macOS share a port between two sockets only when both set SO_REUSEPORT:
+    # a held port would keep a uvicorn-style engine (SO_REUSEADDR only) from binding.
+    import socket
+
+    from overnight.runtimes import local
+
+    monkeypatch.setattr(local, "HOLDS_PORTS", False)
+    port, hold = local.reserve_port()
+    assert hold is None and 0 < port < 65536
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again
+
+
 async def test_ready_timeout_quotes_the_log(runtime: LocalRuntime) -> None:
     handle = await runtime.acquire(fake("--never-listen", "--lines", "30"), owner="b_timeout")
     t0 = time.monotonic()

@@ -52,7 +52,7 @@ from overnight.executor.http1 import ConnectionFailed, HttpPool, RequestTimedOut
 from overnight.runtimes.base import Endpoint, RecordHandle, RuntimeHandle, RuntimeSpec, _ignore
 from overnight.runtimes.gpus import GpuPool
 
-__all__ = ["ID_ENV", "OWNER_ENV", "LocalRuntime", "LocalSpec", "reserve_port"]
+__all__ = ["HOLDS_PORTS", "ID_ENV", "OWNER_ENV", "LocalRuntime", "LocalSpec", "reserve_port"]
 
 log = logging.getLogger("overnight.runtimes.local")
 
@@ -115,8 +115,14 @@ class LocalSpec(RuntimeSpec):
         return v
 
 
-def reserve_port() -> socket.socket:
-    """A free port, held until the engine listens on it.
+#: Where a bound socket that never listens can hold a port the engine then binds as
+#: well. BSD and macOS let two sockets share an address and port only when both set
+#: SO_REUSEPORT, which most servers do not: there the port is picked and let go.
+HOLDS_PORTS = sys.platform.startswith("linux")
+
+
+def reserve_port() -> tuple[int, socket.socket | None]:
+    """A free port, and (Linux) the socket that holds it until the engine listens.
 
     The socket is bound with SO_REUSEADDR and SO_REUSEPORT and never listens. The
     engine can bind the same port if it sets either (vLLM sets both, SGLang's uvicorn
@@ -124,18 +130,23 @@ def reserve_port() -> socket.socket:
     to no other bind(0) or outgoing connection.
     A port picked and closed at once could be taken during the seconds an engine
     imports before it binds, by another replica's engine too, whose health answer
-    would then pass for this one's.
+    would then pass for this one's. The caller closes the socket once the engine
+    answers (or is gone).
     """
     sock = socket.socket()
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
+        if HOLDS_PORTS:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((HOST, 0))
+        port = int(sock.getsockname()[1])
     except BaseException:
         sock.close()
         raise
-    return sock
+    if not HOLDS_PORTS:
+        sock.close()
+        return port, None
+    return port, sock
 
 
 def _log_name(owner: str) -> str:
@@ -255,21 +266,22 @@ class LocalRuntime:
     def _start(
         self, spec: LocalSpec, *, owner: str, hid: str, gpus: list[int]
     ) -> tuple[subprocess.Popen[bytes], RuntimeHandle]:
-        hold = reserve_port()
+        port, hold = reserve_port()
         # Never a port this process gave another engine (one adopted holds none).
-        while int(hold.getsockname()[1]) in self._ports:
-            hold.close()
-            hold = reserve_port()
+        while port in self._ports:
+            if hold is not None:
+                hold.close()
+            port, hold = reserve_port()
         try:
-            return self._start_on(spec, owner=owner, hid=hid, gpus=gpus, hold=hold)
+            return self._start_on(spec, owner=owner, hid=hid, gpus=gpus, port=port, hold=hold)
         except BaseException:
-            hold.close()
+            if hold is not None:
+                hold.close()
             raise
 
     def _start_on(
-        self, spec: LocalSpec, *, owner: str, hid: str, gpus: list[int], hold: socket.socket
+        self, spec: LocalSpec, *, owner: str, hid: str, gpus: list[int], port: int, hold: socket.socket | None
     ) -> tuple[subprocess.Popen[bytes], RuntimeHandle]:
-        port = int(hold.getsockname()[1])
         argv = [a.replace("{port}", str(port)).replace("{host}", HOST) for a in spec.command]
         env = {**os.environ, **spec.env}
         if gpus:
@@ -303,7 +315,8 @@ class LocalRuntime:
             raise RuntimeStartError(f"engine {spec.name!r}: cannot start it: {exc}") from exc
         self._children[proc.pid] = proc
         self._ports.add(port)
-        self._holds[hid] = hold
+        if hold is not None:
+            self._holds[hid] = hold
         try:
             start_time = psutil.Process(proc.pid).create_time()
         except psutil.Error:

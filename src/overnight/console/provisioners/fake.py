@@ -128,13 +128,13 @@ class FakeProvisioner:
                 self._fail_provision -= 1
                 raise ProvisionError("fake provider: no capacity for this GPU type right now", retryable=True,
                                      code="no_capacity")
-            hold = reserve_port()  # kept until the engine answers: nothing else takes the port meanwhile
-            port = hold.getsockname()[1]
+            port, hold = reserve_port()  # kept until the engine answers: nothing else takes the port meanwhile
             rec = {"id": new_id("fake"), "key": request.idempotency_key, "job_id": request.job_id,
                    "installation": request.installation_id, "port": port, "pid": None, "create_time": None,
                    "status": "provisioning", "ready_at": time.time() + self.delay_s, "created_at": time.time()}
             if self.engine_url:
-                hold.close()
+                if hold is not None:
+                    hold.close()
                 rec["url"] = self.engine_url
                 self._write(rec)
                 return await self._state(rec)
@@ -146,9 +146,11 @@ class FakeProvisioner:
                     env={**os.environ, "OVERNIGHT_FAKE_RESOURCE": rec["id"]},
                 )
             except BaseException:
-                hold.close()
+                if hold is not None:
+                    hold.close()
                 raise
-            self._holds[rec["id"]] = hold
+            if hold is not None:
+                self._holds[rec["id"]] = hold
             rec["pid"], rec["create_time"] = proc.pid, psutil.Process(proc.pid).create_time()
             self._write(rec)
             return await self._state(rec)
