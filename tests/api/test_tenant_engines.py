@@ -220,3 +220,80 @@ def test_a_trusted_console_key_must_be_an_api_key(tmp_path) -> None:
         Settings(data_dir=tmp_path, api_keys="a:alice", trusted_console_keys="a,b").console_key_set()
     # open mode takes any key as the console's (no key is checked there)
     assert Settings(data_dir=tmp_path, trusted_console_keys=" c ,").console_key_set() == {"c"}
+
+
+# -- DNS rebinding: a tenant's endpoint is checked at every connect, and connected to as checked --
+def _dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> None:
+    """``engine.test`` and friends resolve as ``table`` says (the test changes it)."""
+    import ipaddress
+
+    from overnight.runtimes import egress
+
+    async def resolve(host: str, port: int) -> list:
+        return [ipaddress.ip_address(a) for a in table.get(host, [])]
+
+    monkeypatch.setattr(egress, "_resolve", resolve)
+
+
+async def test_connect_addresses_are_the_names_addresses_now_each_one_checked(monkeypatch) -> None:
+    from overnight.runtimes.egress import EndpointPolicy, EndpointRefused
+
+    table = {"engine.test": ["10.0.0.5"]}
+    _dns(monkeypatch, table)
+    # A suffix entry: only a host named exactly, or a range inside it, unlocks the blocked addresses.
+    policy = EndpointPolicy("*.test,10.0.0.0/8", keyed=True, default_url="http://127.0.0.1:9")
+    assert await policy.connect_addresses("http://engine.test:8000") == ["10.0.0.5"]
+    assert await policy.connect_addresses("http://10.0.0.7:8000") == ["10.0.0.7"]
+    assert await policy.connect_addresses("http://127.0.0.1:9/v1") is None  # the server's own engine: by name
+    policy.trust("http://203.0.113.9:8000")
+    assert await policy.connect_addresses("http://203.0.113.9:8000/v1") is None  # the console's: by name
+    table["engine.test"] = ["169.254.169.254"]  # the name now points at the metadata service
+    with pytest.raises(EndpointRefused, match="cloud-metadata"):
+        await policy.connect_addresses("http://engine.test:8000")
+    table["engine.test"] = []
+    with pytest.raises(EndpointRefused, match="does not resolve"):
+        await policy.connect_addresses("http://engine.test:8000")
+    open_mode = EndpointPolicy(None)
+    table["anything.test"] = ["198.51.100.4", "169.254.169.254"]  # one bad address is enough
+    with pytest.raises(EndpointRefused):
+        await open_mode.connect_addresses("http://anything.test")
+
+
+async def test_a_tenant_endpoint_is_connected_to_at_the_checked_address_under_its_name(tmp_path, monkeypatch) -> None:
+    # engine.test resolves only through the policy's lookup (patched here): the system
+    # resolver knows no such name, so the batch completes only if the pool connects to
+    # the address the policy checked; the engine still sees the name in Host.
+    from overnight.batches.service import CONSOLE_PROVISIONED
+    from overnight.errors import RetryableEngineError
+
+    async with RawEngine() as engine:
+        port = int(engine.url.rsplit(":", 1)[1])
+        table = {"engine.test": ["127.0.0.1"]}
+        _dns(monkeypatch, table)
+        app = await _app(tmp_path, allowed_endpoints="*.test", **KEYED)
+        async with app.router.lifespan_context(app):
+            async with _client(app) as c:
+                r = await _create(c, {"runtime": {"endpoint": f"http://engine.test:{port}"}})
+                assert r.status_code == 200, r.text
+                bid = r.json()["id"]
+                deadline = time.monotonic() + 15
+                while (b := (await c.get(f"/v1/batches/{bid}")).json())["status"] != "completed":
+                    assert time.monotonic() < deadline, b
+                    await asyncio.sleep(0.05)
+            assert f"Host: engine.test:{port}\r\n".encode() in engine.received
+            # The name now points at the metadata service: a new connection is refused
+            # before anything is sent, though the batch passed every earlier check.
+            rec = await app.state.store.get_batch(bid)
+            rec.id = "batch_other"  # a batch of its own: a fresh client, no idle connection
+            engines = app.state.scheduler.engines
+            engines._clients.clear()
+            table["engine.test"] = ["169.254.169.254"]
+            sent = len(engine.received)
+            with pytest.raises(RetryableEngineError, match="checked again at connect"):
+                await engines.client_for(rec).send("/v1/chat/completions", b"{}")
+            assert len(engine.received) == sent
+            # A console-provisioned batch (trusted console key) is connected to by name.
+            rec.options[CONSOLE_PROVISIONED] = True
+            assert engines._pinned(rec) is False
+            rec.options.pop(CONSOLE_PROVISIONED)
+            assert engines._pinned(rec) is True

@@ -89,12 +89,15 @@ class HttpEngineClient:
         timeout_s: float = 600.0,
         max_connections: int = 4096,
         max_response_bytes: int = defaults.MAX_RESPONSE_BYTES,
+        resolve: Callable[[], Awaitable[list[str] | None]] | None = None,
     ) -> None:
+        """``resolve``: where connections go (``HttpPool``); a tenant's endpoint gets
+        the endpoint policy's answer, so it is checked at every connect."""
         self.base_url = engine_base_url(base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self._pool = HttpPool(self.base_url, headers=headers, timeout_s=timeout_s, max_connections=max_connections,
-                              max_body_bytes=max_response_bytes)
+                              max_body_bytes=max_response_bytes, resolve=resolve)
 
     async def send(self, path: str, body: bytes) -> EngineReply:
         try:

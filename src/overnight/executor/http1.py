@@ -22,6 +22,7 @@ import re
 import ssl
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -33,6 +34,8 @@ __all__ = ["ConnectFailed", "ConnectionFailed", "HttpPool", "RawReply", "Request
 #: idle keep-alive connections (uvicorn after 5 s), and a request written into a
 #: connection the server is closing fails for nothing.
 _IDLE_REUSE_S = 3.0
+#: How long the addresses a ``resolve`` hook gave are used for new connections.
+_RESOLVE_TTL_S = 5.0
 
 
 #: RFC 9110 token characters (header names, methods).
@@ -236,7 +239,12 @@ class HttpPool:
         connect_timeout_s: float = 30.0,
         max_connections: int = 4096,
         max_body_bytes: int = 1 << 62,
+        resolve: Callable[[], Awaitable[list[str] | None]] | None = None,
     ) -> None:
+        """``resolve``: where new connections go, asked afresh every few seconds: the
+        addresses to try in turn (the host name stays in ``Host`` and in TLS's SNI), or
+        None to connect by name. An ``OSError`` from it fails the connect with its
+        message (a tenant's endpoint whose name now points where the policy forbids)."""
         u = urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -261,6 +269,10 @@ class HttpPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self.resolve = resolve
+        self._addrs: list[str] | None = None
+        self._addrs_until = 0.0
+        self._resolving: asyncio.Lock | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -340,7 +352,7 @@ class HttpPool:
             # ends (a refused port ends at once), and the cancel is lost; a request
             # task stopped that way then retried on as if never cancelled.
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl)
+                conn = await self._connect()
         except TimeoutError as exc:
             raise ConnectFailed(f"connecting to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
@@ -349,6 +361,35 @@ class HttpPool:
             self._opening -= 1
             self._wake()
         return conn
+
+    async def _connect(self) -> _Conn:
+        addrs = await self._addresses() if self.resolve is not None else None
+        if not addrs:
+            _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl)
+            return conn
+        err: OSError | None = None
+        for addr in addrs:
+            try:
+                _, conn = await self.loop.create_connection(
+                    lambda: _Conn(self), addr, self.port, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl is not None else None)
+                return conn
+            except OSError as exc:
+                err = exc
+        assert err is not None
+        raise err
+
+    async def _addresses(self) -> list[str] | None:
+        """The ``resolve`` hook's answer, asked once for every connection opened within
+        ``_RESOLVE_TTL_S`` (a ramp opens hundreds at once); a failure is not kept."""
+        assert self.resolve is not None
+        if self._resolving is None:
+            self._resolving = asyncio.Lock()
+        async with self._resolving:
+            if time.monotonic() >= self._addrs_until:
+                self._addrs = await self.resolve()
+                self._addrs_until = time.monotonic() + _RESOLVE_TTL_S
+            return self._addrs
 
     def _checkin(self, conn: _Conn) -> None:
         if self._closed:

@@ -14,6 +14,11 @@ Link-local and cloud-metadata addresses are refused in every mode unless an entr
 names them specifically (a host, URL prefix, or a range inside the blocked one).
 Host names are resolved (off the event loop) and every address they resolve to is
 checked. The server's own default engine is always allowed.
+
+A check at create or claim says nothing of where a name points a moment later:
+``connect_addresses`` checks again when a tenant endpoint's client opens a
+connection and gives the addresses to connect to (``HttpPool``'s ``resolve``), so
+the address connected to is the address checked.
 """
 
 from __future__ import annotations
@@ -205,9 +210,7 @@ class EndpointPolicy:
         allowlist entry that needs no address (the check runs again before dispatch)."""
         url = check_endpoint_url(url)
         target = _Prefix.of(url)
-        if self.default is not None and self.default.covers(_Prefix.of(engine_base_url(url))):
-            return url
-        if self.trusted and engine_base_url(url) in self.trusted:
+        if self._exempt(url):
             return url
         host = target.host
         literal = _ip(host)
@@ -216,6 +219,34 @@ class EndpointPolicy:
         if literal is None and resolve:
             addrs = await _resolve(host, target.port)
             unresolved = not addrs
+        self._judge(target, addrs, unresolved)
+        return url
+
+    def _exempt(self, url: str) -> bool:
+        """The server's own default engine, or one its console provisioned and holds."""
+        if self.default is not None and self.default.covers(_Prefix.of(engine_base_url(url))):
+            return True
+        return bool(self.trusted) and engine_base_url(url) in self.trusted
+
+    async def connect_addresses(self, url: str) -> list[str] | None:
+        """Where a connection to a tenant's ``url`` may go, decided now: None to connect
+        by name (an exempt engine), else the addresses its host has at this moment,
+        every one of them allowed (``EndpointRefused`` otherwise). Connecting to these,
+        not to the name, leaves no window between the check and the connect for the
+        name to point somewhere else (DNS rebinding)."""
+        if self._exempt(url):
+            return None
+        target = _Prefix.of(url)
+        literal = _ip(target.host)
+        addrs = [literal] if literal is not None else await _resolve(target.host, target.port)
+        if not addrs:
+            raise EndpointRefused(f"has a host {target.host!r} that does not resolve")
+        self._judge(target, addrs, False)
+        return [str(a) for a in addrs]
+
+    def _judge(self, target: _Prefix, addrs: list[IPAddress], unresolved: bool) -> None:
+        """Refuse (``EndpointRefused``) a target whose host has ``addrs``, unless allowed."""
+        host = target.host
         named = any(p.covers(target) for p in self.prefixes) or host in self.hosts
         if host in BLOCKED_HOSTS or any(_blocked(a) for a in addrs):
             # Only an entry naming this host, or a range inside the blocked one, unlocks it.
@@ -229,11 +260,11 @@ class EndpointPolicy:
                     f"points at a link-local or cloud-metadata address ({host}); the server's operator "
                     f"must list it in {self.setting} to allow it"
                 )
-            return url
+            return
         if self.allow_any or named or any(host.endswith(s) for s in self.suffixes):
-            return url
+            return
         if addrs and self.networks and all(any(n.version == a.version and a in n for n in self.networks) for a in addrs):
-            return url
+            return
         if unresolved and self.networks:
             raise EndpointRefused(f"has a host {host!r} that does not resolve, so it cannot be checked")
         raise EndpointRefused(f"is not allowed on this server ({self.describe})")

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from overnight import defaults
@@ -105,8 +106,10 @@ class EnginePool:
         self.limits = limits or ConcurrencyLimits(max=defaults.MAX_CONCURRENCY_GLOBAL)
         self.gates = gates
         self.metrics_poll_s = metrics_poll_s
-        self._clients: dict[tuple[str, str | None], EngineClient] = {}
-        self._tracked: dict[tuple[str, str | None], TrackedEngine] = {}
+        #: By (URL, API key, pinned): a tenant-named endpoint's client connects only
+        #: where the policy allows at that moment (``_pinned``).
+        self._clients: dict[tuple[str, str | None, bool], EngineClient] = {}
+        self._tracked: dict[tuple[str, str | None, bool], TrackedEngine] = {}
         self._health: dict[str, EngineHealth] = {}
         self._capacities: dict[str, EngineCapacity] = {}
         self._probes: dict[str, MetricsProbe] = {}
@@ -189,16 +192,37 @@ class EnginePool:
             )
         return self.default_url, self.default_api_key
 
-    def _raw_client(self, key: tuple[str, str | None]) -> EngineClient:
+    def _raw_client(self, key: tuple[str, str | None, bool]) -> EngineClient:
         if key not in self._clients:
+            url, api_key, pinned = key
             self._clients[key] = HttpEngineClient(
-                key[0], api_key=key[1], timeout_s=self.timeout_s, max_response_bytes=self.max_response_bytes
+                url, api_key=api_key, timeout_s=self.timeout_s, max_response_bytes=self.max_response_bytes,
+                resolve=self._resolver(url) if pinned else None,
             )
         return self._clients[key]
 
+    def _pinned(self, batch: BatchRecord) -> bool:
+        """Does the batch name its own engine endpoint (not one overnight started or a
+        trusted console provisioned), under a policy?"""
+        rt = batch.options.get("runtime") or {}
+        return (self.policy is not None and bool(rt.get("endpoint")) and batch.id not in self._bound
+                and not batch.options.get(CONSOLE_PROVISIONED))
+
+    def _resolver(self, url: str) -> Callable[[], Awaitable[list[str] | None]]:
+        policy = self.policy
+        assert policy is not None
+
+        async def resolve() -> list[str] | None:
+            try:
+                return await policy.connect_addresses(url)
+            except EndpointRefused as exc:
+                raise OSError(f"the endpoint {exc} (checked again at connect)") from None
+
+        return resolve
+
     def client_for(self, batch: BatchRecord) -> EngineClient:
         """The batch's engine client; every send through it feeds the engine's health."""
-        key = self.endpoint_for(batch)
+        key = (*self.endpoint_for(batch), self._pinned(batch))
         tracked = self._tracked.get(key)
         if tracked is None or tracked.inner is not self._raw_client(key):
             tracked = self._tracked[key] = TrackedEngine(self._raw_client(key), self._health_of(key[0]))
@@ -226,7 +250,7 @@ class EnginePool:
         if not self.default_url:
             return None
         url = engine_base_url(self.default_url)
-        get = getattr(self._raw_client((self.default_url, self.default_api_key)), "get", None)
+        get = getattr(self._raw_client((self.default_url, self.default_api_key, False)), "get", None)
         if get is None:
             return None
         try:
@@ -263,14 +287,15 @@ class EnginePool:
 
     def set_client(self, url: str, api_key: str | None, client: EngineClient) -> None:
         """Install a custom client (tests use ``FakeEngine``)."""
-        self._clients[(url, api_key)] = client
-        self._tracked.pop((url, api_key), None)
+        for pinned in (False, True):
+            self._clients[(url, api_key, pinned)] = client
+            self._tracked.pop((url, api_key, pinned), None)
 
     async def aclose(self) -> None:
         for p in self._probes.values():
             await p.stop()
         self._probes.clear()
-        for c in self._clients.values():
+        for c in {id(c): c for c in self._clients.values()}.values():
             await c.aclose()
         self._clients.clear()
 
