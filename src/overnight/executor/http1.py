@@ -364,10 +364,10 @@ class HttpPool:
 
     async def _connect(self) -> _Conn:
         addrs = await self._addresses() if self.resolve is not None else None
-        if not addrs:
+        if addrs is None:
             _, conn = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port, ssl=self.ssl)
             return conn
-        err: OSError | None = None
+        err = OSError(f"no address to connect to for {self.host}")
         for addr in addrs:
             try:
                 _, conn = await self.loop.create_connection(
@@ -376,7 +376,6 @@ class HttpPool:
                 return conn
             except OSError as exc:
                 err = exc
-        assert err is not None
         raise err
 
     async def _addresses(self) -> list[str] | None:
