@@ -77,6 +77,19 @@ async def _create(c: httpx.AsyncClient, ext: dict, key: str = "overnight") -> ht
                                              "completion_window": "24h", key: ext})
 
 
+async def _completed(app, ext: dict) -> str:
+    """Create a batch with ``ext`` and wait until it completes; its id."""
+    async with _client(app) as c:
+        r = await _create(c, ext)
+        assert r.status_code == 200, r.text
+        bid = r.json()["id"]
+        deadline = time.monotonic() + 15
+        while (b := (await c.get(f"/v1/batches/{bid}")).json())["status"] != "completed":
+            assert time.monotonic() < deadline, b
+            await asyncio.sleep(0.05)
+    return bid
+
+
 async def _bad(app, ext: dict, param: str, *, key: str = "overnight") -> dict:
     async with _client(app) as c:
         r = await _create(c, ext, key)
@@ -164,14 +177,7 @@ async def test_api_key_is_sealed_at_rest_and_still_reaches_the_engine(tmp_path) 
     async with RawEngine() as engine:
         app = await _app(tmp_path, allowed_endpoints="127.0.0.1/32", secret_key=Fernet.generate_key().decode(), **KEYED)
         async with app.router.lifespan_context(app):
-            async with _client(app) as c:
-                r = await _create(c, {"runtime": {"endpoint": engine.url, "api_key": secret}})
-                assert r.status_code == 200, r.text
-                bid = r.json()["id"]
-                deadline = time.monotonic() + 15
-                while (b := (await c.get(f"/v1/batches/{bid}")).json())["status"] != "completed":
-                    assert time.monotonic() < deadline, b
-                    await asyncio.sleep(0.05)
+            bid = await _completed(app, {"runtime": {"endpoint": engine.url, "api_key": secret}})
             rec = await app.state.store.get_batch(bid)
             assert secret not in orjson.dumps(rec.options).decode()
         assert f"Authorization: Bearer {secret}\r\n".encode() in engine.received
@@ -272,14 +278,7 @@ async def test_a_tenant_endpoint_is_connected_to_at_the_checked_address_under_it
         _dns(monkeypatch, table)
         app = await _app(tmp_path, allowed_endpoints="*.test", **KEYED)
         async with app.router.lifespan_context(app):
-            async with _client(app) as c:
-                r = await _create(c, {"runtime": {"endpoint": f"http://engine.test:{port}"}})
-                assert r.status_code == 200, r.text
-                bid = r.json()["id"]
-                deadline = time.monotonic() + 15
-                while (b := (await c.get(f"/v1/batches/{bid}")).json())["status"] != "completed":
-                    assert time.monotonic() < deadline, b
-                    await asyncio.sleep(0.05)
+            bid = await _completed(app, {"runtime": {"endpoint": f"http://engine.test:{port}"}})
             assert f"Host: engine.test:{port}\r\n".encode() in engine.received
             # The name now points at the metadata service: a new connection is refused
             # before anything is sent, though the batch passed every earlier check.
