@@ -412,6 +412,25 @@ def test_live_view_ctrl_c_detaches_or_cancels_the_job(server: Proc, tmp_path: Pa
     assert job_api(server, job_id)["status"] == "cancelled"
 
 
+def test_a_ctrl_c_inside_a_live_display_step_is_held_to_its_end() -> None:
+    # A Ctrl-C between rich's start (or stop) steps left the display half stopped, and
+    # the next stop failed with "IndexError: pop from empty list" instead of asking.
+    import signal
+
+    from overnight.cli.client import deferred_sigint
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_sigint():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with deferred_sigint():  # nothing pressed: nothing raised
+        pass
+
+
 def test_without_httpx_one_line_names_the_extra() -> None:
     runner = textwrap.dedent(
         """

@@ -16,8 +16,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from openai import OpenAI
     from rich.console import Console
 
-__all__ = ["batch_app", "files_app", "TERMINAL"]
+__all__ = ["batch_app", "deferred_sigint", "files_app", "TERMINAL"]
 
 batch_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 files_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -428,6 +430,25 @@ class PlainView(View):
             self._line(snap)
 
 
+@contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block and raise it on leaving. Rich's
+    live display starts and stops in steps (its stack of live displays, a refresh
+    thread): interrupted between them it is left half started or stopped, and the
+    next stop pops an empty stack (``IndexError``) instead of asking cancel or detach."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class LiveView(View):
     """A rich progress line on the terminal, redrawn in place."""
 
@@ -451,7 +472,8 @@ class LiveView(View):
             console=self.console, transient=False, refresh_per_second=4,
         )
         self._task = self._bar.add_task("batch", **self._fields(snap))
-        self._bar.start()
+        with deferred_sigint():
+            self._bar.start()
 
     def update(self, snap: Snapshot) -> None:
         if self._bar is None:
@@ -464,8 +486,9 @@ class LiveView(View):
 
     def stop(self) -> None:
         if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+            with deferred_sigint():
+                self._bar.stop()
+                self._bar = None
 
 
 def _view_for(ctx: Ctx) -> View:

@@ -50,6 +50,7 @@ from overnight.cli.client import (
     _metadata,
     _size,
     _ts,
+    deferred_sigint,
 )
 
 if TYPE_CHECKING:
@@ -344,7 +345,8 @@ class LiveJobView(JobView):
             console=self.console, transient=False, refresh_per_second=4,
         )
         self._task = self._bar.add_task("job", **self._fields(job, snap))
-        self._bar.start()
+        with deferred_sigint():
+            self._bar.start()
 
     def events(self, lines: list[str]) -> None:
         for line in lines:
@@ -363,8 +365,9 @@ class LiveJobView(JobView):
 
     def stop(self) -> None:
         if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+            with deferred_sigint():
+                self._bar.stop()
+                self._bar = None
 
     def show(self, job: dict[str, Any], snap: Snapshot, lines: list[str]) -> None:
         # The line first: each event printed above it redraws it, and it should say the new status.
