@@ -44,7 +44,7 @@ import psutil
 
 from overnight.console.provisioners.base import ProvisionError, ProvisionRequest, ProvisionState
 from overnight.ids import new_id
-from overnight.runtimes.local import reserve_port
+from overnight.runtimes.local import START_TIME_TOLERANCE_S, reserve_port
 
 __all__ = ["FakeProvisioner"]
 
@@ -160,9 +160,17 @@ class FakeProvisioner:
             return None
         try:
             p = psutil.Process(rec["pid"])
-            if abs(p.create_time() - rec["create_time"]) > 0.01 or p.status() == psutil.STATUS_ZOMBIE:
+            # A start time read by another process can differ by more than its 10 ms
+            # resolution (the boot time it is counted from follows clock adjustments):
+            # a tight match took a live engine, after a restart, for gone, and left it
+            # running. The resource's own marker settles who it is.
+            if abs(p.create_time() - rec["create_time"]) > START_TIME_TOLERANCE_S or p.status() == psutil.STATUS_ZOMBIE:
                 return None
-            return p
+            try:
+                marker = p.environ().get("OVERNIGHT_FAKE_RESOURCE")
+            except (psutil.AccessDenied, OSError):
+                marker = rec["id"]  # unreadable: the start time has to do
+            return p if marker == rec["id"] else None
         except psutil.Error:
             return None
 
