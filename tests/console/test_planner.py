@@ -250,6 +250,30 @@ async def test_the_fake_providers_engine_port_is_held_until_the_engine_answers(t
     assert not prov._holds
 
 
+async def test_the_fake_provider_stops_its_engine_though_the_start_time_read_again_differs(tmp_path: Path) -> None:
+    # A restarted service reads the engine's start time anew; it may differ by more
+    # than the 10 ms resolution. The engine is still found (marker) and stopped.
+    import json
+
+    import psutil
+
+    from overnight.console.provisioners.fake import FakeProvisioner
+
+    prov = FakeProvisioner(tmp_path / "fake")
+    st = await prov.provision(ProvisionRequest(job_id="job_3", tenant="t", installation_id="inst",
+                                               idempotency_key="job_3", template={}))
+    path = tmp_path / "fake" / f"{st.provision_id}.json"
+    rec = json.loads(path.read_text())
+    pid = rec["pid"]
+    rec["create_time"] += 0.5
+    path.write_text(json.dumps(rec))
+    deadline = time.monotonic() + 30
+    while not await prov.release(st.provision_id):
+        assert time.monotonic() < deadline
+    await prov.aclose()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
 async def test_after_a_restart_submitted_jobs_machines_are_trusted_before_any_tick() -> None:
     """serve trusts these before its scheduler starts (composition.py), so a console
     batch claimed right after a restart is not refused as a tenant-named endpoint."""
