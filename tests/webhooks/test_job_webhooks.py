@@ -578,12 +578,16 @@ def test_the_console_as_its_own_process_sends_its_jobs_events(cluster, tmp_path)
     own = Receiver(own_secret, path="/mine").start()
     try:
         console.start_mds()  # the batches service sends no webhooks here: every delivery is the console's
+        # Each resource is ready 3 s after it is asked for: the cancel below lands
+        # before the job could end (without it, a 3-line job on a loaded machine
+        # could complete between its create and the cancel: a 409).
         console.start(OVERNIGHT_WEBHOOK_URL=receiver.url, OVERNIGHT_WEBHOOK_SECRET=SECRET,
-                      OVERNIGHT_WEBHOOK_POLL_S="0.1")
+                      OVERNIGHT_WEBHOOK_POLL_S="0.1", OVERNIGHT_FAKE_PROVIDER_DELAY_S="3")
         with console.http() as c:
             job = console.job(c, 3, webhook_url=own.url, webhook_secret=own_secret)
             cancelled = console.job(c, 3)
-            c.post(f"/api/v1/jobs/{cancelled['id']}/cancel").raise_for_status()
+            r = c.post(f"/api/v1/jobs/{cancelled['id']}/cancel")
+            assert r.status_code == 200, (r.text, c.get(f"/api/v1/jobs/{cancelled['id']}").json()["events"])
             assert console.wait(c, job["id"])["status"] == "completed"
             assert console.wait(c, cancelled["id"])["status"] == "cancelled"
             got = receiver.wait_for(2)
