@@ -209,6 +209,41 @@ async def test_a_batch_url_the_policy_now_refuses_is_not_sent_to(store: Store, r
     assert "OVERNIGHT_ALLOWED_WEBHOOK_URLS" in done["batch"]["error"] and receiver.attempts == []
 
 
+async def test_a_batch_url_is_connected_to_at_the_address_its_check_found(
+        store: Store, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    # hook.test resolves only through the policy's lookup (patched): the system
+    # resolver knows no such name, so a delivery arrives only if the POST goes to the
+    # address the check found; the receiver still sees the name in Host. Once the
+    # name points at the metadata service, nothing is sent (DNS rebinding).
+    import ipaddress
+
+    from overnight.runtimes import egress
+
+    table = {"hook.test": ["127.0.0.1"]}
+
+    async def resolve(host: str, port: int) -> list:
+        return [ipaddress.ip_address(a) for a in table.get(host, [])]
+
+    monkeypatch.setattr(egress, "_resolve", resolve)
+    cfg = config(None, policy=EndpointPolicy("*.test", keyed=True, setting="OVERNIGHT_ALLOWED_WEBHOOK_URLS"),
+                 retry=RetryRules(max_attempts=2, max_age_s=60, base_s=0.05, max_s=0.05))
+    d = WebhookDispatcher(store=store, config=cfg, secrets=None, replica_id="r")
+    url = f"http://hook.test:{receiver.port}{receiver.path}"
+    await d.start()
+    try:
+        first = await finished(store, options={"webhook": {"url": url}})
+        (got,) = await receiver.arrived(1)
+        assert {x["target"]: x["outcome"] for x in await settled(store, first)}["batch"] == "delivered"
+        table["hook.test"] = ["169.254.169.254"]
+        second = await finished(store, options={"webhook": {"url": url}})
+        done = {x["target"]: x for x in await settled(store, second)}["batch"]
+    finally:
+        await d.stop()
+    assert got.event["type"] == "batch.failed" and got.event["data"]["id"] == first
+    assert receiver.attempts[0][1]["host"] == f"hook.test:{receiver.port}" and len(receiver.attempts) == 1
+    assert done["outcome"] == "failed" and "cloud-metadata" in done["error"], done
+
+
 async def test_stopping_mid_delivery_hands_the_claim_back(store: Store) -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -23,8 +23,12 @@ At least once, in order per batch (job) and target, never early:
 
 The POST goes through overnight's own HTTP/1.1 client (``executor/http1.py``:
 no new dependency, TLS, a bounded answer, header values checked for CR/LF), one
-connection per attempt, no redirects followed. A shutdown hands claimed
-deliveries back so that whoever runs next sends them at once.
+connection per attempt, no redirects followed. A batch's or job's own URL is
+checked against ``OVERNIGHT_ALLOWED_WEBHOOK_URLS`` at every attempt, and the
+connection goes to the addresses that check found (the name stays in ``Host``
+and TLS's SNI): no window between check and connect for the name to point
+somewhere else (DNS rebinding). A shutdown hands claimed deliveries back so that
+whoever runs next sends them at once.
 """
 
 from __future__ import annotations
@@ -39,8 +43,14 @@ from typing import Any
 from overnight import __version__
 from overnight.batches.service import update_batch
 from overnight.errors import NotFoundError, OvernightError
-from overnight.executor.http1 import ConnectFailed, ConnectionFailed, HttpPool, RequestTimedOut, ResponseTooLarge
-from overnight.runtimes.egress import EndpointRefused
+from overnight.executor.http1 import (
+    ConnectFailed,
+    ConnectionFailed,
+    HttpPool,
+    RequestTimedOut,
+    ResponseTooLarge,
+)
+from overnight.runtimes.egress import EndpointRefused, check_endpoint_url
 from overnight.secret_box import SecretBox, SecretError
 from overnight.store.base import Store
 from overnight.store.records import BatchRecord, DocRecord
@@ -62,12 +72,19 @@ MAX_IN_FLIGHT = 32
 FULL_PASS_S = 60.0
 
 
-async def post_event(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float) -> Outcome:
+async def post_event(url: str, body: bytes, headers: dict[str, str], *, timeout_s: float,
+                     addresses: list[str] | None = None) -> Outcome:
     """One attempt: POST ``body`` to ``url``; what it came to (never raises for the
-    receiver's faults)."""
+    receiver's faults). ``addresses``: connect to these (tried in turn) rather than
+    to what the name resolves to now."""
+
+    async def checked() -> list[str] | None:
+        return addresses
+
     try:
         pool = HttpPool(url, headers={"User-Agent": f"overnight/{__version__}", **headers}, timeout_s=timeout_s,
-                        connect_timeout_s=min(timeout_s, 10.0), max_connections=1, max_body_bytes=MAX_ANSWER_BYTES)
+                        connect_timeout_s=min(timeout_s, 10.0), max_connections=1, max_body_bytes=MAX_ANSWER_BYTES,
+                        resolve=checked if addresses is not None else None)
     except ValueError as exc:
         return Outcome(error=str(exc), final=True)
     try:
@@ -285,13 +302,18 @@ class WebhookDispatcher:
             return Outcome(skipped=True)
         if problem is not None:
             return Outcome(error=problem, final=True)
+        addresses: list[str] | None = None
         if d["target"] != state.TARGET_SERVER:
-            try:  # again at every attempt: the name may resolve elsewhere by now
-                url = await self.config.policy.check(url)
+            # Again at every attempt (the name may resolve elsewhere by now), and the
+            # connection goes where this check looked, not to a second lookup.
+            try:
+                url = check_endpoint_url(url)
+                addresses = await self.config.policy.connect_addresses(url)
             except EndpointRefused as exc:
                 return Outcome(error=f"webhook_url {exc}")
         body = state.event_body(rec.id, event)
-        return await post_event(url, body, signed_headers(keys, event["id"], body), timeout_s=self.config.timeout_s)
+        return await post_event(url, body, signed_headers(keys, event["id"], body), timeout_s=self.config.timeout_s,
+                                addresses=addresses)
 
     async def _settle(self, kind: _Kind, id: str, d: dict[str, Any], outcome: Outcome) -> Any:
         result: list[dict[str, Any] | None] = [None]
