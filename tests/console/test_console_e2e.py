@@ -265,6 +265,34 @@ def test_the_planner_killed_at_a_stage_continues_after_a_restart(console: Consol
     assert len(list((console.data / "fake-provider").glob("*.json"))) == 1
 
 
+@pytest.mark.slow
+def test_the_planner_killed_between_starting_a_resource_and_recording_it_leaks_nothing(console: Console) -> None:
+    """SIGKILL after the provider started the resource's process and before it
+    recorded the pid (held open by ``OVERNIGHT_FAKE_SPAWN_PAUSE_S``): the restarted
+    planner's same request gets the same resource, the job completes on it, and
+    the release finds the process by its marker and stops it."""
+    server = console.start(OVERNIGHT_FAKE_SPAWN_PAUSE_S="60")
+    with console.http() as c:
+        j = console.job(c, 20)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        live = console.live_resources()
+        procs = [x for x in live if "process" in x]
+        if procs:
+            break
+        time.sleep(0.05)
+    (rec,) = [x for x in live if "process" not in x]
+    assert rec["pid"] is None and procs == [{"process": procs[0]["process"], "resource": rec["id"]}], live
+    server.signal(signal.SIGKILL)
+    console.start()  # no pause this time
+    with console.http() as c:
+        done = console.wait(c, j["id"], timeout_s=60)
+        assert done["status"] == "completed", done
+        console.wait_released(c, j["id"])
+    assert console.live_resources() == []
+    assert len(list((console.data / "fake-provider").glob("*.json"))) == 1  # one resource, never a second
+
+
 def check_cancel_while_submitting(console: Console, batches_http: Callable[[], httpx.Client]) -> None:
     """The cancel arrives while the job is ``submitting``, its batch created but not
     yet recorded on the job (held there by the fake provider's submit pause): the

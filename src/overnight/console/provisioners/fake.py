@@ -19,7 +19,11 @@ a planner process meet them):
 * ``OVERNIGHT_FAKE_SUBMIT_PAUSE_S=S``: the planner waits S seconds after creating
   the batch of a job on this provider and before recording it on the job (the job
   stays ``submitting`` with its batch already made: the window a cancel or a crash
-  must get right; ``submit_pause_s``, which the planner reads).
+  must get right; ``submit_pause_s``, which the planner reads);
+* ``OVERNIGHT_FAKE_SPAWN_PAUSE_S=S``: provision waits S seconds after starting a
+  resource's process and before recording its pid (the window in which a crash
+  leaves a running process on a record without one: the process is then found by
+  its marker, ``OVERNIGHT_FAKE_RESOURCE``, and released like any other).
 
 How it differs from a real provider: no quota, region or price (a flat
 ``price_per_hour`` can be set for cost tests), the "GPU" is a mock engine.
@@ -87,6 +91,7 @@ class FakeProvisioner:
         self._refuse = os.environ.get("OVERNIGHT_FAKE_REFUSE") == "1"
         #: Seconds the planner waits between creating a job's batch and recording it (tests).
         self.submit_pause_s = _seconds("OVERNIGHT_FAKE_SUBMIT_PAUSE_S")
+        self._spawn_pause_s = _seconds("OVERNIGHT_FAKE_SPAWN_PAUSE_S")
         self._lock = asyncio.Lock()
         self._http = httpx.AsyncClient(timeout=2.0)
         #: Ports held for engines that do not answer yet, by resource id (``reserve_port``).
@@ -151,13 +156,18 @@ class FakeProvisioner:
                 raise
             if hold is not None:
                 self._holds[rec["id"]] = hold
+            if self._spawn_pause_s:
+                await asyncio.sleep(self._spawn_pause_s)
             rec["pid"], rec["create_time"] = proc.pid, psutil.Process(proc.pid).create_time()
             self._write(rec)
             return await self._state(rec)
 
     def _process(self, rec: dict[str, Any]) -> psutil.Process | None:
+        """The resource's live process, or None. A record without a pid (its
+        provision call died between starting the process and recording it) is
+        looked for by the process's marker; one found is recorded on it."""
         if not rec.get("pid"):
-            return None
+            return None if rec.get("url") else self._adopt(rec)
         try:
             p = psutil.Process(rec["pid"])
             # A start time read by another process can differ by more than its 10 ms
@@ -173,6 +183,18 @@ class FakeProvisioner:
             return p if marker == rec["id"] else None
         except psutil.Error:
             return None
+
+    def _adopt(self, rec: dict[str, Any]) -> psutil.Process | None:
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("OVERNIGHT_FAKE_RESOURCE") != rec["id"] or p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                rec["pid"], rec["create_time"] = p.pid, p.create_time()
+            except psutil.Error:  # gone meanwhile, or another user's (unreadable): not ours
+                continue
+            self._write(rec)
+            return p
+        return None
 
     async def _state(self, rec: dict[str, Any]) -> ProvisionState:
         status = rec["status"]
