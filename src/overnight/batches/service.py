@@ -42,6 +42,7 @@ __all__ = [
     "BatchCreate",
     "LeaseLost",
     "cancel_batch",
+    "check_metadata",
     "create_batch",
     "get_batch",
     "list_batches",
@@ -134,7 +135,9 @@ def parse_completion_window(window: str) -> int:
     return seconds
 
 
-def _check_metadata(metadata: Any) -> dict[str, str] | None:
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    """OpenAI's metadata rules (at most 16 pairs, keys of 64 and values of 512
+    characters at most); also a console job's ``metadata``."""
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
@@ -357,7 +360,7 @@ async def create_batch(
             param="endpoint",
         )
     window_s = parse_completion_window(body.completion_window)
-    metadata = _check_metadata(body.metadata)
+    metadata = check_metadata(body.metadata)
     options = parse_extension(body.extension, key=body.extension_key)
     deadline = (options.get("resource_allocation") or {}).get("provision_resource_deadline")
     if deadline:

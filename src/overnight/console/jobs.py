@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from overnight.batches.service import check_metadata, parse_completion_window
 from overnight.console.docs import new_doc_id, update_doc
 from overnight.console.stats import CONSOLE_STATS
 from overnight.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -68,7 +69,11 @@ class JobCreate:
                 raise InvalidRequestError(f"'{f}' is required (a string).", param=f)
         self.input_dataset: str = body["input_dataset"]
         self.endpoint: str = body["endpoint"]
-        self.completion_window: str = body.get("completion_window") or "24h"
+        window = body.get("completion_window")
+        self.completion_window: str = "24h" if window is None else window
+        # Checked now, as the batch will be: a bad one found at submit would fail the
+        # job after a resource was paid for.
+        parse_completion_window(self.completion_window)
         self.name: str | None = body.get("name")
         self.model_id: str | None = body.get("model_id")
         self.template: str | None = body.get("model_template_name")
@@ -82,13 +87,12 @@ class JobCreate:
         if isinstance(pr, bool) or not isinstance(pr, int) or not -1000 <= pr <= 1000:
             raise InvalidRequestError("'priority' must be an integer from -1000 to 1000.", param="priority")
         self.priority = pr
-        md = body.get("metadata")
-        if md is not None and (not isinstance(md, dict) or not all(isinstance(v, str) for v in md.values())):
-            raise InvalidRequestError("'metadata' must be an object of strings.", param="metadata")
-        self.metadata: dict[str, str] = md or {}
+        self.metadata: dict[str, str] = check_metadata(body.get("metadata")) or {}
         dl = body.get("provision_resource_deadline")
-        if dl is not None and (isinstance(dl, bool) or not isinstance(dl, (int, float)) or dl <= time.time()):
-            raise InvalidRequestError("'provision_resource_deadline' must be a Unix time in the future.",
+        # Finite and below the bound the batches API takes for it (JSON's NaN and
+        # Infinity parse as floats here), and not past.
+        if dl is not None and (isinstance(dl, bool) or not isinstance(dl, (int, float)) or not time.time() < dl < 1e11):
+            raise InvalidRequestError("'provision_resource_deadline' must be a Unix time in the future (seconds).",
                                       param="provision_resource_deadline")
         self.deadline: float | None = float(dl) if dl is not None else None
         for f in ("name", "model_id", "model_template_name", "model_template_version", "profile"):
