@@ -274,6 +274,36 @@ async def test_the_fake_provider_stops_its_engine_though_the_start_time_read_aga
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+async def test_the_fake_providers_engine_whose_environment_reads_empty_is_not_taken_for_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Just after its start a process's environment reads empty for a moment (the
+    # parent resumes inside execve; Python 3.13's vfork start made the window
+    # reachable): the resource was "failed, the process is gone" at its first
+    # status, and the job resource_failed. Empty means unreadable; the start time
+    # decides. An environment without the marker is still another process.
+    import psutil
+
+    from overnight.console.provisioners.fake import FakeProvisioner
+
+    prov = FakeProvisioner(tmp_path / "fake")
+    st = await prov.provision(ProvisionRequest(job_id="job_4", tenant="t", installation_id="inst",
+                                               idempotency_key="job_4", template={}))
+    rec = prov._read(st.provision_id)
+    assert rec is not None
+    try:
+        monkeypatch.setattr(psutil.Process, "environ", lambda self: {})
+        assert prov._process(rec) is not None
+        assert (await prov.status(st.provision_id)).status != "failed"
+        monkeypatch.setattr(psutil.Process, "environ", lambda self: {"PATH": "/usr/bin"})
+        assert prov._process(rec) is None  # readable, and not ours
+    finally:
+        monkeypatch.undo()
+        deadline = time.monotonic() + 30
+        while not await prov.release(st.provision_id):
+            assert time.monotonic() < deadline
+        await prov.aclose()
+
+
 async def test_after_a_restart_submitted_jobs_machines_are_trusted_before_any_tick() -> None:
     """serve trusts these before its scheduler starts (composition.py), so a console
     batch claimed right after a restart is not refused as a tenant-named endpoint."""

@@ -312,7 +312,7 @@ def test_finished_jobs_go_after_the_retention_and_active_ones_stay(console: Cons
         long = console.job(c, 4000, name="long")  # tens of seconds of work at the engine's concurrency
         short = console.job(c, 1, name="short")
         done = finish(console, c, short["id"])
-        assert done["status"] == "completed"
+        assert done["status"] == "completed", done
         _gone(c, short["id"])
         assert short["id"] not in [j["id"] for j in c.get("/api/v1/jobs").json()["data"]]
         time.sleep(1.5)  # the long job is older than the retention, and not finished

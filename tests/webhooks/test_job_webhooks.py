@@ -588,8 +588,10 @@ def test_the_console_as_its_own_process_sends_its_jobs_events(cluster, tmp_path)
             cancelled = console.job(c, 3)
             r = c.post(f"/api/v1/jobs/{cancelled['id']}/cancel")
             assert r.status_code == 200, (r.text, c.get(f"/api/v1/jobs/{cancelled['id']}").json()["events"])
-            assert console.wait(c, job["id"])["status"] == "completed"
-            assert console.wait(c, cancelled["id"])["status"] == "cancelled"
+            done = console.wait(c, job["id"])
+            assert done["status"] == "completed", done
+            done = console.wait(c, cancelled["id"])
+            assert done["status"] == "cancelled", done
             got = receiver.wait_for(2)
             (mine,) = own.wait_for(1)
             for j in (job, cancelled):

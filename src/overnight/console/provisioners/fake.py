@@ -177,9 +177,14 @@ class FakeProvisioner:
             if abs(p.create_time() - rec["create_time"]) > START_TIME_TOLERANCE_S or p.status() == psutil.STATUS_ZOMBIE:
                 return None
             try:
-                marker = p.environ().get("OVERNIGHT_FAKE_RESOURCE")
+                env = p.environ()
             except (psutil.AccessDenied, OSError):
-                marker = rec["id"]  # unreadable: the start time has to do
+                env = {}
+            # Unreadable, or empty: a process just started reads empty for a moment
+            # (its parent resumes inside execve, before the kernel has laid out the
+            # new program's arguments and environment; seen on Python 3.13, whose
+            # subprocess starts it with vfork). The start time has to do then.
+            marker = env.get("OVERNIGHT_FAKE_RESOURCE", rec["id"] if not env else None)
             return p if marker == rec["id"] else None
         except psutil.Error:
             return None
