@@ -277,8 +277,8 @@ async def test_the_fake_provider_stops_its_engine_though_the_start_time_read_aga
 async def test_the_fake_providers_engine_whose_environment_reads_empty_is_not_taken_for_gone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Just after its start a process's environment reads empty for a moment (the
-    # parent resumes inside execve; Python 3.13's vfork start made the window
-    # reachable): the resource was "failed, the process is gone" at its first
+    # parent resumes inside execve; about one start in ten on Python 3.13): the
+    # resource was "failed, the process is gone" at its first
     # status, and the job resource_failed. Empty means unreadable; the start time
     # decides. An environment without the marker is still another process.
     import psutil

