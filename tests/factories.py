@@ -36,3 +36,16 @@ def write_lines(path: Path, lines: list[Any]) -> Path:
                 line = line.encode()
             f.write(line + b"\n")
     return path
+
+
+def fake_dns(monkeypatch: Any, table: dict[str, list[str]]) -> None:
+    """Names resolve, for the endpoint policy's lookups, as ``table`` says (a test
+    changes it to move a name); the system resolver knows none of them."""
+    import ipaddress
+
+    from overnight.runtimes import egress
+
+    async def resolve(host: str, port: int) -> list:
+        return [ipaddress.ip_address(a) for a in table.get(host, [])]
+
+    monkeypatch.setattr(egress, "_resolve", resolve)

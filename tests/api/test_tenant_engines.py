@@ -15,6 +15,7 @@ from cryptography.fernet import Fernet
 
 from overnight.api.app import create_app
 from overnight.config import Settings
+from tests.factories import fake_dns
 
 FAST = dict(checkpoint_interval_s=0.05, heartbeat_s=0.2, scheduler_poll_s=0.05, backoff_base_s=0.01, backoff_max_s=0.05)
 LINE = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
@@ -229,23 +230,11 @@ def test_a_trusted_console_key_must_be_an_api_key(tmp_path) -> None:
 
 
 # -- DNS rebinding: a tenant's endpoint is checked at every connect, and connected to as checked --
-def _dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> None:
-    """``engine.test`` and friends resolve as ``table`` says (the test changes it)."""
-    import ipaddress
-
-    from overnight.runtimes import egress
-
-    async def resolve(host: str, port: int) -> list:
-        return [ipaddress.ip_address(a) for a in table.get(host, [])]
-
-    monkeypatch.setattr(egress, "_resolve", resolve)
-
-
 async def test_connect_addresses_are_the_names_addresses_now_each_one_checked(monkeypatch) -> None:
     from overnight.runtimes.egress import EndpointPolicy, EndpointRefused
 
     table = {"engine.test": ["10.0.0.5"]}
-    _dns(monkeypatch, table)
+    fake_dns(monkeypatch, table)
     # A suffix entry: only a host named exactly, or a range inside it, unlocks the blocked addresses.
     policy = EndpointPolicy("*.test,10.0.0.0/8", keyed=True, default_url="http://127.0.0.1:9")
     assert await policy.connect_addresses("http://engine.test:8000") == ["10.0.0.5"]
@@ -275,7 +264,7 @@ async def test_a_tenant_endpoint_is_connected_to_at_the_checked_address_under_it
     async with RawEngine() as engine:
         port = int(engine.url.rsplit(":", 1)[1])
         table = {"engine.test": ["127.0.0.1"]}
-        _dns(monkeypatch, table)
+        fake_dns(monkeypatch, table)
         app = await _app(tmp_path, allowed_endpoints="*.test", **KEYED)
         async with app.router.lifespan_context(app):
             bid = await _completed(app, {"runtime": {"endpoint": f"http://engine.test:{port}"}})

@@ -24,6 +24,7 @@ from overnight.webhooks.config import SEALED_SECRET, WebhookConfig
 from overnight.webhooks.dispatcher import WebhookDispatcher
 from overnight.webhooks.signing import parse_secrets
 from overnight.webhooks.state import RetryRules
+from tests.factories import fake_dns
 from tests.store.contract import make_batch
 from tests.webhooks.receiver import Receiver
 
@@ -215,16 +216,8 @@ async def test_a_batch_url_is_connected_to_at_the_address_its_check_found(
     # resolver knows no such name, so a delivery arrives only if the POST goes to the
     # address the check found; the receiver still sees the name in Host. Once the
     # name points at the metadata service, nothing is sent (DNS rebinding).
-    import ipaddress
-
-    from overnight.runtimes import egress
-
     table = {"hook.test": ["127.0.0.1"]}
-
-    async def resolve(host: str, port: int) -> list:
-        return [ipaddress.ip_address(a) for a in table.get(host, [])]
-
-    monkeypatch.setattr(egress, "_resolve", resolve)
+    fake_dns(monkeypatch, table)
     cfg = config(None, policy=EndpointPolicy("*.test", keyed=True, setting="OVERNIGHT_ALLOWED_WEBHOOK_URLS"),
                  retry=RetryRules(max_attempts=2, max_age_s=60, base_s=0.05, max_s=0.05))
     d = WebhookDispatcher(store=store, config=cfg, secrets=None, replica_id="r")

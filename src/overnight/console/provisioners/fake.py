@@ -71,6 +71,19 @@ def _count(env: str) -> int:
     return int(v) if v.isdigit() else 0
 
 
+def _marker(p: psutil.Process) -> str | None:
+    """The resource id a process carries (``OVERNIGHT_FAKE_RESOURCE``; "" when it
+    carries none), or None when its environment cannot be read. Empty counts as
+    unreadable: a process just started reads empty for a moment (its parent resumes
+    inside execve, before the kernel has laid out the new program's arguments and
+    environment; about one start in ten on Python 3.13, none seen on 3.11)."""
+    try:
+        env = p.environ()
+    except (psutil.AccessDenied, OSError):
+        return None
+    return env.get("OVERNIGHT_FAKE_RESOURCE", "") if env else None
+
+
 class FakeProvisioner:
     name: ClassVar[str] = "fake"
 
@@ -176,23 +189,15 @@ class FakeProvisioner:
             # running. The resource's own marker settles who it is.
             if abs(p.create_time() - rec["create_time"]) > START_TIME_TOLERANCE_S or p.status() == psutil.STATUS_ZOMBIE:
                 return None
-            try:
-                env = p.environ()
-            except (psutil.AccessDenied, OSError):
-                env = {}
-            # Unreadable, or empty: a process just started reads empty for a moment
-            # (its parent resumes inside execve, before the kernel has laid out the
-            # new program's arguments and environment; about one start in ten on
-            # Python 3.13, none seen on 3.11). The start time has to do then.
-            marker = env.get("OVERNIGHT_FAKE_RESOURCE", rec["id"] if not env else None)
-            return p if marker == rec["id"] else None
+            marker = _marker(p)
+            return p if marker is None or marker == rec["id"] else None  # None: the start time has to do
         except psutil.Error:
             return None
 
     def _adopt(self, rec: dict[str, Any]) -> psutil.Process | None:
         for p in psutil.process_iter():
             try:
-                if p.environ().get("OVERNIGHT_FAKE_RESOURCE") != rec["id"] or p.status() == psutil.STATUS_ZOMBIE:
+                if _marker(p) != rec["id"] or p.status() == psutil.STATUS_ZOMBIE:
                     continue
                 rec["pid"], rec["create_time"] = p.pid, p.create_time()
             except psutil.Error:  # gone meanwhile, or another user's (unreadable): not ours
